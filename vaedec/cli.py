@@ -1,0 +1,123 @@
+"""The `vaedec` command line (also `python cli.py`): a click group over the library. No logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from vaedec.config import ConfigError, EncodeConfig
+
+# Exit codes, documented in the README and in `--help`.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+
+log = logging.getLogger("vaedec")
+
+
+def setup_logging(logfile: Path | None = None) -> None:
+    """Plain messages to stderr (and to `logfile`); quiet third-party chatter."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile is not None:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile))
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    root = logging.getLogger("vaedec")
+    root.handlers.clear()
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+class UserError(click.ClickException):
+    """A mistake the user can fix: printed as 'Error: ...' with exit code 1, never a traceback."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="vaedec")
+def main() -> None:
+    """Fine-tune only the decoder of a Stable Diffusion-family VAE from precomputed latents.
+
+    \b
+    1. vaedec encode IMAGES/ SHARDS/ --vae VAE     encode every image once (frozen encoder)
+    2. vaedec train SHARDS/ --config configs/X.yaml train decoder + PatchGAN, encoder never loaded
+    3. vaedec export RUN/ OUT/                      diffusers folder / LDM file with the new decoder
+
+    Exit codes: 0 ok, 1 error, 2 bad usage, 3 finished but some inputs were skipped (see skipped.jsonl).
+    """
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encode
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--vae", required=True, help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file.")
+@click.option("--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'.")
+@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (multiple of 8).")
+@click.option("--resize", type=click.IntRange(8), default=None, help="Resize the shorter side to this before cropping [default: resolution].")
+@click.option("--crops-per-image", type=click.IntRange(0), default=0, help="0 = one center crop; N = N seeded random crops per image.")
+@click.option("--flip/--no-flip", default=False, help="Also encode each mirrored crop as its own sample.")
+@click.option("--seed", type=int, default=0, help="Seed of the random crops.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per encoder forward.")
+@click.option("--num-workers", type=click.IntRange(0), default=2, help="Image-decoding processes (0 = main process).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Encoder compute dtype; moments are stored as float16.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--shard-size-mb", type=click.FloatRange(0.001), default=256.0, help="Close a shard once it holds this many MiB.")
+@click.option("--depth-dir", type=click.Path(path_type=str), default=None, help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT's shards instead of resuming or refusing.")
+def encode(**kwargs: object) -> None:
+    """Encode SRC (a folder, searched recursively, or a text file list) into WebDataset shards in OUT.
+
+    Each sample stores the encoder's posterior moments (mean ‖ logvar, float16, before scaling_factor) and the
+    exact pixels that were encoded. Rerunning the same command after a kill resumes; with other settings it is
+    refused unless --overwrite. Unreadable inputs are skipped and listed in OUT/skipped.jsonl (exit code 3).
+    """
+    from vaedec.encode import EncodeError, encode as run_encode
+    from vaedec.images import InputError
+    from vaedec.shards import ShardError
+    from vaedec.vae import VAELoadError
+
+    setup_logging()
+    cfg = EncodeConfig(**kwargs)  # type: ignore[arg-type]
+    try:
+        result = run_encode(cfg)
+    except (EncodeError, InputError, ShardError, VAELoadError, ConfigError) as e:
+        raise UserError(str(e)) from None
+    skipped = result.skipped_inputs + result.skipped_samples + result.skipped_list_entries
+    click.echo(
+        f"{'already complete: ' if result.already_complete else ''}{result.samples} samples in {result.shards} "
+        f"shards -> {result.out}; skipped {result.skipped_inputs} inputs, {result.skipped_samples} samples, "
+        f"{result.skipped_list_entries} file-list entries"
+    )
+    for s in result.skips[:20]:
+        click.echo(f"  skipped {s['source']}{' [' + s['key'] + ']' if s['key'] else ''}: {s['reason']}", err=True)
+    if len(result.skips) > 20:
+        click.echo(f"  ... {len(result.skips) - 20} more in {result.out}/skipped.jsonl", err=True)
+    if skipped:
+        sys.exit(EXIT_SKIPPED)
+
+
+@main.command()
+@click.argument("shards", type=click.Path(path_type=str))
+@click.option("--verify", is_flag=True, help="Read every sample and check shapes, dtypes, keys and counts.")
+def inspect(shards: str, verify: bool) -> None:
+    """Print the manifest summary of a shard folder (and optionally verify every sample)."""
+    from vaedec.shards import ShardError, summarize, verify as verify_shards
+
+    try:
+        click.echo(summarize(shards))
+        if verify:
+            problems = verify_shards(shards)
+            for p in problems:
+                click.echo(f"  problem: {p}", err=True)
+            if problems:
+                raise UserError(f"{len(problems)} problems found in {shards}")
+            click.echo("verify         every sample read back: shapes, dtypes, keys and counts match")
+    except ShardError as e:
+        raise UserError(str(e)) from None

@@ -1,0 +1,328 @@
+"""Every setting vaedec reads, with its default, unit and meaning: the one source of truth.
+
+YAML files and `key=value` overrides change fields of these dataclasses and nothing else; an unknown key or a
+value of the wrong type is an error that names the key. `dump_config` writes what a run actually used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override the user has to fix; the message says which key and why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encode
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """`cli.py encode`: images -> WebDataset shards of posterior moments."""
+
+    src: str = ""  # folder of images (recursive) or a text file list, one path a line relative to the list
+    out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
+    vae: str = ""  # diffusers folder or hub id of the AutoencoderKL whose encoder is used
+    subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
+    resolution: int = 256  # side of the square crop that is encoded, pixels (multiple of 8)
+    resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
+    crops_per_image: int = 0  # 0 = one center crop; N > 0 = N seeded random crops per image instead
+    flip: bool = False  # also encode the horizontally mirrored crop as its own sample
+    seed: int = 0  # seeds the random crops (per image, so resume and order do not change them)
+    batch_size: int = 16  # images per encoder forward
+    num_workers: int = 2  # DataLoader processes decoding images; 0 = decode in the main process
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # encoder compute dtype; moments are stored as float16
+    device: str | None = None  # torch device; None = cuda if available, else cpu
+    shard_size_mb: float = 256.0  # a shard is closed once it holds at least this many MiB
+    depth_dir: str | None = None  # RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem
+    overwrite: bool = False  # delete OUT's shards and manifest and start again instead of resuming
+
+    @property
+    def crop_side(self) -> int:
+        """Shorter side after resizing, pixels."""
+        return self.resize or self.resolution
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # shard folder written by `cli.py encode` (set by the SHARDS argument)
+    batch_size_per_device: int = 12  # samples per micro-batch on each device (LDM: 12)
+    num_workers: int = 2  # DataLoader processes reading shards; 0 = read in the main process
+    shuffle_buffer: int = 1000  # samples held for shuffling across shards; 0 = no sample shuffle
+    val_shards: int = 0  # the last N shards of the manifest are held out for validation; 0 = no validation
+    val_max_samples: int = 64  # validation uses at most this many held-out samples
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vae: str | None = None  # None = the VAE named in the shard manifest; else a folder, hub id or single file
+    subfolder: str | None = None  # with a hub id or pipeline folder: "vae"; None = the manifest's choice
+    train_post_quant_conv: bool = True  # also train the 1x1 conv in front of the decoder
+    latent_sample: Literal["sample", "mode"] = "sample"  # z = mean + std*eps drawn each step, or z = mean
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """LDM `LPIPSWithDiscriminator`; formulas in vaedec/losses.py."""
+
+    pixel_loss: Literal["l1", "l2"] = "l1"  # |x - x_rec| (LDM) or (x - x_rec)^2
+    perceptual_weight: float = 1.0  # weight of LPIPS in rec; 0 = LPIPS not loaded
+    logvar_init: float = 0.0  # initial value of the scalar log-variance s in nll = rec/exp(s) + s
+    learn_logvar: bool = False  # LDM never hands s to an optimizer, so it stays at logvar_init; True trains it
+    disc_start_step: int = 50001  # optimizer step at which the GAN terms switch on (LDM: 50001)
+    disc_factor: float = 1.0  # multiplies the GAN terms once on
+    disc_weight: float = 0.5  # multiplies the adaptive weight lambda (LDM: 0.5)
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"  # discriminator loss
+    disc_num_layers: int = 3  # PatchGAN depth (LDM: 3)
+    disc_ndf: int = 64  # PatchGAN width of the first layer (LDM: 64)
+    disc_norm: Literal["batch", "group", "none"] = "batch"  # "batch" = LDM; "group" also works at batch size 1
+    lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
+    lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS is then meaningless; warns)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 4.5e-6  # decoder learning rate (LDM base_learning_rate)
+    disc_lr: float | None = None  # discriminator learning rate; None = lr
+    scale_lr: bool = False  # multiply both by batch_size_per_device * grad_accum_steps * processes (LDM main.py)
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam betas for both optimizers (LDM)
+    weight_decay: float = 0.0  # Adam(W) weight decay
+    schedule: Literal["constant", "cosine"] = "constant"  # after warmup
+    warmup_steps: int = 0  # linear warmup from 0, optimizer steps
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    grad_clip_norm: float | None = None  # clip each model's gradient norm; None = no clipping
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (LDM: 2)
+    ema_decay: float = 0.999  # EMA of the trained decoder weights; 0 = no EMA
+    ema_start_step: int = 0  # EMA copies the weights until this step, then averages
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output: str | None = None  # run folder; None = runs/<config name>
+    max_steps: int = 1000  # optimizer steps
+    seed: int = 0  # seeds data order, latent noise and model init
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; master weights stay fp32
+    checkpoint_every_steps: int = 1000  # 0 = only the final checkpoint
+    keep_checkpoints: int = 3  # newest K checkpoints kept; 0 = keep all
+    log_every_steps: int = 50  # scalars to metrics.jsonl and TensorBoard
+    image_every_steps: int = 500  # PNG grid original | original decoder | decoder | EMA; 0 = only at the end
+    val_every_steps: int = 1000  # PSNR/SSIM/LPIPS on held-out shards; 0 = only at the end
+    grid_samples: int = 4  # rows in the image grids
+    export_ema: bool = True  # the final export uses the EMA weights (when EMA is on)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading, overrides, validation
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (after YAML parsing) and convert where lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: hints[name] for name in hints}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    """'loss.disc_weight' or a bare 'disc_weight' (when unique) -> ('loss', 'disc_weight')."""
+    sections = _section_types()
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in sections or name not in _field_types(sections[section]):
+            raise ConfigError(f"unknown config key {key!r}; `cli.py train --dry-run` lists every key")
+        return section, name
+    owners = [s for s, cls in sections.items() if key in _field_types(cls)]
+    if not owners:
+        raise ConfigError(f"unknown config key {key!r}; `cli.py train --dry-run` lists every key")
+    if len(owners) > 1:
+        raise ConfigError(f"{key!r} is ambiguous; write one of: {', '.join(f'{o}.{key}' for o in owners)}")
+    return owners[0], key
+
+
+def apply_overrides(cfg: TrainConfig, updates: dict[str, Any]) -> TrainConfig:
+    """Return a copy of `cfg` with flat `{'section.key' or 'key': value}` updates applied and type-checked."""
+    per_section: dict[str, dict[str, Any]] = {}
+    for key, value in updates.items():
+        section, name = _resolve_key(key)
+        tp = _field_types(_section_types()[section])[name]
+        per_section.setdefault(section, {})[name] = _coerce(value, tp, f"{section}.{name}")
+    return dataclasses.replace(
+        cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in per_section.items()}
+    )
+
+
+def flatten(nested: dict[str, Any], where: str) -> dict[str, Any]:
+    """{'loss': {'disc_weight': 1}} -> {'loss.disc_weight': 1}; sections must be mappings."""
+    flat: dict[str, Any] = {}
+    for section, values in (nested or {}).items():
+        if section not in _section_types():
+            raise ConfigError(
+                f"{where}: unknown section {section!r}; expected {', '.join(_section_types())}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of key: value")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'loss.disc_weight=0.3' -> ('loss.disc_weight', 0.3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=1e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-5" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections (data, model, loss, optim, run)")
+    return data
+
+
+def _fix_yaml_numbers(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: float(v) if isinstance(v, str) and _looks_numeric(v) else v for k, v in flat.items()}
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then `key=value` overrides; validated."""
+    cfg = TrainConfig()
+    if path is not None:
+        cfg = apply_overrides(cfg, _fix_yaml_numbers(flatten(read_yaml(path), str(path))))
+    cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    validate_train_config(cfg)
+    return cfg
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Reject values that would fail later, deep inside a run."""
+    checks = [
+        (cfg.data.batch_size_per_device >= 1, "data.batch_size_per_device must be >= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
+        (cfg.data.val_shards >= 0, "data.val_shards must be >= 0"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.disc_lr is None or cfg.optim.disc_lr > 0, "optim.disc_lr must be > 0"),
+        (cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps must be >= 1"),
+        (0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay must be in [0, 1)"),
+        (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm must be > 0"),
+        (cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0"),
+        (cfg.loss.disc_weight >= 0, "loss.disc_weight must be >= 0"),
+        (cfg.loss.disc_num_layers >= 1, "loss.disc_num_layers must be >= 1"),
+        (cfg.run.max_steps >= 1, "run.max_steps must be >= 1"),
+        (cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0"),
+        (cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0"),
+        (cfg.run.log_every_steps >= 1, "run.log_every_steps must be >= 1"),
+        (cfg.run.grid_samples >= 1, "run.grid_samples must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain dict (tuples as lists) for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Any) -> str:
+    """The resolved config as YAML, in field order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,401 @@
+"""`cli.py encode`: every input image through the frozen encoder once, into resumable WebDataset shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vaedec import __version__
+from vaedec.config import EncodeConfig
+from vaedec.images import (
+    InputItem,
+    Skip,
+    SkipImage,
+    crop_boxes,
+    crop_resize,
+    discover_inputs,
+    image_seed_rng,
+    load_rgb,
+    make_key,
+    to_model_range,
+)
+from vaedec.latents import encode_moments
+from vaedec.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SKIPPED,
+    ShardWriter,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_manifest,
+    read_skipped,
+    sample_members,
+)
+from vaedec.vae import DTYPES, encoder_fingerprint, freeze, load_vae, vae_summary
+
+log = logging.getLogger("vaedec")
+
+
+class EncodeError(ValueError):
+    """The encode cannot start (bad settings, OUT belongs to another run); the message says how to fix it."""
+
+
+@dataclass
+class EncodeResult:
+    out: Path
+    samples: int  # samples in all shards
+    inputs: int  # inputs considered
+    skipped_inputs: int  # inputs not encoded at all
+    skipped_list_entries: int  # file-list lines that named no file (or a duplicate)
+    skipped_samples: int  # single samples dropped (non-finite moments)
+    shards: int
+    already_complete: bool = False
+    skips: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-input preprocessing (runs in DataLoader workers)
+
+
+@dataclass
+class PreparedSample:
+    key: str
+    pixels: np.ndarray  # uint8 (H, W, 3)
+    depth: np.ndarray | None  # uint16 (H, W) for RGB+depth
+    record: dict[str, Any]
+
+
+class PreparedInputs(torch.utils.data.Dataset):
+    """Input i -> its crops (and flips) as uint8 arrays, or the reason it cannot be encoded."""
+
+    def __init__(self, items: list[InputItem], cfg: EncodeConfig, depth_index: dict[str, str] | None):
+        self.items, self.cfg, self.depth_index = items, cfg, depth_index
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        try:
+            return {"item": item, "samples": prepare_input(item, self.cfg, self.depth_index)}
+        except SkipImage as e:
+            return {"item": item, "skip": str(e)}
+
+
+def prepare_input(item: InputItem, cfg: EncodeConfig, depth_index: dict[str, str] | None) -> list[PreparedSample]:
+    """Decode, crop and optionally mirror one input; depth maps get the same boxes."""
+    im = load_rgb(item.path)
+    depth_im = load_depth(item, depth_index, im.size) if depth_index is not None else None
+    w, h = im.size
+    rng = image_seed_rng(cfg.seed, item.rel) if cfg.crops_per_image else None
+    boxes = crop_boxes(im.size, cfg.crop_side, cfg.resolution, cfg.crops_per_image, rng)
+    base = make_key(item.rel)
+    samples = []
+    for c, box in enumerate(boxes):
+        crop = crop_resize(im, box, cfg.resolution)
+        depth = _resize_depth(depth_im, box, cfg.resolution) if depth_im is not None else None
+        record = {
+            "source": item.rel,
+            "orig_size": [w, h],
+            "crop_box": list(box),
+            "crop_index": c,
+            "flip": False,
+            "upscaled": min(w, h) < cfg.crop_side,
+        }
+        key = base if not cfg.crops_per_image else f"{base}-c{c}"
+        samples.append(PreparedSample(key, np.asarray(crop), depth, record))
+        if cfg.flip:
+            # The mirrored crop is encoded on its own: a mirrored latent is not the latent of the mirrored image.
+            flipped = np.ascontiguousarray(np.asarray(crop)[:, ::-1])
+            fdepth = None if depth is None else np.ascontiguousarray(depth[:, ::-1])
+            samples.append(PreparedSample(f"{key}-flip", flipped, fdepth, {**record, "flip": True}))
+    return samples
+
+
+def index_depth_maps(depth_dir: str) -> dict[str, str]:
+    """{file stem: path} of the 16-bit depth PNGs under depth_dir; a stem found twice is an error."""
+    root = Path(depth_dir)
+    if not root.is_dir():
+        raise EncodeError(f"--depth-dir {depth_dir} is not a folder")
+    index: dict[str, str] = {}
+    for p in sorted(root.rglob("*.png")):
+        if p.stem in index:
+            raise EncodeError(f"two depth maps share the stem {p.stem!r}: {index[p.stem]} and {p}; rename one")
+        index[p.stem] = str(p)
+    if not index:
+        raise EncodeError(f"no .png depth maps under --depth-dir {depth_dir}")
+    return index
+
+
+def load_depth(item: InputItem, depth_index: dict[str, str], size: tuple[int, int]) -> Image.Image:
+    """The 16-bit depth map paired with `item` by file stem, as a float image the same size as the RGB."""
+    stem = Path(item.rel).stem
+    path = depth_index.get(stem)
+    if path is None:
+        raise SkipImage(f"no depth map named {stem}.png in --depth-dir")
+    try:
+        with Image.open(path) as d:
+            d.load()
+            mode, dsize = d.mode, d.size
+            if mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise SkipImage(f"depth map {path} is {mode}, not a 16-bit grey PNG")
+            arr = np.asarray(d).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise SkipImage(f"cannot decode depth map {path}: {e}") from None
+    if dsize != size:
+        raise SkipImage(f"depth map {path} is {dsize[0]}x{dsize[1]} but the image is {size[0]}x{size[1]}")
+    return Image.fromarray(arr, "F")
+
+
+def _resize_depth(depth: Image.Image, box: tuple[float, float, float, float], resolution: int) -> np.ndarray:
+    # Bilinear, not Lanczos: depth is a measurement, and Lanczos would ring past the measured range at edges.
+    out = np.asarray(depth.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
+    return np.clip(np.round(out), 0, 65535).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def settings_of(cfg: EncodeConfig, vae_info: dict[str, Any], items: list[InputItem]) -> dict[str, Any]:
+    """Everything that changes the shards' content: a rerun resumes only when these are equal."""
+    inputs_sha = hashlib.sha256("\n".join(i.rel for i in items).encode()).hexdigest()
+    return {
+        "vae": vae_info,
+        "preprocessing": {
+            "resolution": cfg.resolution,
+            "resize_shorter_side_to": cfg.crop_side,
+            "crops_per_image": cfg.crops_per_image,
+            "flip": cfg.flip,
+            "seed": cfg.seed,
+            "dtype": cfg.dtype,
+            "resample": "lanczos (depth: bilinear)",
+            "conversion_rule": "vaedec.images: EXIF transpose; alpha over white; 16-bit grey /257; CMYK via Pillow",
+            "depth": cfg.depth_dir is not None,
+        },
+        "source": {"src": str(Path(cfg.src).resolve()), "inputs": len(items), "inputs_sha256": inputs_sha},
+        "shard_size_mb": cfg.shard_size_mb,
+    }
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def _clear_out(out: Path) -> None:
+    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.partial")):
+        p.unlink()
+    for name in (MANIFEST, SKIPPED):
+        (out / name).unlink(missing_ok=True)
+
+
+def encode(cfg: EncodeConfig) -> EncodeResult:
+    """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring."""
+    # 1. inputs and settings -------------------------------------------------------------------------------
+    if cfg.resolution % 8 or cfg.resolution < 8:
+        raise EncodeError(f"--resolution {cfg.resolution} must be a positive multiple of 8")
+    if cfg.resize is not None and cfg.resize < cfg.resolution:
+        raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
+    items, list_skips = discover_inputs(cfg.src)
+    depth_index = index_depth_maps(cfg.depth_dir) if cfg.depth_dir else None
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise EncodeError(f"OUT {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype]
+    vae = load_vae(cfg.vae, cfg.subfolder)
+    info = vae_summary(vae)
+    expected_in = 4 if depth_index is not None else 3
+    if info["in_channels"] != expected_in:
+        hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
+        raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
+    if cfg.resolution % info["downsample_factor"]:
+        raise EncodeError(f"--resolution must be a multiple of the VAE's downsampling factor {info['downsample_factor']}")
+    vae_info = {"source": cfg.vae, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
+    settings = settings_of(cfg, vae_info, items)
+
+    # 2. resume or refuse ----------------------------------------------------------------------------------
+    manifest = None
+    if cfg.overwrite:
+        _clear_out(out)
+    elif (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        changed = _diff(manifest["settings"], settings)
+        if changed:
+            raise EncodeError(
+                f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
+                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
+            )
+    elif any(out.glob("shard-*.tar")):
+        raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
+    for stale in out.glob(".shard-*.partial"):
+        stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
+
+    if manifest is None:
+        manifest = new_manifest(settings)
+    skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
+    skips += [
+        Skip(r["input_index"], r["source"], r["reason"], r.get("key"))
+        for r in read_skipped(out)
+        if 0 <= r["input_index"] < manifest["next_input"]
+    ]
+    if manifest["complete"]:
+        log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
+        return _result(out, manifest, skips, already_complete=True)
+
+    # 3. encode ---------------------------------------------------------------------------------------------
+    freeze(vae)
+    vae.decoder = vae.post_quant_conv = None  # never used here; free their memory
+    vae.encoder.to(device=device, dtype=dtype)
+    if vae.quant_conv is not None:
+        vae.quant_conv.to(device=device, dtype=dtype)
+    start = manifest["next_input"]
+    todo = items[start:]
+    loader = torch.utils.data.DataLoader(
+        PreparedInputs(todo, cfg, depth_index),
+        batch_size=None,
+        num_workers=cfg.num_workers if len(todo) > 1 else 0,
+        collate_fn=lambda x: x,
+        prefetch_factor=4 if cfg.num_workers and len(todo) > 1 else None,
+    )
+    limit = cfg.shard_size_mb * 2**20
+    writer: ShardWriter | None = None
+    pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
+
+    def flush() -> None:
+        nonlocal writer
+        batch = pending[:]
+        pending.clear()
+        moments = _encode_batch(vae, batch, device, dtype)
+        for (index, sample, last), m in zip(batch, moments):
+            if not np.isfinite(m).all():
+                skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
+            else:
+                if writer is None:
+                    writer = ShardWriter(out, len(manifest["shards"]))
+                writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
+            if last and writer is not None and writer.bytes >= limit:
+                _commit(out, manifest, writer, index + 1, skips)
+                writer = None
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
+    try:
+        for prepared in loader:
+            item: InputItem = prepared["item"]
+            if "skip" in prepared:
+                skips.append(Skip(item.index, item.rel, prepared["skip"]))
+            else:
+                samples = prepared["samples"]
+                pending.extend((item.index, s, j == len(samples) - 1) for j, s in enumerate(samples))
+                if len(pending) >= cfg.batch_size:
+                    flush()
+            bar.update(1)
+        if pending:
+            flush()
+        final_writer = writer
+        writer = None
+        if final_writer is not None and final_writer.samples:
+            _commit(out, manifest, final_writer, len(items), skips)
+        elif final_writer is not None:
+            final_writer.abort()
+        manifest["complete"] = True
+        manifest["next_input"] = len(items)
+        _write_state(out, manifest, skips)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.abort()
+    elapsed = time.perf_counter() - t0
+    log.info("encoded %d inputs in %.1f s (%.1f img/s)", len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+    return _result(out, manifest, skips)
+
+
+def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtype) -> list[np.ndarray]:
+    """uint8 crops -> float16-ready moments, one (2C, h, w) array per sample (fp32)."""
+    pixels = torch.from_numpy(np.stack([s.pixels for _, s, _ in batch])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    x = to_model_range(pixels)
+    if batch[0][1].depth is not None:
+        depth = torch.from_numpy(np.stack([s.depth.astype(np.float32) for _, s, _ in batch]))[:, None]
+        x = torch.cat([x, depth / 65535.0 * 2.0 - 1.0], dim=1)  # diffusers' LDM3D depth scaling
+    moments = encode_moments(vae, x.to(device=device, dtype=dtype))
+    # fp16 storage: values beyond its range become inf and are caught as non-finite, not silently clipped.
+    return list(moments.to(torch.float16).float().cpu().numpy())
+
+
+def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
+    """An empty manifest for a fresh OUT."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vaedec_version": __version__,
+        "complete": False,
+        "settings": settings,
+        "sample": {
+            "moments.npy": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]",
+            "image.png": "uint8 RGB (H, W, 3): the exact pixels encoded",
+            "depth.png": "uint16 (H, W), RGB+depth only",
+            "json": "source, orig_size, crop_box, crop_index, flip, upscaled",
+        },
+        "shards": [],
+        "next_input": 0,
+        "totals": {"samples": 0, "inputs_skipped": 0, "samples_skipped": 0, "list_entries_skipped": 0},
+    }
+
+
+def _commit(out: Path, manifest: dict, writer: ShardWriter, next_input: int, skips: list[Skip]) -> None:
+    """Shard first, then skipped.jsonl, then the manifest: the manifest only names complete files."""
+    entry = writer.commit()
+    entry["inputs"] = [manifest["next_input"], next_input]
+    manifest["shards"].append(entry)
+    manifest["next_input"] = next_input
+    _write_state(out, manifest, skips)
+
+
+def _write_state(out: Path, manifest: dict, skips: list[Skip]) -> None:
+    done = [s for s in skips if s.index < manifest["next_input"]]
+    manifest["totals"] = {
+        "samples": sum(s["samples"] for s in manifest["shards"]),
+        "shards": len(manifest["shards"]),
+        "inputs_skipped": sum(1 for s in done if s.key is None and s.index >= 0),
+        "samples_skipped": sum(1 for s in done if s.key is not None),
+        "list_entries_skipped": sum(1 for s in done if s.index < 0),  # missing or duplicate file-list lines
+    }
+    lines = [
+        json.dumps({"input_index": s.index, "source": s.rel, "reason": s.reason, "key": s.key}) for s in done
+    ]
+    atomic_write_bytes(out / SKIPPED, ("\n".join(lines) + "\n" if lines else "").encode())
+    atomic_write_json(out / MANIFEST, manifest)
+
+
+def _result(out: Path, manifest: dict, skips: list[Skip], already_complete: bool = False) -> EncodeResult:
+    t = manifest["totals"]
+    return EncodeResult(
+        out=out,
+        samples=t["samples"],
+        inputs=manifest["settings"]["source"]["inputs"],
+        skipped_inputs=t["inputs_skipped"],
+        skipped_samples=t["samples_skipped"],
+        skipped_list_entries=t["list_entries_skipped"],
+        shards=len(manifest["shards"]),
+        already_complete=already_complete,
+        skips=[{"source": s.rel, "reason": s.reason, "key": s.key} for s in skips],
+    )

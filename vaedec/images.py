@@ -1,0 +1,187 @@
+"""Finding images, decoding them by one documented rule, cropping, and the uint8 <-> [-1, 1] convention.
+
+Conversion rule (applied after EXIF orientation), so every input becomes 8-bit RGB:
+- RGB as is; L and 1 (grey, bilevel) replicated to three channels.
+- 16-bit grey (I;16 and I modes): v8 = round(v16 / 257), i.e. 0..65535 mapped linearly onto 0..255.
+- Anything with alpha (RGBA, LA, PA, palette with transparency): composited over white.
+- Palette without transparency: expanded to its RGB colours.
+- CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB (ICC profiles are not applied).
+- Float images (mode F) and files Pillow cannot fully decode are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking; the same filter diffusers' image processor uses
+
+
+class InputError(ValueError):
+    """SRC itself is unusable (missing, empty): the whole command stops with this message."""
+
+
+class SkipImage(Exception):
+    """One input cannot be encoded; the message is the reason written to skipped.jsonl."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    index: int  # position in the deterministic input order
+    rel: str  # path relative to SRC's folder, '/'-separated: the source recorded in every sample
+    path: str  # absolute path to read
+
+
+@dataclass(frozen=True)
+class Skip:
+    index: int  # input position; -1 for entries that never became inputs
+    rel: str
+    reason: str
+    key: str | None = None  # set when one sample (not the whole input) was dropped
+
+
+def make_key(rel: str) -> str:
+    """Stable, unique, dot-free sample key: readable path stem + a hash of the full relative path."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0]).strip("_")[-60:]
+    digest = hashlib.sha1(rel.encode("utf-8")).hexdigest()[:10]
+    return f"{stem}-{digest}" if stem else digest
+
+
+def discover_inputs(src: str | Path) -> tuple[list[InputItem], list[Skip]]:
+    """A folder (recursive, image suffixes) or a text file list -> inputs in a deterministic order, and skips."""
+    src = Path(src)
+    if not src.exists():
+        raise InputError(f"SRC {src} does not exist; give a folder of images or a text file with one path a line")
+    if src.is_dir():
+        files = sorted(
+            p.relative_to(src).as_posix()
+            for p in src.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not files:
+            raise InputError(
+                f"no images found under {src} (looked recursively for {', '.join(IMAGE_SUFFIXES)})"
+            )
+        items = [InputItem(i, rel, str(src / rel)) for i, rel in enumerate(files)]
+        return items, []
+    return _read_file_list(src)
+
+
+def _read_file_list(list_path: Path) -> tuple[list[InputItem], list[Skip]]:
+    root = list_path.parent
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{list_path} is not a UTF-8 text file list (one image path a line)") from None
+    items: list[InputItem] = []
+    skips: list[Skip] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        p = Path(entry) if Path(entry).is_absolute() else root / entry
+        rel = Path(entry).as_posix()
+        if rel in seen:
+            skips.append(Skip(-1, rel, f"{list_path.name} line {lineno}: duplicate entry, encoded once"))
+            continue
+        seen.add(rel)
+        if not p.is_file():
+            skips.append(Skip(-1, rel, f"{list_path.name} line {lineno}: file does not exist ({p})"))
+            continue
+        items.append(InputItem(len(items), rel, str(p)))
+    if not items:
+        raise InputError(f"{list_path} lists no existing image files ({len(skips)} entries missing)")
+    return items, skips
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode one file to 8-bit RGB by the module's conversion rule, EXIF orientation applied."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()  # decode fully here: a truncated file fails now, not half-way into a crop
+            return to_rgb(im)
+    except SkipImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise SkipImage(f"too large to decode safely ({e})") from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+        reason = "empty file" if Path(path).stat().st_size == 0 else f"cannot decode: {e}"
+        raise SkipImage(reason) from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB (see the module docstring for the rule)."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        raise SkipImage("floating-point image (mode F): no unambiguous 8-bit mapping; convert it to 8/16-bit first")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        if im.mode == "RGB":
+            return im
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def crop_boxes(
+    size: tuple[int, int], side: int, resolution: int, crops: int, rng: np.random.Generator | None
+) -> list[tuple[float, float, float, float]]:
+    """Boxes in original pixels equal to: resize the shorter side to `side`, then crop resolution².
+
+    crops == 0 gives the center crop; crops == N gives N random crops (positions from `rng`).
+    """
+    w, h = size
+    scale = side / min(w, h)
+    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if crops == 0:
+        offsets = [((rw - resolution) // 2, (rh - resolution) // 2)]
+    else:
+        assert rng is not None
+        offsets = [
+            (int(rng.integers(0, rw - resolution + 1)), int(rng.integers(0, rh - resolution + 1)))
+            for _ in range(crops)
+        ]
+    # Map resized-image pixels back to original ones; Pillow resamples a float box directly, so an
+    # extreme aspect ratio never materialises the huge resized image.
+    sx, sy = w / rw, h / rh
+    return [
+        (round(l * sx, 4), round(t * sy, 4), round((l + resolution) * sx, 4), round((t + resolution) * sy, 4))
+        for l, t in offsets
+    ]
+
+
+def crop_resize(im: Image.Image, box: tuple[float, float, float, float], resolution: int) -> Image.Image:
+    """The pixels of `box` resampled to resolution x resolution."""
+    return im.resize((resolution, resolution), RESAMPLE, box=box)
+
+
+def image_seed_rng(seed: int, rel: str) -> np.random.Generator:
+    """A per-image generator: crops do not depend on order, worker or resume."""
+    return np.random.default_rng([seed, int(hashlib.sha1(rel.encode()).hexdigest()[:15], 16)])
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float in [-1, 1]."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float in [-1, 1] (B, C, H, W) -> uint8, rounded and clamped."""
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

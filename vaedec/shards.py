@@ -1,0 +1,375 @@
+"""The shard format, in one place: schema, atomic writer, manifest, and the training reader pipeline.
+
+A shard folder holds
+    shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete
+    manifest.json          what was encoded, how, with which encoder (see `new_manifest`); replaced atomically
+    skipped.jsonl          one JSON line per input or sample that was not encoded, with the reason
+
+Each sample in a tar is three (four) members sharing a dot-free key:
+    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before scaling_factor),
+                      logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
+    KEY.image.png     the exact uint8 RGB pixels (H, W, 3) that were encoded, lossless
+    KEY.depth.png     RGB+depth VAEs only: the 16-bit depth map (H, W), cropped like the image
+    KEY.json          {"source": path relative to SRC, "orig_size": [w, h], "crop_box": [l, t, r, b] in original
+                      pixels, "crop_index": i, "flip": bool, "upscaled": bool}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+FORMAT = "vaedec-latent-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SKIPPED = "skipped.jsonl"
+SHARD_NAME = "shard-{:06d}.tar"
+
+
+class ShardError(ValueError):
+    """A shard folder is missing, foreign or inconsistent; the message says which file and why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename: readers see the old or the new file, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """JSON, pretty-printed, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# encoding one sample
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """An .npy file in memory (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Lossless PNG of uint8 (H, W, 3) or uint16 (H, W)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)  # fast; PNG is lossless at any level
+    return buf.getvalue()
+
+
+def sample_members(
+    key: str, moments: np.ndarray, pixels: np.ndarray, record: dict, depth: np.ndarray | None = None
+) -> dict[str, Any]:
+    """One sample as WebDataset members (already-encoded bytes)."""
+    assert "." not in key, key  # WebDataset splits keys at the first dot
+    members = {
+        "__key__": key,
+        "moments.npy": npy_bytes(moments.astype(np.float16)),
+        "image.png": png_bytes(pixels),
+        "json": json.dumps(record, sort_keys=True).encode(),
+    }
+    if depth is not None:
+        members["depth.png"] = png_bytes(depth)
+    return members
+
+
+class ShardWriter:
+    """Writes shard-%06d.tar files into a folder; each goes to a temp name and is renamed when complete."""
+
+    def __init__(self, folder: str | Path, index: int):
+        self.folder = Path(folder)
+        self.index = index
+        self.name = SHARD_NAME.format(index)
+        self.tmp = self.folder / f".{self.name}.partial"
+        self._file = open(self.tmp, "wb")
+        # Fixed mtime: the same inputs give byte-identical tars, so a resumed encode equals an uninterrupted one.
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self.samples = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._file.tell()
+
+    def write(self, members: dict[str, Any]) -> None:
+        self._tar.write(members)
+        self.samples += 1
+
+    def commit(self) -> dict[str, Any]:
+        """Close, fsync and rename to the final name; returns the shard's manifest entry."""
+        self._tar.close()  # closes the tar stream; the file object stays open
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        size = self.tmp.stat().st_size
+        os.replace(self.tmp, self.folder / self.name)
+        return {"name": self.name, "samples": self.samples, "bytes": size}
+
+    def abort(self) -> None:
+        """Drop the partial tar."""
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Load and sanity-check OUT/manifest.json."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ShardError(f"{folder} is not a folder; give the OUT folder of `cli.py encode`")
+    if not path.is_file():
+        raise ShardError(f"{path} not found: {folder} is not a vaedec shard folder (run `cli.py encode` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}); re-encode with --overwrite") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path} is not a vaedec manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{path} has format version {manifest.get('format_version')}; this vaedec reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """Absolute paths of the manifest's shards, checking that each exists."""
+    paths = []
+    for entry in manifest["shards"]:
+        p = Path(folder) / entry["name"]
+        if not p.is_file():
+            raise ShardError(f"{p} is listed in the manifest but missing; re-run the same `cli.py encode` command")
+        paths.append(str(p.resolve()))
+    return paths
+
+
+def read_skipped(folder: str | Path) -> list[dict[str, Any]]:
+    """The lines of skipped.jsonl (empty when absent)."""
+    path = Path(folder) / SKIPPED
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def decode_moments(data: bytes) -> np.ndarray:
+    """moments.npy bytes -> float16 (2C, h, w); never unpickles."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, 3) or uint16 (H, W) as stored."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(im).astype(np.uint16)
+        return np.asarray(im.convert("RGB") if im.mode != "RGB" else im).copy()
+
+
+def iter_samples(path: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar (members as bytes), in file order."""
+    yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+
+
+def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode the keys training needs: moments (2C, h, w) fp16, pixels uint8 (C_out, H, W), key."""
+    out = {
+        "key": sample["__key__"],
+        "moments": torch.from_numpy(decode_moments(sample["moments.npy"])),
+        "pixels": torch.from_numpy(decode_png(sample["image.png"])).permute(2, 0, 1),  # uint8 (3, H, W)
+    }
+    if "depth.png" in sample:  # RGB+depth: raw 16-bit values, int32 since torch has no uint16 arithmetic
+        out["depth"] = torch.from_numpy(decode_png(sample["depth.png"]).astype(np.int32))[None]  # (1, H, W)
+    return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of decoded samples into a batch."""
+    batch = {
+        "key": [s["key"] for s in samples],
+        "moments": torch.stack([s["moments"] for s in samples]),
+        "pixels": torch.stack([s["pixels"] for s in samples]),
+    }
+    if "depth" in samples[0]:
+        batch["depth"] = torch.stack([s["depth"] for s in samples])
+    return batch
+
+
+def _assign_shards(shards: list[str], rank: int, world: int, worker: int, workers: int) -> tuple[list[str], int, int]:
+    """Shards for one (rank, worker) and, when there are too few shards, a sample-level split (stride, offset)."""
+    slots, slot = world * workers, rank * workers + worker
+    if len(shards) >= slots:
+        return shards[slot::slots], 1, 0
+    # Fewer shards than readers: every reader reads all shards and keeps every `slots`-th sample, so no reader
+    # is ever empty (an empty reader would hang the DataLoader) and ranks never see the same sample.
+    return shards, slots, slot
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """An endless, seeded, rank- and worker-split stream of batches from shards.
+
+    Order is a pure function of (seed, rank, worker): each epoch permutes the shards with seed+epoch, the
+    reader's shards are read in turn, samples pass a seeded shuffle buffer. `skip_batches` drops the first
+    batches of this rank's stream without decoding them, which is how a resumed run continues exactly where
+    the killed one stopped. Batches come from workers round-robin (DataLoader's in-order fetch), so worker w
+    produced batches w, w+W, w+2W, ...
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        skip_batches: int = 0,
+    ):
+        super().__init__()
+        if not shards:
+            raise ShardError("no training shards")
+        self.shards, self.batch_size, self.seed = list(shards), batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+
+    def _epochs(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        mine, stride, offset = _assign_shards(self.shards, self.rank, self.world_size, worker, workers)
+        epoch = 0
+        while True:
+            order = list(mine)
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            for i, sample in enumerate(wds.DataPipeline(wds.SimpleShardList(order), wds.tarfile_to_samples())):
+                if i % stride == offset:
+                    yield sample
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        samples = self._epochs(worker, workers)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}-{self.rank}-{worker}")
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        # This worker's share of the batches the killed run already consumed.
+        skip = max(0, -(-(self.skip_batches - worker) // workers)) * self.batch_size
+        for _ in range(skip):
+            next(samples)
+        while True:
+            yield collate([sample_to_tensors(next(samples)) for _ in range(self.batch_size)])
+
+
+def read_samples(paths: list[str], limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded samples from shards in order (validation, grids, verify)."""
+    n = 0
+    for path in paths:
+        for sample in iter_samples(path):
+            if limit is not None and n >= limit:
+                return
+            yield sample_to_tensors(sample)
+            n += 1
+
+
+def summarize(folder: str | Path) -> str:
+    """A human summary of a shard folder's manifest."""
+    m = read_manifest(folder)
+    s, vae, pre = m["settings"], m["settings"]["vae"], m["settings"]["preprocessing"]
+    t = m["totals"]
+    c = vae["latent_channels"]
+    r = pre["resolution"] // vae["downsample_factor"]
+    lines = [
+        f"shard folder   {Path(folder).resolve()}",
+        f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
+        f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
+        f"encoder sha256 {vae['encoder_sha256']}",
+        f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; "
+        f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}",
+        f"samples        {t['samples']} in {len(m['shards'])} shards; moments ({2 * c}, {r}, {r}) float16, "
+        f"pixels {pre['resolution']}x{pre['resolution']}" + (" + 16-bit depth" if pre.get("depth") else ""),
+        f"preprocessing  shorter side -> {pre['resize_shorter_side_to']}, "
+        + (f"{pre['crops_per_image']} random crops" if pre["crops_per_image"] else "center crop")
+        + (", + mirrored copies" if pre["flip"] else "") + f", encoder dtype {pre['dtype']}, seed {pre['seed']}",
+        f"inputs         {s['source']['inputs']} from {s['source']['src']}",
+        f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
+        f"{t.get('list_entries_skipped', 0)} file-list entries (see {SKIPPED})",
+    ]
+    return "\n".join(lines)
+
+
+def verify(folder: str | Path) -> list[str]:
+    """Read every sample of every shard; return a list of problems (empty = all good)."""
+    m = read_manifest(folder)
+    vae, pre = m["settings"]["vae"], m["settings"]["preprocessing"]
+    c, f, res = vae["latent_channels"], vae["downsample_factor"], pre["resolution"]
+    problems: list[str] = []
+    keys: set[str] = set()
+    for entry, path in zip(m["shards"], shard_paths(folder, m)):
+        n = 0
+        try:
+            for sample in iter_samples(path):
+                n += 1
+                key = sample["__key__"]
+                if key in keys:
+                    problems.append(f"{entry['name']}: duplicate key {key}")
+                keys.add(key)
+                missing = {"moments.npy", "image.png", "json"} - set(sample)
+                if missing:
+                    problems.append(f"{entry['name']}:{key}: missing {sorted(missing)}")
+                    continue
+                mom = decode_moments(sample["moments.npy"])
+                if mom.dtype != np.float16 or mom.shape != (2 * c, res // f, res // f):
+                    problems.append(f"{entry['name']}:{key}: moments {mom.dtype} {mom.shape}")
+                elif not np.isfinite(mom).all():
+                    problems.append(f"{entry['name']}:{key}: non-finite moments")
+                img = decode_png(sample["image.png"])
+                if img.shape != (res, res, 3) or img.dtype != np.uint8:
+                    problems.append(f"{entry['name']}:{key}: image {img.dtype} {img.shape}")
+                if pre.get("depth") and "depth.png" not in sample:
+                    problems.append(f"{entry['name']}:{key}: missing depth.png")
+                json.loads(sample["json"])
+        except Exception as e:  # a damaged tar must be reported, not crash the check
+            problems.append(f"{entry['name']}: unreadable after {n} samples ({type(e).__name__}: {e})")
+        if n != entry["samples"]:
+            problems.append(f"{entry['name']}: {n} samples, manifest says {entry['samples']}")
+    total = sum(e["samples"] for e in m["shards"])
+    if total != m["totals"]["samples"]:
+        problems.append(f"manifest totals say {m['totals']['samples']} samples, shards hold {total}")
+    return problems

@@ -1,0 +1,118 @@
+"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the frozen encoder path, the
+encoder fingerprint, and the trainable decoder (post_quant_conv + decoder) that training sees."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class VAELoadError(ValueError):
+    """The VAE could not be loaded; the message says from where and what to check."""
+
+
+def is_single_file(source: str) -> bool:
+    """True when `source` names one checkpoint file rather than a folder or hub id."""
+    return Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES and Path(source).is_file()
+
+
+def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
+    """A diffusers folder, a hub id (with `subfolder="vae"` for pipeline repos) or a single LDM file, in fp32."""
+    if is_single_file(source):
+        from vaedec.convert import ConversionError, load_single_file_vae
+
+        try:
+            return load_single_file_vae(source)
+        except ConversionError as e:
+            raise VAELoadError(str(e)) from None
+    local = Path(source)
+    if local.exists() and local.is_dir() and subfolder is None and not (local / "config.json").exists():
+        if (local / "vae" / "config.json").exists():
+            subfolder = "vae"  # a whole pipeline folder: its VAE lives in vae/
+    try:
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32, **kwargs)
+    except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants for one user mistake
+        where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
+        raise VAELoadError(
+            f"could not load an AutoencoderKL from {where}: {e}\n"
+            "Give a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors), a pipeline folder "
+            "or hub id with --subfolder vae, or a single .safetensors/.ckpt VAE file. Offline, a hub id only "
+            "works if it is already in the Hugging Face cache."
+        ) from None
+    return vae
+
+
+def encoder_fingerprint(vae: AutoencoderKL) -> str:
+    """sha256 over encoder + quant_conv weights (names, shapes and fp32 values): which latent space this is."""
+    h = hashlib.sha256()
+    modules = {"encoder": vae.encoder}
+    if vae.quant_conv is not None:
+        modules["quant_conv"] = vae.quant_conv
+    for prefix, module in modules.items():
+        for name, t in sorted(module.state_dict().items()):
+            t = t.detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{prefix}.{name}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """eval mode and no gradients: the frozen half of the model."""
+    return module.eval().requires_grad_(False)
+
+
+class TrainableDecoder(nn.Module):
+    """post_quant_conv + decoder of an AutoencoderKL; also hands back the input of `decoder.conv_out`.
+
+    The adaptive GAN weight needs the gradient at conv_out.weight; with conv_out's input h
+    (B, C_last, H, W) that gradient is one cheap convolution (losses.conv_weight_grad), so the decoder is
+    back-propagated once.
+    """
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv  # may be None (use_post_quant_conv=False)
+        self.decoder = vae.decoder
+        self._h: torch.Tensor | None = None
+        self.decoder.conv_out.register_forward_pre_hook(self._keep_conv_out_input)
+
+    def _keep_conv_out_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._h = args[0]
+
+    @property
+    def conv_out(self) -> nn.Conv2d:
+        return self.decoder.conv_out
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw z (B, C, h, w) -> (x_rec (B, C_out, 8h, 8w), conv_out input (B, C_last, 8h, 8w))."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        x_rec = self.decoder(z)
+        h, self._h = self._h, None
+        return x_rec, h
+
+
+def decoder_state_dict(decoder: TrainableDecoder) -> dict[str, torch.Tensor]:
+    """The trained weights under their AutoencoderKL names (decoder.*, post_quant_conv.*)."""
+    return {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
+
+
+def vae_summary(vae: AutoencoderKL) -> dict:
+    """The config facts the manifest and the logs record."""
+    c = vae.config
+    return {
+        "in_channels": int(c.in_channels),
+        "out_channels": int(c.out_channels),
+        "latent_channels": int(c.latent_channels),
+        "downsample_factor": 2 ** (len(c.block_out_channels) - 1),
+        "scaling_factor": float(c.scaling_factor),
+        "shift_factor": None if c.get("shift_factor") is None else float(c.shift_factor),
+    }
