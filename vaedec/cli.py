@@ -78,7 +78,8 @@ def encode(**kwargs: object) -> None:
     exact pixels that were encoded. Rerunning the same command after a kill resumes; with other settings it is
     refused unless --overwrite. Unreadable inputs are skipped and listed in OUT/skipped.jsonl (exit code 3).
     """
-    from vaedec.encode import EncodeError, encode as run_encode
+    from vaedec.encode import EncodeError
+    from vaedec.encode import encode as run_encode
     from vaedec.images import InputError
     from vaedec.shards import ShardError
     from vaedec.vae import VAELoadError
@@ -108,7 +109,8 @@ def encode(**kwargs: object) -> None:
 @click.option("--verify", is_flag=True, help="Read every sample and check shapes, dtypes, keys and counts.")
 def inspect(shards: str, verify: bool) -> None:
     """Print the manifest summary of a shard folder (and optionally verify every sample)."""
-    from vaedec.shards import ShardError, summarize, verify as verify_shards
+    from vaedec.shards import ShardError, summarize
+    from vaedec.shards import verify as verify_shards
 
     try:
         click.echo(summarize(shards))
@@ -121,3 +123,79 @@ def inspect(shards: str, verify: bool) -> None:
             click.echo("verify         every sample read back: shapes, dtypes, keys and counts match")
     except ShardError as e:
         raise UserError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train / export
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("shards", type=click.Path(path_type=str))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="YAML file of config sections (data, model, loss, optim, run); see configs/.")
+@click.option("--output", default=None, help="Run folder [default: runs/<config name>].")
+@click.option("--vae", default=None, help="VAE to load instead of the one named in the shard manifest (same encoder).")
+@click.option("--resume", default="latest", show_default=True,
+              help="'latest' (continue the run folder's newest checkpoint), 'none', or a checkpoint/run folder.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@click.option("--no-export", is_flag=True, help="Skip the export at the end of the run.")
+def train(shards: str, overrides: tuple[str, ...], config_path: str | None, output: str | None, vae: str | None,
+          resume: str, dry_run: bool, no_export: bool) -> None:
+    """Train the decoder (and a PatchGAN) on SHARDS written by `encode`; the encoder is never loaded.
+
+    KEY=VALUE pairs override single config fields, e.g. `optim.lr=1e-5 run.max_steps=2000` (a bare key works
+    when unique: `max_steps=2000`). Rerunning the same command resumes from the newest checkpoint. For several
+    GPUs or processes: `accelerate launch cli.py train ...`.
+    """
+    from vaedec.checkpoint import CheckpointError
+    from vaedec.config import dump_config, load_train_config
+    from vaedec.losses import LPIPSWeightsMissing
+    from vaedec.shards import ShardError
+    from vaedec.vae import VAELoadError
+
+    # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
+    name = Path(config_path).stem if config_path else "run"
+    given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
+    try:
+        cfg = load_train_config(config_path, [*overrides, *given])
+        if cfg.run.output is None:
+            cfg = load_train_config(config_path, [*overrides, *given, f"run.output=runs/{name}"])
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if dry_run:
+        click.echo(dump_config(cfg), nl=False)
+        return
+    setup_logging()
+    from vaedec.train import TrainError
+    from vaedec.train import train as run_train
+
+    try:
+        info = run_train(cfg, resume=resume, export=not no_export)
+    except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsMissing, ConfigError) as e:
+        raise UserError(str(e)) from None
+    click.echo(f"run folder  {info.run_dir}  (step {info.step})")
+    click.echo(f"  grids     {info.run_dir / 'images'}")
+    click.echo(f"  metrics   {info.run_dir / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {info.run_dir})")
+    if info.export_dir:
+        click.echo(f"  export    {info.export_dir}  (AutoencoderKL.from_pretrained)")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--ema/--no-ema", default=True, help="Export the EMA weights (when the run kept an EMA).")
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "ldm", "both"]), default="diffusers",
+              help="diffusers folder, single LDM .safetensors, or both.")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="A checkpoint folder of RUN [default: the newest].")
+def export(run: str, out: str, ema: bool, fmt: str, checkpoint: str | None) -> None:
+    """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT."""
+    from vaedec.checkpoint import CheckpointError, export_run
+    from vaedec.vae import VAELoadError
+
+    try:
+        path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint)
+    except (CheckpointError, VAELoadError) as e:
+        raise UserError(str(e)) from None
+    click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")

@@ -251,6 +251,9 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
 
     if manifest is None:
         manifest = new_manifest(settings)
+        # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
+        # must leave a folder this command resumes, not "shard files but no manifest.json".
+        atomic_write_json(out / MANIFEST, manifest)
     skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
     skips += [
         Skip(r["input_index"], r["source"], r["reason"], r.get("key"))

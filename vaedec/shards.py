@@ -114,7 +114,7 @@ class ShardWriter:
         self.index = index
         self.name = SHARD_NAME.format(index)
         self.tmp = self.folder / f".{self.name}.partial"
-        self._file = open(self.tmp, "wb")
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 - stays open across write() calls until commit/abort
         # Fixed mtime: the same inputs give byte-identical tars, so a resumed encode equals an uninterrupted one.
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
         self.samples = 0
@@ -320,16 +320,20 @@ def summarize(folder: str | Path) -> str:
         f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
         f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
         f"encoder sha256 {vae['encoder_sha256']}",
-        f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; "
-        f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}",
-        f"samples        {t['samples']} in {len(m['shards'])} shards; moments ({2 * c}, {r}, {r}) float16, "
-        f"pixels {pre['resolution']}x{pre['resolution']}" + (" + 16-bit depth" if pre.get("depth") else ""),
+        (
+            f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; "
+            f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}"
+        ),
+        (
+            f"samples        {t['samples']} in {len(m['shards'])} shards; moments ({2 * c}, {r}, {r}) float16, "
+            f"pixels {pre['resolution']}x{pre['resolution']}" + (" + 16-bit depth" if pre.get("depth") else "")
+        ),
         f"preprocessing  shorter side -> {pre['resize_shorter_side_to']}, "
         + (f"{pre['crops_per_image']} random crops" if pre["crops_per_image"] else "center crop")
         + (", + mirrored copies" if pre["flip"] else "") + f", encoder dtype {pre['dtype']}, seed {pre['seed']}",
         f"inputs         {s['source']['inputs']} from {s['source']['src']}",
-        f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
-        f"{t.get('list_entries_skipped', 0)} file-list entries (see {SKIPPED})",
+        (f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
+        f"{t.get('list_entries_skipped', 0)} file-list entries (see {SKIPPED})"),
     ]
     return "\n".join(lines)
 
@@ -365,7 +369,7 @@ def verify(folder: str | Path) -> list[str]:
                 if pre.get("depth") and "depth.png" not in sample:
                     problems.append(f"{entry['name']}:{key}: missing depth.png")
                 json.loads(sample["json"])
-        except Exception as e:  # a damaged tar must be reported, not crash the check
+        except Exception as e:  # noqa: BLE001 - any damage in a tar must be reported, not crash the check
             problems.append(f"{entry['name']}: unreadable after {n} samples ({type(e).__name__}: {e})")
         if n != entry["samples"]:
             problems.append(f"{entry['name']}: {n} samples, manifest says {entry['samples']}")

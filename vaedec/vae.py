@@ -33,13 +33,12 @@ def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
         except ConversionError as e:
             raise VAELoadError(str(e)) from None
     local = Path(source)
-    if local.exists() and local.is_dir() and subfolder is None and not (local / "config.json").exists():
-        if (local / "vae" / "config.json").exists():
-            subfolder = "vae"  # a whole pipeline folder: its VAE lives in vae/
+    if local.is_dir() and subfolder is None and not (local / "config.json").exists() and (local / "vae").is_dir():
+        subfolder = "vae"  # a whole pipeline folder: its VAE lives in vae/
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32, **kwargs)
-    except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants for one user mistake
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types (OSError, ValueError, HF errors) here
         where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
         raise VAELoadError(
             f"could not load an AutoencoderKL from {where}: {e}\n"
