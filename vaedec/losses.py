@@ -1,0 +1,412 @@
+"""Decoder losses as LDM `LPIPSWithDiscriminator` defines them (ldm/modules/losses/contperceptual.py).
+
+x: target image, x̂ = decoder(z): reconstruction, both (B, C, H, W) in [-1, 1]; s: scalar log-variance;
+D: PatchGAN; W = decoder.conv_out.weight (LDM's `last_layer`); t: optimizer step.
+
+    rec = |x - x̂|  (pixel_loss=l1; (x - x̂)^2 for l2)  + perceptual_weight * LPIPS(x, x̂)
+          # (B, C, H, W); LPIPS is (B, 1, 1, 1) and broadcasts, so it counts once per element as in LDM
+    nll = Σ(rec / exp(s) + s) / B                        # sum over C, H, W, mean over the batch
+    g   = -mean(D(x̂))
+    λ   = clamp(‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), 0, 1e4) * disc_weight      # detached
+    f_t = disc_factor if t >= disc_start_step else 0                      # adopt_weight
+    L_G = nll + λ f_t g
+    L_D = f_t * hinge(D(x), D(x̂.detach()))      (disc_loss=hinge, or vanilla)
+          hinge   = 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))
+          vanilla = 0.5 (mean softplus(-D(x)) + mean softplus(D(x̂)))
+
+LDM's L_G also has kl_weight * KL(q(z|x)); the encoder is frozen here, so the KL term is a constant whose
+gradient with respect to the decoder is zero, and it is dropped.
+
+Two ways to get the decoder gradients of L_G:
+- `ldm_generator_loss`: LDM's way, λ from autograd.grad(nll, W) and autograd.grad(g, W) on the graph, then the
+  caller backprops L_G (LPIPS and D are backpropagated twice).
+- `generator_grads`: the fast way. Cut the graph at x̂, take ∇_x̂ nll and ∇_x̂ g once each, get ∇_W of both
+  from conv_out's input h (W enters only through x̂ = conv_out(h)), and hand back ∇_x̂ L_G for one backward
+  through the decoder. Both give the same gradients (tests/test_losses.py).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import Literal
+
+import lpips
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vaedec.config import LossConfig
+
+VGG16_FILE = (
+    "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (IMAGENET1K_V1), the backbone LPIPS was fit on
+)
+
+# lpips's vgg16 keeps torchvision's `features` layers under their original index, split into five slices
+# (lpips/pretrained_networks.py): features.N.* -> net.sliceK.N.*
+VGG_SLICES: dict[int, range] = {
+    1: range(4),
+    2: range(4, 9),
+    3: range(9, 16),
+    4: range(16, 23),
+    5: range(23, 30),
+}
+
+LOG_KEYS = (
+    "loss/total",
+    "loss/nll",
+    "loss/rec",
+    "loss/pixel",
+    "loss/perceptual",
+    "loss/g",
+    "loss/logvar",
+    "loss/d_weight",
+    "loss/disc_factor",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the terms, each a small pure function (LDM contperceptual.py)
+
+
+def pixel_loss(x: Tensor, x_rec: Tensor, kind: Literal["l1", "l2"]) -> Tensor:
+    """Per-element pixel loss, (B, C, H, W): |x - x̂| (LDM) or (x - x̂)^2."""
+    diff = x.to(x_rec.dtype) - x_rec
+    if kind == "l1":
+        return diff.abs()
+    if kind == "l2":
+        return diff.square()
+    raise ValueError(f"pixel_loss must be 'l1' or 'l2', got {kind!r}")
+
+
+def nll_loss(rec: Tensor, logvar: Tensor) -> Tensor:
+    """Gaussian-style NLL of LDM: Σ(rec / exp(s) + s) / B, a scalar."""
+    # (B, C, H, W) summed over everything, divided by B only: LDM's scale, which sets the size of λ as well.
+    return torch.sum(rec / torch.exp(logvar) + logvar) / rec.shape[0]
+
+
+def generator_adv_loss(logits_fake: Tensor) -> Tensor:
+    """Generator GAN loss g = -mean(D(x̂)) (LDM contperceptual.py)."""
+    return -torch.mean(logits_fake)
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Hinge discriminator loss 0.5 (mean relu(1 - real) + mean relu(1 + fake)) (taming/LDM)."""
+    return 0.5 * (torch.mean(F.relu(1.0 - logits_real)) + torch.mean(F.relu(1.0 + logits_fake)))
+
+
+def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Non-saturating discriminator loss 0.5 (mean softplus(-real) + mean softplus(fake)) (taming/LDM)."""
+    return 0.5 * (torch.mean(F.softplus(-logits_real)) + torch.mean(F.softplus(logits_fake)))
+
+
+def adopt_weight(weight: float, step: int, threshold: int) -> float:
+    """`weight` from optimizer step `threshold` on, 0 before it (LDM adopt_weight)."""
+    return weight if step >= threshold else 0.0
+
+
+def adaptive_weight(nll_grad: Tensor, g_grad: Tensor, disc_weight: float) -> Tensor:
+    """λ = clamp(‖∇nll‖ / (‖∇g‖ + 1e-4), 0, 1e4) * disc_weight, detached (LDM calculate_adaptive_weight)."""
+    ratio = torch.linalg.vector_norm(nll_grad) / (torch.linalg.vector_norm(g_grad) + 1e-4)
+    return torch.clamp(ratio, 0.0, 1e4).detach() * disc_weight
+
+
+def conv_weight_grad(h: Tensor, grad_out: Tensor, conv: nn.Conv2d) -> Tensor:
+    """dL/dW of `conv` from its input h and dL/d(output), in fp32 (fp64 stays fp64)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        # 'same'/'valid' and non-zero padding modes pad outside the convolution call; not needed for conv_out.
+        raise ValueError(
+            "conv_weight_grad needs numeric zero padding, "
+            f"got padding={conv.padding!r}, mode={conv.padding_mode!r}"
+        )
+    # fp32 at least: under fp16 autocast h and grad_out are fp16, and the sum over B*H*W would lose bits.
+    dtype = torch.promote_types(torch.promote_types(h.dtype, grad_out.dtype), torch.float32)
+    with torch.no_grad():
+        return torch.nn.grad.conv2d_weight(
+            h.detach().to(dtype),  # (B, C_in, H, W)
+            conv.weight.shape,  # (C_out, C_in / groups, kH, kW)
+            grad_out.detach().to(dtype),  # (B, C_out, H', W')
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LPIPS
+
+
+class LPIPSWeightsMissing(RuntimeError):
+    """The ImageNet VGG16 weights LPIPS needs are not on this machine; the message says how to get them."""
+
+
+def default_vgg_weights_path() -> str:
+    """Where torchvision caches VGG16: $TORCH_HOME/hub/checkpoints (default ~/.cache/torch/hub/...)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+
+
+def _missing_weights_message(path: str) -> str:
+    return (
+        f"LPIPS needs torchvision's ImageNet VGG16 weights ({VGG16_FILE}) and found none at {path}.\n"
+        "Get the file on a machine with internet:\n"
+        "    python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"\n"
+        f"which caches it as ~/.cache/torch/hub/checkpoints/{VGG16_FILE}. Then copy it here and either\n"
+        f"  - set loss.lpips_vgg_weights=/path/{VGG16_FILE}, or\n"
+        f"  - put it in $TORCH_HOME/hub/checkpoints/ (now: {os.path.dirname(path)}),\n"
+        "or train without LPIPS: loss.perceptual_weight=0."
+    )
+
+
+def vgg_slice_state(
+    features: dict[str, Tensor], slice_state: dict[str, Tensor], path: str
+) -> dict[str, Tensor]:
+    """Map torchvision `features.N.*` onto lpips's `sliceK.N.*` keys; every key filled, shapes checked."""
+    mapped, problems = {}, []
+    for key, target in slice_state.items():
+        slice_name, index, suffix = key.split(".", 2)  # "slice3", "12", "weight"
+        if int(index) not in VGG_SLICES[int(slice_name.removeprefix("slice"))]:  # lpips changed, not the user
+            raise RuntimeError(f"lpips's VGG layout changed: {key} is not where VGG_SLICES says")
+        source = f"features.{index}.{suffix}"
+        if source not in features:
+            problems.append(f"missing {source}")
+        elif features[source].shape != target.shape:
+            problems.append(
+                f"{source} has shape {tuple(features[source].shape)}, expected {tuple(target.shape)}"
+            )
+        else:
+            mapped[key] = features[source]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(
+            f"{path} is not torchvision's VGG16 state dict ({VGG16_FILE}): {shown}. "
+            "Point loss.lpips_vgg_weights at the right file."
+        )
+    return mapped
+
+
+def _read_state_dict(path: str) -> dict[str, Tensor]:
+    # mmap: only the ~60 MB of conv weights are read, not VGG's ~470 MB classifier; the 2017 torchvision files
+    # use the legacy (non-zip) format, which cannot be memory-mapped.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a truncated download, a pickled model object, not a torch file at all
+        raise ValueError(f"{path} could not be read as a torch state dict ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors; expected torchvision's {VGG16_FILE}")
+    if not any(k.startswith("features.") for k in state):
+        # Fail before building LPIPS (seconds); vgg_slice_state checks every key and shape afterwards.
+        first = ", ".join(list(state)[:3])
+        raise ValueError(
+            f"{path} is not torchvision's VGG16 state dict ({VGG16_FILE}): no features.* keys "
+            f"(it starts {first}). Point loss.lpips_vgg_weights at the right file."
+        )
+    return state
+
+
+def load_lpips(vgg_weights: str | None, random_backbone: bool = False) -> lpips.LPIPS:
+    """LPIPS(vgg): shipped linear layers, VGG16 from a local file; frozen, eval mode; never downloads."""
+    path = vgg_weights if vgg_weights is not None else default_vgg_weights_path()
+    if not random_backbone and not os.path.isfile(path):
+        raise LPIPSWeightsMissing(_missing_weights_message(path))
+    state = None if random_backbone else _read_state_dict(path)
+    with warnings.catch_warnings():
+        # lpips calls torchvision's deprecated `pretrained=` API; the warnings are about lpips, not the user.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        # pnet_rand=True: lpips must not download the backbone; the linear layers ship inside the package.
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    if state is None:
+        warnings.warn(
+            "LPIPS is using a RANDOM VGG16 backbone (random_backbone=True / loss.lpips_random_backbone): "
+            "its values are MEANINGLESS. Use this only in tests.",
+            UserWarning,
+            stacklevel=2,
+        )
+    else:
+        model.net.load_state_dict(vgg_slice_state(state, model.net.state_dict(), path), strict=True)
+    # eval() also turns off the Dropout inside lpips's linear layers.
+    return model.eval().requires_grad_(False)
+
+
+def _lpips_views(t: Tensor) -> Tensor:
+    """(B, C, H, W) -> (k*B, 3, H, W): the RGB part, then each further channel repeated to 3 channels."""
+    c = t.shape[1]
+    rgb = [t[:, :3]] if c >= 3 else []
+    extra = range(3, c) if c >= 3 else range(c)
+    return torch.cat(rgb + [t[:, i : i + 1].expand(-1, 3, -1, -1) for i in extra], dim=0)
+
+
+def perceptual_distance(lpips_model: nn.Module, x: Tensor, x_rec: Tensor) -> Tensor:
+    """LPIPS per sample, (B, 1, 1, 1), for [-1, 1] images of any channel count.
+
+    C == 3: LPIPS on RGB. C == 1 or 2: the sum of LPIPS over the channels, each repeated to 3 (grey images).
+    C > 3 (e.g. RGB + depth): LPIPS(RGB) + the sum over each extra channel, repeated to 3, of its LPIPS.
+    """
+    # One LPIPS call on the stacked views, (k*B, 3, H, W): LPIPS is per sample, so it equals k calls.
+    d = lpips_model(_lpips_views(x.to(x_rec.dtype)), _lpips_views(x_rec))  # (k*B, 1, 1, 1)
+    return d.view(-1, x.shape[0], 1, 1, 1).sum(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generator (decoder) side
+
+
+def _rec_terms(
+    x: Tensor, x_rec: Tensor, lpips_model: nn.Module | None, cfg: LossConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """rec (B, C, H, W), pixel (B, C, H, W) and LPIPS (B, 1, 1, 1) (zeros when perceptual_weight is 0)."""
+    pix = pixel_loss(x, x_rec, cfg.pixel_loss)
+    if cfg.perceptual_weight > 0:
+        if lpips_model is None:
+            raise ValueError("loss.perceptual_weight > 0 needs an LPIPS model (see load_lpips)")
+        p = perceptual_distance(lpips_model, x, x_rec)
+        return pix + cfg.perceptual_weight * p, pix, p
+    return pix, pix, pix.new_zeros(pix.shape[0], 1, 1, 1)
+
+
+def _gan_on(cfg: LossConfig, f: float) -> bool:
+    """Whether λ f_t g can be non-zero; when not, D need not run at all."""
+    return f > 0 and cfg.disc_weight > 0
+
+
+def _logs(
+    total: Tensor,
+    nll: Tensor,
+    rec: Tensor,
+    pix: Tensor,
+    p: Tensor,
+    g: Tensor,
+    logvar: Tensor,
+    lam: Tensor,
+    f: float,
+) -> dict[str, float]:
+    """Python floats for the logger, read back with one device sync."""
+    values = torch.stack(
+        [t.detach().to(torch.float64).mean() for t in (total, nll, rec, pix, p, g, logvar, lam)]
+        + [torch.tensor(f, dtype=torch.float64, device=total.device)]
+    )
+    return dict(zip(LOG_KEYS, values.tolist()))
+
+
+@dataclass
+class GeneratorGrads:
+    """∇_x̂ L_G for one backward through the decoder, ∇_s L_G, and the scalars to log."""
+
+    grad_output: Tensor  # dL_G/dx̂, shape of x̂, fp32 (fp64 stays fp64)
+    logvar_grad: Tensor | None  # dL_G/ds when logvar requires grad, else None
+    logs: dict[str, float]
+
+
+def generator_grads(
+    x: Tensor,
+    x_rec: Tensor,
+    h: Tensor,
+    conv_out: nn.Conv2d,
+    lpips_model: nn.Module | None,
+    disc: nn.Module | None,
+    logvar: Tensor,
+    cfg: LossConfig,
+    step: int,
+    loss_scale: float = 1.0,
+) -> GeneratorGrads:
+    """∇_x̂ of L_G = nll + λ f_t g with no double backward; x_rec must be conv_out(h)."""
+    f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
+    # A leaf copy of x̂ cuts the graph at the decoder output: nothing here backprops into the decoder, which
+    # is traversed once, by the caller's backward of grad_output. fp32 at least, so the losses are not fp16.
+    dtype = torch.promote_types(x_rec.dtype, torch.float32)
+    with torch.enable_grad():
+        x_hat = x_rec.detach().to(dtype).requires_grad_(True)  # (B, C, H, W)
+        rec, pix, p = _rec_terms(x, x_hat, lpips_model, cfg)
+        nll = nll_loss(rec, logvar)
+        wrt = [x_hat] + ([logvar] if logvar.requires_grad else [])
+        # loss_scale: the fp16 GradScaler's scale, so the fp16 backward through LPIPS and D cannot underflow;
+        # undone right after. An overflow puts inf/nan in grad_output and the scaler skips the step, as in LDM.
+        grads = torch.autograd.grad(nll * loss_scale, wrt)
+        nll_grad = grads[0] / loss_scale  # (B, C, H, W)
+        logvar_grad = grads[1] / loss_scale if len(grads) > 1 else None
+        if _gan_on(cfg, f):
+            if disc is None:
+                raise ValueError(f"the GAN term is on at step {step} (loss.disc_start_step) but disc is None")
+            g = generator_adv_loss(disc(x_hat))  # D's own parameters get no .grad: only x_hat is asked for
+            (g_grad,) = torch.autograd.grad(g * loss_scale, [x_hat])
+            g_grad = g_grad / loss_scale  # (B, C, H, W)
+            # W enters L_G only through x̂ = conv_out(h): ∇_W = conv2d_weight(h, ∇_x̂) (LDM: autograd on W).
+            lam = adaptive_weight(
+                conv_weight_grad(h, nll_grad, conv_out),
+                conv_weight_grad(h, g_grad, conv_out),
+                cfg.disc_weight,
+            )
+            grad_output = nll_grad + (lam * f) * g_grad
+        else:
+            g = lam = nll.new_zeros(())
+            grad_output = nll_grad
+    total = nll.detach() + lam * f * g.detach()
+    logs = _logs(total, nll, rec, pix, p, g, logvar, lam, f)
+    return GeneratorGrads(grad_output=grad_output, logvar_grad=logvar_grad, logs=logs)
+
+
+def surrogate_loss(x_rec: Tensor, grads: GeneratorGrads, logvar: Tensor) -> Tensor:
+    """A scalar whose gradients at x_rec and logvar are grads.grad_output and .logvar_grad; not a loss."""
+    # accelerator.backward(surrogate) then applies the GradScaler scale (in fp32, before the cast back to
+    # x_rec's fp16/bf16, so nothing underflows) and the grad-accumulation division, as to a real loss.
+    out = (x_rec.to(grads.grad_output.dtype) * grads.grad_output.detach()).sum()
+    if grads.logvar_grad is not None:
+        out = out + (logvar * grads.logvar_grad.detach()).sum()
+    return out
+
+
+def ldm_generator_loss(
+    x: Tensor,
+    x_rec: Tensor,
+    decoder_last_weight: Tensor,
+    lpips_model: nn.Module | None,
+    disc: nn.Module | None,
+    logvar: Tensor,
+    cfg: LossConfig,
+    step: int,
+) -> tuple[Tensor, dict[str, float]]:
+    """LDM's L_G with λ from autograd on W (the naive double backward); the caller backprops the loss."""
+    f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
+    rec, pix, p = _rec_terms(x, x_rec, lpips_model, cfg)
+    nll = nll_loss(rec, logvar)
+    if _gan_on(cfg, f):
+        if disc is None:
+            raise ValueError(f"the GAN term is on at step {step} (loss.disc_start_step) but disc is None")
+        g = generator_adv_loss(disc(x_rec))
+        # LDM calculate_adaptive_weight; unlike LDM, λ is not computed (and logged as 0) while f_t = 0.
+        (nll_w,) = torch.autograd.grad(nll, decoder_last_weight, retain_graph=True)
+        (g_w,) = torch.autograd.grad(g, decoder_last_weight, retain_graph=True)
+        lam = adaptive_weight(nll_w, g_w, cfg.disc_weight)
+        loss = nll + lam * f * g
+    else:
+        g = lam = nll.new_zeros(())
+        loss = nll
+    return loss, _logs(loss, nll, rec, pix, p, g, logvar, lam, f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# discriminator side
+
+
+def discriminator_loss(
+    disc: nn.Module, x: Tensor, x_rec: Tensor, cfg: LossConfig, step: int
+) -> tuple[Tensor, dict[str, float]]:
+    """L_D = f_t * d_loss(D(x), D(x̂)) with x̂ detached, so no gradient reaches the decoder."""
+    f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
+    # Two calls, as LDM: with BatchNorm, real and fake batches are normalised by their own statistics.
+    logits_real = disc(x.detach())  # (B, 1, H', W')
+    logits_fake = disc(x_rec.detach())
+    if cfg.disc_loss == "hinge":
+        d = hinge_d_loss(logits_real, logits_fake)
+    elif cfg.disc_loss == "vanilla":
+        d = vanilla_d_loss(logits_real, logits_fake)
+    else:
+        raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {cfg.disc_loss!r}")
+    loss = f * d
+    values = torch.stack(
+        [t.detach().to(torch.float64).mean() for t in (loss, logits_real, logits_fake)]
+    ).tolist()
+    return loss, dict(zip(("disc/loss", "disc/logits_real", "disc/logits_fake"), values))
