@@ -154,6 +154,7 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
     from vaedec.shards import ShardError
     from vaedec.vae import VAELoadError
 
+    setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
     name = Path(config_path).stem if config_path else "run"
     given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
@@ -166,7 +167,6 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
     if dry_run:
         click.echo(dump_config(cfg), nl=False)
         return
-    setup_logging()
     from vaedec.train import TrainError
     from vaedec.train import train as run_train
 

@@ -7,6 +7,7 @@ value of the wrong type is an error that names the key. `dump_config` writes wha
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+log = logging.getLogger("vaedec")
 
 class ConfigError(ValueError):
     """A config file or override the user has to fix; the message says which key and why."""
@@ -274,10 +276,18 @@ def _fix_yaml_numbers(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file, then `key=value` overrides; validated."""
+    """Defaults, then the YAML file (ours or a classic LDM autoencoder YAML), then `key=value` overrides."""
     cfg = TrainConfig()
     if path is not None:
-        cfg = apply_overrides(cfg, _fix_yaml_numbers(flatten(read_yaml(path), str(path))))
+        data = read_yaml(path)
+        if is_ldm_yaml(data):
+            flat, mapped, ignored = ldm_yaml_to_overrides(data)
+            log.info("%s is an LDM autoencoder config; mapped onto vaedec's:\n  %s", path, "\n  ".join(mapped))
+            for key, why in ignored:
+                log.warning("LDM key %s ignored: %s", key, why)
+        else:
+            flat = flatten(data, str(path))
+        cfg = apply_overrides(cfg, _fix_yaml_numbers(flat))
     cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     validate_train_config(cfg)
     return cfg
@@ -326,3 +336,86 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def dump_config(cfg: Any) -> str:
     """The resolved config as YAML, in field order."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classic LDM autoencoder YAML (CompVis latent-diffusion configs/autoencoder/*.yaml)
+
+# lossconfig.params of ldm.modules.losses.LPIPSWithDiscriminator -> our keys
+_LDM_LOSS_KEYS = {
+    "disc_start": "loss.disc_start_step",
+    "disc_weight": "loss.disc_weight",
+    "disc_factor": "loss.disc_factor",
+    "perceptual_weight": "loss.perceptual_weight",
+    "logvar_init": "loss.logvar_init",
+    "disc_num_layers": "loss.disc_num_layers",
+    "disc_loss": "loss.disc_loss",
+}
+_LDM_LOSS_IGNORED = {
+    "kl_weight": "the encoder is frozen, so the KL term is a constant with no gradient for the decoder",
+    "pixelloss_weight": "LDM's LPIPSWithDiscriminator stores it but never uses it",
+    "disc_in_channels": "taken from the VAE's output channels",
+    "use_actnorm": "ActNorm is not offered; loss.disc_norm chooses batch (LDM default), group or none",
+    "disc_conditional": "conditional discriminators are not offered",
+}
+
+
+def is_ldm_yaml(data: dict[str, Any]) -> bool:
+    """True for an LDM config (model.params holding lossconfig or ddconfig)."""
+    params = (data.get("model") or {}).get("params") if isinstance(data.get("model"), dict) else None
+    return isinstance(params, dict) and ("lossconfig" in params or "ddconfig" in params)
+
+
+def _walk(d: dict[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out += _walk(v, key) if isinstance(v, dict) and v else [(key, v)]
+    return out
+
+
+def ldm_yaml_to_overrides(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[tuple[str, str]]]:
+    """LDM YAML -> (flat overrides, 'ldm.key -> our.key = value' lines, [(ignored ldm key, why)])."""
+    flat: dict[str, Any] = {}
+    mapped: list[str] = []
+    ignored: list[tuple[str, str]] = []
+
+    def take(ldm_key: str, ours: str, value: Any) -> None:
+        flat[ours] = value
+        mapped.append(f"{ldm_key} -> {ours} = {value!r}")
+
+    take("(LDM keeps no EMA of the autoencoder)", "optim.ema_decay", 0.0)
+    for key, value in _walk(data, ""):
+        if key in ("model.target", "model.params.monitor", "data.target"):
+            ignored.append((key, "LDM/Lightning plumbing; vaedec trains the decoder of the manifest's VAE"))
+        elif key == "model.base_learning_rate":
+            take(key, "optim.lr", value)
+            take("(main.py --scale_lr, on by default)", "optim.scale_lr", True)
+        elif key.startswith("model.params.lossconfig.params."):
+            name = key.rsplit(".", 1)[1]
+            if name in _LDM_LOSS_KEYS:
+                take(key, _LDM_LOSS_KEYS[name], value)
+            else:
+                ignored.append((key, _LDM_LOSS_IGNORED.get(name, "no vaedec equivalent")))
+        elif key == "model.params.lossconfig.target":
+            if not str(value).endswith("LPIPSWithDiscriminator"):
+                ignored.append((key, f"only LPIPSWithDiscriminator semantics are implemented, not {value}"))
+        elif key.startswith(("model.params.ddconfig", "model.params.embed_dim")):
+            ignored.append((key, "the architecture comes from the VAE named in the shard manifest (or --vae)"))
+        elif key == "data.params.batch_size":
+            take(key, "data.batch_size_per_device", value)
+        elif key == "data.params.num_workers":
+            take(key, "data.num_workers", value)
+        elif key == "lightning.trainer.accumulate_grad_batches":
+            take(key, "optim.grad_accum_steps", value)
+        elif key == "lightning.trainer.max_steps":
+            take(key, "run.max_steps", value)
+        elif key.endswith("image_logger.params.batch_frequency"):
+            take(key, "run.image_every_steps", value)
+        elif key.endswith("image_logger.params.max_images"):
+            take(key, "run.grid_samples", value)
+        elif key.startswith("data.params."):
+            ignored.append((key, "data comes from the shard folder given to `cli.py train`"))
+        else:
+            ignored.append((key, "no vaedec equivalent"))
+    return flat, mapped, ignored

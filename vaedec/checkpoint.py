@@ -1,0 +1,183 @@
+"""Training checkpoints (atomic folders: save, find latest, prune, load) and the final export.
+
+A checkpoint is `RUN/checkpoints/step-%08d/`:
+    decoder.safetensors   trained post_quant_conv + decoder (AutoencoderKL names)
+    ema.safetensors       EMA of the same weights (when EMA is on)
+    disc.safetensors      the PatchGAN, BatchNorm buffers included
+    extra.safetensors     logvar and the latent-noise generator state
+    optim.pt              optimizer, scheduler and grad-scaler state dicts (tensors and numbers only;
+                          read back with torch.load(weights_only=True))
+    state.json            step, micro-batches consumed (the data position), EMA step, config
+It is written under a temp name and renamed when complete: a folder named step-* is always whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vaedec.shards import atomic_write_json
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run folder that cannot be used; the message says which and why."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    optim_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write one checkpoint atomically and keep the newest `keep` (0 = all). `tensors`: file stem -> state dict."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
+    try:
+        for stem, sd in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors"))
+        torch.save(optim_state, tmp / "optim.pt")
+        atomic_write_json(tmp / "state.json", state)
+        os.chmod(tmp, 0o755)
+        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temp folders of killed saves
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+    """(tensors by file stem, optimizer states, state.json) of one checkpoint folder."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{path} is not a vaedec checkpoint (no state.json)")
+    tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    optim_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    return tensors, optim_state, state
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """'latest' -> newest checkpoint of the run or None; 'none' -> None; else an explicit checkpoint folder."""
+    if resume == "none":
+        return None
+    if resume == "latest":
+        return latest_checkpoint(run_dir)
+    p = Path(resume)
+    if p.is_dir() and (p / "state.json").is_file():
+        return p
+    if p.is_dir() and latest_checkpoint(p) is not None:  # a run folder
+        return latest_checkpoint(p)
+    raise CheckpointError(f"--resume {resume}: not a checkpoint folder (checkpoints/step-*) or a run folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+
+
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of a run folder, or a clear error."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} has no checkpoints (checkpoints/step-*): is it a `cli.py train` run folder?")
+    return ckpt
+
+
+def trained_weights(ckpt: str | Path, use_ema: bool) -> dict[str, torch.Tensor]:
+    """decoder.* / post_quant_conv.* weights of a checkpoint: the EMA ones when asked and present."""
+    stem = "ema" if use_ema else "decoder"
+    path = Path(ckpt) / f"{stem}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found" + (" (the run had no EMA; export with --no-ema)" if use_ema else ""))
+    weights = load_file(str(path))
+    if use_ema:  # EMA holds parameters only; buffers (none in diffusers' decoder today) come from the raw weights
+        raw = load_file(str(Path(ckpt) / "decoder.safetensors"))
+        weights = {**raw, **weights}
+    return weights
+
+
+def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
+    """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained decoder."""
+    from vaedec.vae import encoder_fingerprint, load_vae
+
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "shards_manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} not found: {run_dir} is not a vaedec run folder")
+    manifest = json.loads(manifest_path.read_text())
+    config = json.loads((Path(ckpt or run_checkpoint(run_dir)) / "state.json").read_text())["config"]
+    source = config["model"]["vae"] or manifest["settings"]["vae"]["source"]
+    subfolder = config["model"]["subfolder"] if config["model"]["vae"] else manifest["settings"]["vae"]["subfolder"]
+    vae = load_vae(source, subfolder)
+    if encoder_fingerprint(vae) != manifest["settings"]["vae"]["encoder_sha256"]:
+        raise CheckpointError(f"{source} no longer holds the encoder the run was trained for (fingerprint differs)")
+    weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
+    missing, unexpected = vae.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit the VAE: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return vae
+
+
+def export_run(
+    run_dir: str | Path, out: str | Path, use_ema: bool = True, fmt: str = "diffusers", ckpt: str | Path | None = None
+) -> Path:
+    """Write OUT/ as a diffusers folder (AutoencoderKL.from_pretrained loads it) + OUT/decoder.safetensors."""
+    out = Path(out)
+    vae = finetuned_vae(run_dir, use_ema, ckpt)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if fmt in ("diffusers", "both"):
+        vae.save_pretrained(tmp, safe_serialization=True)
+    if fmt in ("ldm", "both"):
+        from vaedec.convert import write_single_file
+
+        write_single_file(vae, tmp / "vae.safetensors")
+    trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
+    atomic_write_json(tmp / "vaedec_export.json", {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
