@@ -160,9 +160,15 @@ def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | 
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, use_ema: bool = True, fmt: str = "diffusers", ckpt: str | Path | None = None
+    run_dir: str | Path,
+    out: str | Path,
+    use_ema: bool = True,
+    fmt: str = "diffusers",
+    ckpt: str | Path | None = None,
+    into: str | Path | None = None,
 ) -> Path:
-    """Write OUT/ as a diffusers folder (AutoencoderKL.from_pretrained loads it) + OUT/decoder.safetensors."""
+    """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, and with `into`
+    a copy of that full SD checkpoint with its VAE replaced."""
     out = Path(out)
     vae = finetuned_vae(run_dir, use_ema, ckpt)
     tmp = out.with_name(f".{out.name}.partial")
@@ -174,9 +180,14 @@ def export_run(
         from vaedec.convert import write_single_file
 
         write_single_file(vae, tmp / "vae.safetensors")
+    if into is not None:
+        from vaedec.convert import replace_vae_in_checkpoint
+
+        replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
     trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
-    atomic_write_json(tmp / "vaedec_export.json", {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt})
+    record = {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt, "into": str(into) if into else None}
+    atomic_write_json(tmp / "vaedec_export.json", record)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

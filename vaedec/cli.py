@@ -189,13 +189,52 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
               help="diffusers folder, single LDM .safetensors, or both.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="A checkpoint folder of RUN [default: the newest].")
-def export(run: str, out: str, ema: bool, fmt: str, checkpoint: str | None) -> None:
-    """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT."""
+@click.option("--into", "into", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+              help="A full SD checkpoint (.safetensors/.ckpt): also write a copy of it with this VAE inside.")
+def export(run: str, out: str, ema: bool, fmt: str, checkpoint: str | None, into: str | None) -> None:
+    """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT.
+
+    \b
+    OUT/config.json + diffusion_pytorch_model.safetensors   diffusers (AutoencoderKL.from_pretrained)
+    OUT/vae.safetensors                                     LDM layout, plain keys (UIs' VAE files)
+    OUT/decoder.safetensors                                 only the trained weights
+    OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
+    """
     from vaedec.checkpoint import CheckpointError, export_run
+    from vaedec.convert import ConversionError
     from vaedec.vae import VAELoadError
 
     try:
-        path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint)
-    except (CheckpointError, VAELoadError) as e:
+        path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into)
+    except (CheckpointError, VAELoadError, ConversionError) as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")
+    for f in sorted(path.iterdir()):
+        click.echo(f"  {f.name}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=str))
+@click.argument("dst", type=click.Path(path_type=str))
+@click.option("--prefix", type=click.Choice(["none", "first_stage_model"]), default="none",
+              help="Key prefix of a written LDM file: none (stand-alone VAE, as UIs load) or "
+                   "first_stage_model (the layout inside full SD checkpoints).")
+@click.option("--scaling-factor", type=float, default=None,
+              help="File -> diffusers only: the VAE's scaling_factor (not stored in LDM files) [default: 0.18215].")
+def convert(src: str, dst: str, prefix: str, scaling_factor: float | None) -> None:
+    """Convert a VAE between a diffusers folder and one LDM-layout file (.safetensors or .ckpt).
+
+    \b
+    folder -> file:  SRC is a diffusers VAE (or pipeline) folder, DST ends in .safetensors or .ckpt
+    file -> folder:  SRC is a stand-alone VAE file or a full SD checkpoint (its VAE is extracted);
+                     the architecture is inferred from the tensor shapes, nothing is downloaded
+    Checkpoints are read without unpickling code (weights_only); every key must map, or nothing is written.
+    """
+    from vaedec.convert import ConversionError, convert_path
+
+    try:
+        summary = convert_path(src, dst, prefix="" if prefix == "none" else "first_stage_model.",
+                               scaling_factor=scaling_factor)
+    except ConversionError as e:
+        raise UserError(str(e)) from None
+    click.echo(summary)
