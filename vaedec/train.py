@@ -193,7 +193,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
     # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
     look = val_shards or train_shards
-    grid_batch = collate(list(read_samples(look, cfg.run.grid_samples)))
+    grid_batch = _grid_batch(look, cfg.run.grid_samples)
     val_batches = _val_batches(val_shards, cfg) if val_shards else []
     raw_decoder = accelerator.unwrap_model(decoder)  # for evaluation outside the training step only
     originals = _reconstruct_fixed(raw_decoder, grid_batch, val_batches, lpips_model, device)
@@ -353,7 +353,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(raw_decoder.parameters())  # after the optimizer step, outside the forward/backward
+            ema.step(decoder.parameters())
         step += 1
         images_since += cfg.data.batch_size_per_device * k * world
         bar.update(1)
@@ -366,6 +366,8 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
                 images_per_s=images_since / max(now - t_last, 1e-9),
                 peak_memory_mb=peak_memory_mb(device),
             )
+            if scaler is not None:
+                logs["grad_scale"] = float(scaler.get_scale())  # fp16: drops when a step had inf/nan gradients
             t_last, images_since = now, 0
             _log_metrics(run_dir, accelerator, step, logs)
             bar.set_postfix(rec=f"{logs['loss/rec']:.4f}", lam=f"{logs['loss/d_weight']:.3g}")
@@ -429,6 +431,13 @@ def _log_metrics(run_dir: Path, accelerator: Accelerator, step: int, metrics: di
     accelerator.log(metrics, step=step)
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def _grid_batch(shards: list[str], n: int) -> dict[str, Any]:
+    """n samples spread evenly over the first shards, so a grid is not n crops of one image."""
+    pool = list(read_samples(shards, max(8 * n, 64)))
+    picks = sorted({round(i * (len(pool) - 1) / max(n - 1, 1)) for i in range(min(n, len(pool)))})
+    return collate([pool[i] for i in picks])
 
 
 def _val_batches(val_shards: list[str], cfg: TrainConfig) -> list[dict[str, Any]]:
