@@ -184,14 +184,14 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--ema/--no-ema", default=True, help="Export the EMA weights (when the run kept an EMA).")
+@click.option("--ema/--no-ema", default=None, help="EMA or raw weights [default: EMA when the run kept one].")
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "ldm", "both"]), default="diffusers",
               help="diffusers folder, single LDM .safetensors, or both.")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="A checkpoint folder of RUN [default: the newest].")
 @click.option("--into", "into", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="A full SD checkpoint (.safetensors/.ckpt): also write a copy of it with this VAE inside.")
-def export(run: str, out: str, ema: bool, fmt: str, checkpoint: str | None, into: str | None) -> None:
+def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | None, into: str | None) -> None:
     """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT.
 
     \b
@@ -200,11 +200,13 @@ def export(run: str, out: str, ema: bool, fmt: str, checkpoint: str | None, into
     OUT/decoder.safetensors                                 only the trained weights
     OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
     """
-    from vaedec.checkpoint import CheckpointError, export_run
+    from vaedec.checkpoint import CheckpointError, export_run, run_checkpoint
     from vaedec.convert import ConversionError
     from vaedec.vae import VAELoadError
 
     try:
+        if ema is None:
+            ema = (Path(checkpoint or run_checkpoint(run)) / "ema.safetensors").is_file()
         path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into)
     except (CheckpointError, VAELoadError, ConversionError) as e:
         raise UserError(str(e)) from None

@@ -288,7 +288,7 @@ def _torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean "not a readable checkpoint"
-        if "Weights only load failed" in str(e):
+        if "Unsupported global" in str(e):  # torch words every failed load "Weights only load failed"
             culprit = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), "")
             raise ConversionError(
                 f"{path}: refusing to load - the pickle holds objects other than tensors and plain "

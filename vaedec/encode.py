@@ -129,7 +129,7 @@ def index_depth_maps(depth_dir: str) -> dict[str, str]:
     if not root.is_dir():
         raise EncodeError(f"--depth-dir {depth_dir} is not a folder")
     index: dict[str, str] = {}
-    for p in sorted(root.rglob("*.png")):
+    for p in sorted(q for q in root.rglob("*") if q.suffix.lower() == ".png" and q.is_file()):
         if p.stem in index:
             raise EncodeError(f"two depth maps share the stem {p.stem!r}: {index[p.stem]} and {p}; rename one")
         index[p.stem] = str(p)
@@ -138,8 +138,28 @@ def index_depth_maps(depth_dir: str) -> dict[str, str]:
     return index
 
 
+def _check_unique_stems(items: list[InputItem]) -> None:
+    """Depth maps are matched by file stem, so two images with one stem would silently share a depth map."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for item in items:
+        stem = Path(item.rel).stem
+        if stem in seen:
+            clashes.append(f"{seen[stem]} and {item.rel}")
+        seen.setdefault(stem, item.rel)
+    if clashes:
+        raise EncodeError(
+            "with --depth-dir, images are paired with depth maps by file stem, and these images share a stem: "
+            + "; ".join(clashes[:5]) + (f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else "")
+            + ". Rename them so every stem is unique."
+        )
+
+
 def load_depth(item: InputItem, depth_index: dict[str, str], size: tuple[int, int]) -> Image.Image:
-    """The 16-bit depth map paired with `item` by file stem, as a float image the same size as the RGB."""
+    """The 16-bit depth map paired with `item` by file stem, as a float image the same size as the RGB.
+
+    The depth map must match the image as displayed, i.e. after the image's EXIF orientation is applied.
+    """
     stem = Path(item.rel).stem
     path = depth_index.get(stem)
     if path is None:
@@ -183,6 +203,7 @@ def settings_of(cfg: EncodeConfig, vae_info: dict[str, Any], items: list[InputIt
             "resample": "lanczos (depth: bilinear)",
             "conversion_rule": "vaedec.images: EXIF transpose; alpha over white; 16-bit grey /257; CMYK via Pillow",
             "depth": cfg.depth_dir is not None,
+            "depth_dir": str(Path(cfg.depth_dir).resolve()) if cfg.depth_dir else None,
         },
         "source": {"src": str(Path(cfg.src).resolve()), "inputs": len(items), "inputs_sha256": inputs_sha},
         "shard_size_mb": cfg.shard_size_mb,
@@ -214,6 +235,8 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
         raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
     items, list_skips = discover_inputs(cfg.src)
     depth_index = index_depth_maps(cfg.depth_dir) if cfg.depth_dir else None
+    if depth_index is not None:
+        _check_unique_stems(items)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EncodeError(f"OUT {out} exists and is not a folder")
@@ -229,7 +252,9 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
         raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
     if cfg.resolution % info["downsample_factor"]:
         raise EncodeError(f"--resolution must be a multiple of the VAE's downsampling factor {info['downsample_factor']}")
-    vae_info = {"source": cfg.vae, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
+    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
+    source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
+    vae_info = {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
     settings = settings_of(cfg, vae_info, items)
 
     # 2. resume or refuse ----------------------------------------------------------------------------------

@@ -366,8 +366,10 @@ def verify(folder: str | Path) -> list[str]:
                 img = decode_png(sample["image.png"])
                 if img.shape != (res, res, 3) or img.dtype != np.uint8:
                     problems.append(f"{entry['name']}:{key}: image {img.dtype} {img.shape}")
-                if pre.get("depth") and "depth.png" not in sample:
-                    problems.append(f"{entry['name']}:{key}: missing depth.png")
+                if pre.get("depth"):
+                    depth = decode_png(sample["depth.png"]) if "depth.png" in sample else None
+                    if depth is None or depth.dtype != np.uint16 or depth.shape != (res, res):
+                        problems.append(f"{entry['name']}:{key}: depth.png missing or not uint16 ({res}, {res})")
                 json.loads(sample["json"])
         except Exception as e:  # noqa: BLE001 - any damage in a tar must be reported, not crash the check
             problems.append(f"{entry['name']}: unreadable after {n} samples ({type(e).__name__}: {e})")
