@@ -171,6 +171,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _looks_numeric(value):
+            return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -242,8 +244,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
-    if isinstance(value, str) and _looks_numeric(value):
-        value = float(value)  # YAML 1.1 reads "1e-5" as a string
     return key.strip(), value
 
 
@@ -271,10 +271,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _fix_yaml_numbers(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: float(v) if isinstance(v, str) and _looks_numeric(v) else v for k, v in flat.items()}
-
-
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file (ours or a classic LDM autoencoder YAML), then `key=value` overrides."""
     cfg = TrainConfig()
@@ -287,7 +283,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
                 log.warning("LDM key %s ignored: %s", key, why)
         else:
             flat = flatten(data, str(path))
-        cfg = apply_overrides(cfg, _fix_yaml_numbers(flat))
+        cfg = apply_overrides(cfg, flat)
     cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     validate_train_config(cfg)
     return cfg

@@ -120,6 +120,8 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 cli.py train ...`"
         )
     is_main = accelerator.is_main_process
+    if not is_main:
+        log.setLevel(logging.WARNING)  # one copy of the INFO log, from rank 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _add_file_log(run_dir / "log.txt")
@@ -398,6 +400,9 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
 
 def _add_file_log(path: Path) -> None:
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)  # an earlier train() in this process must not keep writing its log.txt
+        old.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
@@ -421,8 +426,14 @@ def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str,
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop lines a killed run logged after its last checkpoint: the resumed run logs those steps again."""
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by the kill
+        atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
 
 
 def _log_metrics(run_dir: Path, accelerator: Accelerator, step: int, metrics: dict[str, float]) -> None:

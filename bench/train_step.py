@@ -1,0 +1,240 @@
+"""`python bench/train_step.py`: what one training step of `cli.py train` costs, against the alternatives.
+
+Builds the SD 1.x VAE architecture with random weights (the speed does not depend on the values) and measures
+in one run, on the same model, batch size, resolution and device, images per second of:
+  (a) this trainer: z sampled from stored moments (float16, as in the shards), decoder forward, the loss with
+      the fast λ (`generator_grads`: one LPIPS and one PatchGAN backward to x̂), one decoder backward, the
+      decoder's Adam step, then the PatchGAN step on the detached reconstruction;
+  (b) the classic way: the encoder runs online on the pixels (no_grad) and z is sampled from its moments,
+      then the same decoder/loss/optimizer step as (a);
+  (c) LDM's naive λ: `ldm_generator_loss` (autograd.grad of nll and g w.r.t. conv_out.weight on the graph,
+      retain_graph, then the full backward), then the same PatchGAN step;
+  (d) the limit: decoder forward, L1 loss, backward, Adam step (no LPIPS, no GAN).
+(a)-(c) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so a busy
+machine slows them alike, and images/s is batch size / the median step time. Reading and decoding shards is
+not timed (DataLoader workers overlap it with the step).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from vaedec.config import LossConfig
+from vaedec.discriminator import build_discriminator
+from vaedec.latents import encode_moments, sample_latent
+from vaedec.losses import discriminator_loss, generator_grads, ldm_generator_loss, load_lpips, surrogate_loss
+from vaedec.train import batch_to_model
+from vaedec.vae import TrainableDecoder, freeze
+
+SD_VAE = {  # stable-diffusion-v1-5/vae/config.json
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+VARIANTS = {
+    "a": "(a) this trainer: stored moments, fast λ",
+    "b": "(b) encoder online (no_grad) + same step",
+    "c": "(c) naive double-backward λ (LDM)",
+    "d": "(d) bare decoder fwd+bwd, L1 (limit)",
+}
+
+NOTE = """\
+vs (a): images/s relative to this trainer's step (> 1 = faster). (d) is the decoder alone, the floor for any
+decoder loss: (d)/(a) is what LPIPS + the GAN add; (b) adds the encoder's forward; (c) adds a second LPIPS +
+PatchGAN backward, which is small next to the decoder's backward at low resolution. Differences inside the
+min-max spread are noise."""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def smooth_pixels(batch: int, resolution: int, seed: int = 0) -> torch.Tensor:
+    """uint8 (B, 3, R, R): smooth random colour fields, what the shards store."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(batch, 3, 8, 8, generator=g)
+    big = torch.nn.functional.interpolate(
+        small, size=(resolution, resolution), mode="bicubic", align_corners=False
+    )
+    return (big.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@click.command()
+@click.option(
+    "--resolution", type=click.IntRange(32), default=64, show_default=True, help="Image side, pixels."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="Images per step.")
+@click.option(
+    "--steps", type=click.IntRange(1), default=4, show_default=True, help="Timed steps per variant."
+)
+@click.option(
+    "--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed steps per variant."
+)
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "bf16"]),
+    default="no",
+    show_default=True,
+    help="autocast dtype around the forward passes, as run.mixed_precision.",
+)
+def main(
+    resolution: int, batch_size: int, steps: int, warmup: int, device: str | None, mixed_precision: str
+) -> None:
+    """Images/s of one decoder training step, four ways, side by side."""
+    if resolution % 8:
+        raise click.BadParameter(
+            "must be a multiple of 8 (the VAE downsamples by 8)", param_hint="--resolution"
+        )
+    from diffusers import AutoencoderKL
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    torch.manual_seed(0)
+
+    # --- models: one SD VAE; the decoder path trains, the encoder is frozen and used by (b) only
+    vae = AutoencoderKL(**SD_VAE)
+    freeze(vae.encoder).to(dev)
+    freeze(vae.quant_conv).to(dev)
+    decoder = TrainableDecoder(vae).to(dev).train()
+    cfg = LossConfig(disc_start_step=0, lpips_random_backbone=True)  # LDM loss, GAN term on from step 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the RANDOM-backbone warning: said in the output below instead
+        lpips_model = load_lpips(None, random_backbone=True).to(dev)
+    disc = build_discriminator(cfg, 3).to(dev).train()
+    logvar = torch.zeros((), device=dev)  # LDM's s, not trained (learn_logvar=False)
+    opt_g = torch.optim.Adam(decoder.parameters(), lr=1e-6, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-6, betas=(0.5, 0.9))
+
+    # --- one batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py encode`)
+    batch = {"pixels": smooth_pixels(batch_size, resolution)}
+    with torch.no_grad():
+        batch["moments"] = encode_moments(vae, batch_to_model(batch, dev)).half().cpu()  # (B, 8, R/8, R/8)
+    noise = torch.Generator().manual_seed(0)
+    step_index = 10  # > disc_start_step: the GAN term and λ are on
+    seen: dict[str, float] = {}
+
+    def disc_step(x: torch.Tensor, x_rec: torch.Tensor) -> None:
+        opt_d.zero_grad(set_to_none=True)
+        with autocast:
+            d_loss, _ = discriminator_loss(disc, x, x_rec, cfg, step_index)
+        d_loss.backward()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+
+    def fast_step(x: torch.Tensor, z: torch.Tensor, key: str) -> None:
+        with autocast:
+            x_rec, h = decoder(z)
+            grads = generator_grads(x, x_rec, h, decoder.conv_out, lpips_model, disc, logvar, cfg, step_index)
+        surrogate_loss(x_rec, grads, logvar).backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        disc_step(x, x_rec.detach())
+        seen[key] = grads.logs["loss/d_weight"] * grads.logs["loss/disc_factor"]
+
+    def step_a() -> None:
+        x = batch_to_model(batch, dev)
+        z = sample_latent(batch["moments"], "sample", noise).to(dev)
+        fast_step(x, z, "a")
+
+    def step_b() -> None:
+        x = batch_to_model(batch, dev)
+        with autocast:
+            moments = encode_moments(vae, x)  # no_grad inside; (B, 8, R/8, R/8) mean ‖ clamped logvar
+        z = sample_latent(moments, "sample", noise).to(dev)
+        fast_step(x, z, "b")
+
+    def step_c() -> None:
+        x = batch_to_model(batch, dev)
+        z = sample_latent(batch["moments"], "sample", noise).to(dev)
+        with autocast:
+            x_rec, _ = decoder(z)
+            loss, logs = ldm_generator_loss(
+                x, x_rec, decoder.conv_out.weight, lpips_model, disc, logvar, cfg, step_index
+            )
+        loss.backward()  # also fills the PatchGAN's .grad; disc_step clears it first, as LDM's toggling does
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        disc_step(x, x_rec.detach())
+        seen["c"] = logs["loss/d_weight"] * logs["loss/disc_factor"]
+
+    def step_d() -> None:
+        x = batch_to_model(batch, dev)
+        z = sample_latent(batch["moments"], "sample", noise).to(dev)
+        with autocast:
+            x_rec, _ = decoder(z)
+        (x_rec.float() - x).abs().mean().backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+
+    fns: dict[str, Callable[[], None]] = {"a": step_a, "b": step_b, "c": step_c, "d": step_d}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peak: dict[str, float] = dict.fromkeys(fns, 0.0)
+    for i in range(warmup + steps):
+        for key, fn in fns.items():  # interleaved: a busy machine slows every variant alike
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                peak[key] = max(peak[key], torch.cuda.max_memory_allocated(dev) / 2**20)
+    assert all(seen[k] > 0 for k in "abc"), f"the GAN term was off: {seen}"
+
+    # --- report
+    threads = f"{torch.get_num_threads()} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    print("vaedec train-step benchmark (bench/train_step.py)")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, device {dev} ({threads})")
+    print(
+        f"resolution {resolution}, batch size {batch_size}, mixed precision {mixed_precision}, "
+        f"{steps} timed steps per variant after {warmup} warm-up, variants interleaved"
+    )
+    print(
+        f"VAE: SD architecture {SD_VAE['block_out_channels']}, layers_per_block {SD_VAE['layers_per_block']},"
+        f" latent {SD_VAE['latent_channels']}, groups {SD_VAE['norm_num_groups']}, RANDOM weights"
+    )
+    print(
+        "LPIPS: VGG16 with a RANDOM backbone (speed does not depend on the weights); PatchGAN: LDM "
+        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c)"
+    )
+    print()
+    ips = {k: batch_size / statistics.median(t) for k, t in times.items()}  # median: robust to a busy machine
+    header = f"{'variant':<44} {'images/s':>9} {'median s/step':>14} {'min-max s':>12} {'vs (a)':>7}"
+    header += f" {'peak MiB':>9}" if dev.type == "cuda" else ""
+    print(header)
+    print("-" * len(header))
+    for key, label in VARIANTS.items():
+        median = statistics.median(times[key])
+        spread = f"{min(times[key]):.2f}-{max(times[key]):.2f}"
+        row = f"{label:<44} {ips[key]:>9.2f} {median:>14.3f} {spread:>12} {ips[key] / ips['a']:>6.2f}x"
+        row += f" {peak[key]:>9.0f}" if dev.type == "cuda" else ""
+        print(row)
+    print()
+    print(NOTE)
+
+
+if __name__ == "__main__":
+    main()
