@@ -30,20 +30,9 @@ from vaedec.config import EncodeConfig
 from vaedec.encode import encode
 from vaedec.images import crop_boxes, crop_resize, load_rgb, to_model_range
 from vaedec.latents import encode_moments
-from vaedec.vae import DTYPES, freeze, load_vae
+from vaedec.vae import DTYPES, SD_VAE_CONFIG, freeze, load_vae
 
-SD_VAE = {  # stable-diffusion-v1-5/vae/config.json
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
+SD_VAE = SD_VAE_CONFIG
 
 
 def make_sources(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:

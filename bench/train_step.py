@@ -35,20 +35,9 @@ from vaedec.discriminator import build_discriminator
 from vaedec.latents import encode_moments, sample_latent
 from vaedec.losses import discriminator_loss, generator_grads, ldm_generator_loss, load_lpips, surrogate_loss
 from vaedec.train import batch_to_model
-from vaedec.vae import TrainableDecoder, freeze
+from vaedec.vae import SD_VAE_CONFIG, TrainableDecoder, freeze
 
-SD_VAE = {  # stable-diffusion-v1-5/vae/config.json
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
+SD_VAE = SD_VAE_CONFIG
 
 VARIANTS = {
     "a": "(a) this trainer: stored moments, fast λ",

@@ -37,6 +37,18 @@ def save_tiny_vae(path: Path, in_channels: int = 3, seed: int = 0) -> Path:
     return path
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons; each in-process run starts from none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def vae_dir(tmp_path_factory) -> Path:
     return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
@@ -58,3 +70,26 @@ def make_images(folder: Path, n: int, size: tuple[int, int] = (40, 36), suffix: 
         Image.fromarray(smooth_image(i, size)).save(p)
         paths.append(p)
     return paths
+
+
+# Training overrides shared by the train and format tests: tiny and fast. LPIPS is off unless a test is about
+# it (its VGG16 takes seconds to build); the GAN is on from the first step, so λ, the discriminator step and
+# both optimizers always run. EMA 0.9 so the EMA weights differ from the raw ones after two steps.
+FAST_TRAIN = [
+    "data.batch_size_per_device=2",
+    "data.num_workers=0",
+    "data.shuffle_buffer=8",
+    "loss.perceptual_weight=0",
+    "loss.disc_start_step=0",
+    "loss.disc_ndf=8",
+    "optim.lr=1e-3",
+    "optim.ema_decay=0.9",
+    "run.log_every_steps=1",
+    "run.image_every_steps=0",
+    "run.val_every_steps=0",
+    "run.checkpoint_every_steps=0",
+    "run.grid_samples=2",
+]
+# LPIPS with a RANDOM VGG16 backbone, on purpose: the ImageNet weights cannot be downloaded offline, and the
+# tests need LPIPS's code path (and its cost), not meaningful distances.
+RANDOM_LPIPS = ["loss.perceptual_weight=1.0", "loss.lpips_random_backbone=true"]

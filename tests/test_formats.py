@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner, Result
-from conftest import ROOT, make_images, save_tiny_vae
+from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, make_images, save_tiny_vae
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -38,42 +38,14 @@ RES = 32  # pixels; the tiny VAE downsamples by 2 -> latents (4, 16, 16); a 3-la
 SIZE = (40, 36)  # source images (w, h): the center crop is a real crop (x) and a real resize (both axes)
 PAD = 2  # save_grid's padding between tiles
 LDM_YAML = ROOT / "configs" / "ldm_autoencoder_kl_f8.yaml"
-# Tiny and fast; the GAN is on from the first optimizer step (disc_start_step=0) so the discriminator and the
-# adaptive weight run on every step. EMA on (0.9, not the raw weights after 2 steps): `export` defaults to --ema.
-FAST = [
-    "data.batch_size_per_device=2",
-    "data.num_workers=0",
-    "data.shuffle_buffer=8",
-    "loss.perceptual_weight=0",
-    "loss.disc_start_step=0",
-    "loss.disc_ndf=8",
-    "optim.lr=1e-3",
-    "optim.ema_decay=0.9",
-    "run.log_every_steps=1",
-    "run.image_every_steps=0",
-    "run.val_every_steps=0",
-    "run.checkpoint_every_steps=0",
-    "run.grid_samples=2",
-]
-# LPIPS with a RANDOM VGG16 backbone, on purpose: the ImageNet weights cannot be downloaded offline, and the
-# RGB+depth run needs LPIPS's code path on 4 channels (RGB + depth repeated to 3), not meaningful distances.
-RANDOM_LPIPS = ["loss.perceptual_weight=1.0", "loss.lpips_random_backbone=true"]
+FAST = FAST_TRAIN  # tests/conftest.py: tiny, GAN on from the first step, EMA 0.9
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps its state in process-wide singletons; each in-process run starts from none."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def cli(*args: object, code: int = 0) -> Result:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, make_images, save_tiny_vae
+from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, make_images, save_tiny_vae
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -40,41 +40,13 @@ from vaedec.shards import read_manifest, read_samples, shard_paths
 from vaedec.train import lr_at
 
 RES = 32  # pixels; the tiny VAE downsamples by 2, so latents are (4, 16, 16)
-BATCH = 2
+BATCH = 2  # data.batch_size_per_device in FAST_TRAIN
 PAD = 2  # save_grid's padding between tiles
-# Shared by every run here: tiny and fast. LPIPS is off unless a test is about it (its VGG16 takes seconds to
-# build); the GAN is on from the first step, so λ, the discriminator step and both optimizers always run.
-FAST = [
-    f"data.batch_size_per_device={BATCH}",
-    "data.num_workers=0",
-    "data.shuffle_buffer=8",
-    "loss.perceptual_weight=0",
-    "loss.disc_start_step=0",
-    "loss.disc_ndf=8",
-    "optim.lr=1e-3",
-    "optim.ema_decay=0.9",
-    "run.log_every_steps=1",
-    "run.image_every_steps=0",
-    "run.val_every_steps=0",
-    "run.checkpoint_every_steps=0",
-    "run.grid_samples=2",
-]
-# LPIPS with a RANDOM VGG16 backbone, on purpose: the ImageNet weights cannot be downloaded offline, and these
-# tests need LPIPS's code path (and its cost), not meaningful distances.
-RANDOM_LPIPS = ["loss.perceptual_weight=1.0", "loss.lpips_random_backbone=true"]
+FAST = FAST_TRAIN  # tests/conftest.py: tiny, GAN on from the first step, EMA 0.9
 NOT_LOGGED_EXACTLY = {"step", "images_per_s", "peak_memory_mb"}  # wall-clock and process facts
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps its state in process-wide singletons; each in-process run starts from none."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
