@@ -279,16 +279,18 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
     last_eval = -1
 
-    def evaluate(at: int) -> None:
+    def evaluate(at: int, grid: bool = True, val: bool = True) -> None:
         nonlocal last_eval
         if not is_main or at == last_eval:
             return
-        last_eval = at
+        if grid and val:
+            last_eval = at  # the final evaluate() after the loop must not redo a step that already did both
         if ema is not None:
             ema.copy_to(ema_decoder.parameters())
         models = {"": raw_decoder, "_ema": ema_decoder}
-        _write_grid(run_dir / "images" / f"step-{at:08d}.png", grid_batch, originals["grid"], models, device)
-        if val_batches:
+        if grid:
+            _write_grid(run_dir / "images" / f"step-{at:08d}.png", grid_batch, originals["grid"], models, device)
+        if val and val_batches:
             metrics = {f"val/{k}_orig": v for k, v in originals["val_metrics"].items()}
             for suffix, model in models.items():
                 if model is not None:
@@ -373,10 +375,10 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             t_last, images_since = now, 0
             _log_metrics(run_dir, accelerator, step, logs)
             bar.set_postfix(rec=f"{logs['loss/rec']:.4f}", lam=f"{logs['loss/d_weight']:.3g}")
-        if cfg.run.image_every_steps and step % cfg.run.image_every_steps == 0 or (
-            cfg.run.val_every_steps and step % cfg.run.val_every_steps == 0
-        ):
-            evaluate(step)
+        grid_due = bool(cfg.run.image_every_steps) and step % cfg.run.image_every_steps == 0
+        val_due = bool(cfg.run.val_every_steps) and step % cfg.run.val_every_steps == 0
+        if grid_due or val_due:
+            evaluate(step, grid=grid_due, val=val_due)
         if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
             save(step)
     bar.close()
