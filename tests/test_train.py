@@ -396,6 +396,16 @@ def test_vae_with_the_same_encoder_is_accepted(tmp_path, shards, vae_dir) -> Non
     assert_same_tensors(frozen_part(exported), frozen_part(vae.state_dict()), "encoder")
 
 
+def test_grids_and_validation_follow_their_own_cadence(tmp_path, shards) -> None:
+    """image_every_steps writes grids, val_every_steps runs validation; the end of the run does both once."""
+    run = tmp_path / "run"
+    cli("train", shards, "--output", run, *FAST, "data.val_shards=1", "run.max_steps=5",
+        "run.image_every_steps=2", "run.val_every_steps=3", "--no-export")
+    assert sorted(p.name for p in (run / "images").glob("*.png")) == [
+        "step-00000002.png", "step-00000004.png", "step-00000005.png"]
+    assert [m["step"] for m in metrics(run) if "val/psnr" in m] == [3, 5]
+
+
 def test_missing_lpips_weights_file_is_a_clear_error(tmp_path, shards) -> None:
     missing = tmp_path / "nowhere" / "vgg16-397923af.pth"
     args = [*FAST, "run.max_steps=1", "loss.perceptual_weight=1.0", f"loss.lpips_vgg_weights={missing}"]
