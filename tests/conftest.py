@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +20,10 @@ def tiny_vae(in_channels: int = 3, seed: int = 0):
     """A 2-level AutoencoderKL (downsampling factor 2) small enough for CPU tests."""
     from diffusers import AutoencoderKL
 
+    from vaedec.vae import small_vae_config
+
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=in_channels,
-        out_channels=in_channels,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    return AutoencoderKL(**small_vae_config((8, 16), in_channels, sample_size=32))
 
 
 def save_tiny_vae(path: Path, in_channels: int = 3, seed: int = 0) -> Path:
@@ -93,3 +87,17 @@ FAST_TRAIN = [
 # LPIPS with a RANDOM VGG16 backbone, on purpose: the ImageNet weights cannot be downloaded offline, and the
 # tests need LPIPS's code path (and its cost), not meaningful distances.
 RANDOM_LPIPS = ["loss.perceptual_weight=1.0", "loss.lpips_random_backbone=true"]
+
+
+def tar_samples(shards: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    """(shard name, key, {extension: bytes}) for every sample of every shard in `shards`, in file order, read with
+    plain tarfile (not vaedec's reader); a file stored twice under one key fails the test."""
+    for tar_path in sorted(shards.glob("shard-*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)  # WebDataset's rule: the key ends at the first dot
+                assert ext not in members.setdefault(key, {}), f"{tar_path.name}: {m.name} twice"
+                members[key][ext] = tar.extractfile(m).read()
+        for key, files in members.items():
+            yield tar_path.name, key, files

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import ROOT, make_images, save_tiny_vae, smooth_image
+from conftest import ROOT, make_images, save_tiny_vae, smooth_image, tar_samples
 from PIL import Image
 
 from vaedec.cli import main
@@ -77,20 +76,13 @@ def read_out(out: Path) -> Out:
     """OUT read with plain tarfile / numpy / PIL: every shard file on disk, in name order."""
     manifest = json.loads((out / "manifest.json").read_text())
     samples = []
-    for tar_path in sorted(out.glob("shard-*.tar")):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                assert ext not in members.setdefault(key, {}), f"{tar_path.name}: {m.name} twice"
-                members[key][ext] = tar.extractfile(m).read()
-        for key, files in members.items():
-            assert set(files) == {"moments.npy", "image.png", "json"}, (key, sorted(files))
-            with Image.open(io.BytesIO(files["image.png"])) as im:
-                assert im.mode == "RGB"
-                pixels = np.asarray(im).copy()
-            moments = np.load(io.BytesIO(files["moments.npy"]), allow_pickle=False)
-            samples.append(Sample(key, tar_path.name, moments, pixels, json.loads(files["json"])))
+    for shard, key, files in tar_samples(out):
+        assert set(files) == {"moments.npy", "image.png", "json"}, (key, sorted(files))
+        with Image.open(io.BytesIO(files["image.png"])) as im:
+            assert im.mode == "RGB"
+            pixels = np.asarray(im).copy()
+        moments = np.load(io.BytesIO(files["moments.npy"]), allow_pickle=False)
+        samples.append(Sample(key, shard, moments, pixels, json.loads(files["json"])))
     skipped_path = out / "skipped.jsonl"
     skipped = [json.loads(x) for x in skipped_path.read_text().splitlines() if x.strip()] if skipped_path.exists() else []
     return Out(manifest, samples, skipped)

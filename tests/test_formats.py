@@ -17,7 +17,6 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / huggingface_hub are imported: no hub in these tests
 
-import tarfile
 import traceback
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner, Result
-from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, make_images, save_tiny_vae
+from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, make_images, save_tiny_vae, tar_samples
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -61,22 +60,16 @@ def cli(*args: object, code: int = 0) -> Result:
 def read_tar_samples(shards: Path) -> list[dict]:
     """Every sample of every shard, read with plain tarfile / numpy / PIL (not vaedec's reader), in file order."""
     samples = []
-    for tar_path in sorted(shards.glob("shard-*.tar")):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(tar_path) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key, files in members.items():
-            sample = {"key": key, "files": sorted(files), "record": json.loads(files["json"])}
-            sample["moments"] = np.load(io.BytesIO(files["moments.npy"]), allow_pickle=False)
-            with Image.open(io.BytesIO(files["image.png"])) as im:
-                sample["pixels"] = np.asarray(im.convert("RGB")).copy()
-            if "depth.png" in files:
-                with Image.open(io.BytesIO(files["depth.png"])) as im:
-                    sample["depth_mode"] = im.mode
-                    sample["depth"] = np.asarray(im).copy()
-            samples.append(sample)
+    for _, key, files in tar_samples(shards):
+        sample = {"key": key, "files": sorted(files), "record": json.loads(files["json"])}
+        sample["moments"] = np.load(io.BytesIO(files["moments.npy"]), allow_pickle=False)
+        with Image.open(io.BytesIO(files["image.png"])) as im:
+            sample["pixels"] = np.asarray(im.convert("RGB")).copy()
+        if "depth.png" in files:
+            with Image.open(io.BytesIO(files["depth.png"])) as im:
+                sample["depth_mode"] = im.mode
+                sample["depth"] = np.asarray(im).copy()
+        samples.append(sample)
     return samples
 
 

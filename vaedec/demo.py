@@ -46,18 +46,10 @@ def demo_vae(out: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
+    from vaedec.vae import small_vae_config
+
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = AutoencoderKL(**small_vae_config((32, 64), sample_size=64))
     vae.save_pretrained(out)
     return out
 

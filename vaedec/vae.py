@@ -25,6 +25,25 @@ SD_VAE_CONFIG = {
     "sample_size": 512,
     "scaling_factor": 0.18215,
 }
+
+
+def small_vae_config(block_out_channels: tuple[int, ...], in_channels: int = 3, sample_size: int = 64) -> dict:
+    """SD's block layout at a fraction of its width and depth (one block per channel count, one layer each):
+    the random-weight VAEs of the demo and the tests. Downsampling factor 2 ** (len(block_out_channels) - 1)."""
+    levels = len(block_out_channels)
+    return {
+        "in_channels": in_channels,
+        "out_channels": in_channels,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+        "block_out_channels": tuple(block_out_channels),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": sample_size,
+    }
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
