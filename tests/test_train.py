@@ -406,6 +406,15 @@ def test_grids_and_validation_follow_their_own_cadence(tmp_path, shards) -> None
     assert [m["step"] for m in metrics(run) if "val/psnr" in m] == [3, 5]
 
 
+def test_shards_where_every_input_was_skipped_are_a_clear_error(tmp_path, vae_dir) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_bytes(b"not a png")
+    (tmp_path / "bad" / "b.jpg").write_bytes(b"")
+    cli("encode", tmp_path / "bad", tmp_path / "shards", "--vae", vae_dir, "--num-workers", 0, code=3)
+    result = cli("train", tmp_path / "shards", "--output", tmp_path / "run", *FAST, code=1)
+    assert "holds no samples" in result.output and "skipped.jsonl" in result.output, result.output
+
+
 def test_missing_lpips_weights_file_is_a_clear_error(tmp_path, shards) -> None:
     missing = tmp_path / "nowhere" / "vgg16-397923af.pth"
     args = [*FAST, "run.max_steps=1", "loss.perceptual_weight=1.0", f"loss.lpips_vgg_weights={missing}"]

@@ -134,6 +134,11 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     manifest = read_manifest(cfg.data.shards)
     all_shards = shard_paths(cfg.data.shards, manifest)
     n_val = cfg.data.val_shards
+    if not all_shards:
+        raise TrainError(
+            f"{cfg.data.shards} holds no samples: the encode skipped every input "
+            f"(reasons in {Path(cfg.data.shards) / 'skipped.jsonl'}); fix the inputs and encode again"
+        )
     if n_val >= len(all_shards):
         raise TrainError(
             f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {cfg.data.shards}); "
