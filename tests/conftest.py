@@ -101,3 +101,20 @@ def tar_samples(shards: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
                 members[key][ext] = tar.extractfile(m).read()
         for key, files in members.items():
             yield tar_path.name, key, files
+
+
+def cli(*args: object, code: int | None = 0):
+    """Invoke vaedec's click group in this process. A traceback (any exception but SystemExit) fails the test: a
+    user mistake must end in a message. `code`: the exit code expected (None: any)."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from vaedec.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        tb = "".join(traceback.format_exception(*result.exc_info))
+        raise AssertionError(f"traceback instead of a clean exit:\n{result.output}\n{tb}")
+    assert code is None or result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
+    return result

@@ -17,20 +17,17 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers / huggingface_hub are imported: no hub in these tests
 
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner, Result
-from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, make_images, save_tiny_vae, tar_samples
+from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, cli, make_images, save_tiny_vae, tar_samples
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vaedec.cli import main
 from vaedec.convert import diffusers_to_ldm
 
 RES = 32  # pixels; the tiny VAE downsamples by 2 -> latents (4, 16, 16); a 3-layer PatchGAN needs >= 32
@@ -45,16 +42,6 @@ FAST = FAST_TRAIN  # tests/conftest.py: tiny, GAN on from the first step, EMA 0.
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def cli(*args: object, code: int = 0) -> Result:
-    """Invoke the click group in-process; check the exit code; a traceback (anything but SystemExit) fails."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        tb = "".join(traceback.format_exception(*result.exc_info))
-        raise AssertionError(f"traceback instead of a clean exit:\n{result.output}\n{tb}")
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
-    return result
 
 
 def read_tar_samples(shards: Path) -> list[dict]:

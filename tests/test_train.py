@@ -23,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, make_images, save_tiny_vae
+from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, cli, make_images, save_tiny_vae
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
-from vaedec.cli import main
 from vaedec.config import EncodeConfig, OptimConfig, load_train_config
 from vaedec.encode import encode
 from vaedec.latents import sample_latent
@@ -61,13 +59,6 @@ def shards(tmp_path_factory, vae_dir) -> Path:
     result = encode(cfg)
     assert result.samples == 16 and result.shards >= 4
     return root / "shards"
-
-
-def cli(*args: str, code: int = 0):
-    """Run vaedec's click group in this process; check the exit code."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == code, result.output + (repr(result.exception) if result.exception else "")
-    return result
 
 
 def subprocess_env() -> dict[str, str]:

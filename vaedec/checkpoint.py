@@ -5,7 +5,7 @@ A checkpoint is `RUN/checkpoints/step-%08d/`:
     ema.safetensors       EMA of the same weights (when EMA is on)
     disc.safetensors      the PatchGAN, BatchNorm buffers included
     extra.safetensors     logvar and the latent-noise generator state
-    optim.pt              optimizer, scheduler and grad-scaler state dicts (tensors and numbers only;
+    optim.pt              both optimizers' and the grad scaler's state dicts (tensors and numbers only;
                           read back with torch.load(weights_only=True))
     state.json            step, micro-batches consumed (the data position), EMA step, config
 It is written under a temp name and renamed when complete: a folder named step-* is always whole.
@@ -111,6 +111,41 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
     raise CheckpointError(f"--resume {resume}: not a checkpoint folder (checkpoints/step-*) or a run folder")
 
 
+# Config fields that shape what a checkpoint holds: resuming with another value cannot load it (or, for the
+# encoder, would continue a decoder in another latent space).
+RESUME_FIELDS = (
+    ("model", "train_post_quant_conv"),
+    ("loss", "disc_num_layers"),
+    ("loss", "disc_ndf"),
+    ("loss", "disc_norm"),
+)
+
+
+def checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was written with (its state.json)."""
+    path = Path(ckpt) / "state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a vaedec checkpoint (no state.json); give a checkpoints/step-* folder")
+    return json.loads(path.read_text())["config"]
+
+
+def resume_conflicts(
+    saved: dict[str, Any], now: dict[str, Any], saved_encoder: str | None, encoder: str
+) -> list[str]:
+    """Why a checkpoint written with config `saved` (and shards of encoder fingerprint `saved_encoder`) cannot
+    continue under config `now`; empty when it can. Settings such as lr or max_steps may change freely."""
+    problems = []
+    if saved_encoder is not None and saved_encoder != encoder:
+        problems.append("the shards come from another encoder (the manifest's encoder sha256 differs)")
+    for section, key in RESUME_FIELDS:
+        if saved[section][key] != now[section][key]:
+            problems.append(f"{section}.{key} was {saved[section][key]!r}, now {now[section][key]!r}")
+    if (saved["optim"]["ema_decay"] > 0) != (now["optim"]["ema_decay"] > 0):
+        problems.append(f"optim.ema_decay was {saved['optim']['ema_decay']}, now {now['optim']['ema_decay']} "
+                        "(EMA switched on or off)")
+    return problems
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # export
 
@@ -145,10 +180,10 @@ def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | 
     if not manifest_path.is_file():
         raise CheckpointError(f"{manifest_path} not found: {run_dir} is not a vaedec run folder")
     manifest = json.loads(manifest_path.read_text())
-    config = json.loads((Path(ckpt or run_checkpoint(run_dir)) / "state.json").read_text())["config"]
+    config = checkpoint_config(ckpt or run_checkpoint(run_dir))
     source = config["model"]["vae"] or manifest["settings"]["vae"]["source"]
     subfolder = config["model"]["subfolder"] if config["model"]["vae"] else manifest["settings"]["vae"]["subfolder"]
-    vae = load_vae(source, subfolder)
+    vae = load_vae(source, subfolder, manifest["settings"]["vae"]["scaling_factor"])
     if encoder_fingerprint(vae) != manifest["settings"]["vae"]["encoder_sha256"]:
         raise CheckpointError(f"{source} no longer holds the encoder the run was trained for (fingerprint differs)")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
@@ -159,6 +194,20 @@ def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | 
     return vae
 
 
+def check_export_target(run_dir: str | Path, ckpt: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an OUT whose replacement would delete the run, the checkpoint, or files that are not an export."""
+    dst = out.resolve()
+    for keep in (Path(run_dir).resolve(), ckpt.resolve()):
+        if dst == keep or dst in keep.parents:
+            raise CheckpointError(f"{out} is or holds {keep}, which the export would delete; export into a new "
+                                  f"folder (e.g. {Path(run_dir) / 'export'} or my-vae/)")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{out} is a file; the export is a folder: give a folder path")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / "vaedec_export.json").is_file() and not overwrite:
+        raise CheckpointError(f"{out} already holds files that are not a vaedec export; choose another folder, "
+                              "or pass --overwrite to replace it")
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
@@ -166,10 +215,14 @@ def export_run(
     fmt: str = "diffusers",
     ckpt: str | Path | None = None,
     into: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, and with `into`
-    a copy of that full SD checkpoint with its VAE replaced."""
+    a copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier
+    export, or `overwrite`."""
     out = Path(out)
+    ckpt = Path(ckpt) if ckpt is not None else run_checkpoint(run_dir)
+    check_export_target(run_dir, ckpt, out, overwrite)
     vae = finetuned_vae(run_dir, use_ema, ckpt)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -70,6 +71,9 @@ def main() -> None:
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--shard-size-mb", type=click.FloatRange(0.001), default=256.0, help="Close a shard once it holds this many MiB.")
 @click.option("--depth-dir", type=click.Path(path_type=str), default=None, help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.")
+@click.option("--scaling-factor", type=float, default=None,
+              help="The VAE's latent scaling_factor, recorded in the manifest and exports [default: the VAE's "
+                   "config; for a single LDM file, which does not store it, 0.18215 (SDXL: pass 0.13025)].")
 @click.option("--overwrite", is_flag=True, help="Replace OUT's shards instead of resuming or refusing.")
 def encode(**kwargs: object) -> None:
     """Encode SRC (a folder, searched recursively, or a text file list) into WebDataset shards in OUT.
@@ -150,7 +154,7 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
     """
     from vaedec.checkpoint import CheckpointError
     from vaedec.config import dump_config, load_train_config
-    from vaedec.losses import LPIPSWeightsMissing
+    from vaedec.losses import LPIPSWeightsError
     from vaedec.shards import ShardError
     from vaedec.vae import VAELoadError
 
@@ -160,8 +164,8 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
     given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
     try:
         cfg = load_train_config(config_path, [*overrides, *given])
-        if cfg.run.output is None:
-            cfg = load_train_config(config_path, [*overrides, *given, f"run.output=runs/{name}"])
+        if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=f"runs/{name}"))
     except ConfigError as e:
         raise UserError(str(e)) from None
     if dry_run:
@@ -172,7 +176,7 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
 
     try:
         info = run_train(cfg, resume=resume, export=not no_export)
-    except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsMissing, ConfigError) as e:
+    except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError, ConfigError) as e:
         raise UserError(str(e)) from None
     click.echo(f"run folder  {info.run_dir}  (step {info.step})")
     click.echo(f"  grids     {info.run_dir / 'images'}")
@@ -191,7 +195,10 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
               help="A checkpoint folder of RUN [default: the newest].")
 @click.option("--into", "into", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="A full SD checkpoint (.safetensors/.ckpt): also write a copy of it with this VAE inside.")
-def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | None, into: str | None) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT even when it holds other files [default: only an empty folder or an earlier export].")
+def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | None, into: str | None,
+           overwrite: bool) -> None:
     """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT.
 
     \b
@@ -207,7 +214,7 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     try:
         if ema is None:
             ema = (Path(checkpoint or run_checkpoint(run)) / "ema.safetensors").is_file()
-        path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into)
+        path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
     except (CheckpointError, VAELoadError, ConversionError) as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")
@@ -230,6 +237,8 @@ def convert(src: str, dst: str, prefix: str, scaling_factor: float | None) -> No
     folder -> file:  SRC is a diffusers VAE (or pipeline) folder, DST ends in .safetensors or .ckpt
     file -> folder:  SRC is a stand-alone VAE file or a full SD checkpoint (its VAE is extracted);
                      the architecture is inferred from the tensor shapes, nothing is downloaded
+    file -> file:    DST ends in .safetensors or .ckpt: re-written in LDM layout with --prefix
+                     (e.g. a .ckpt to .safetensors, or the VAE out of a full SD checkpoint)
     Checkpoints are read without unpickling code (weights_only); every key must map, or nothing is written.
     """
     from vaedec.convert import ConversionError, convert_path

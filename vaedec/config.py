@@ -45,6 +45,9 @@ class EncodeConfig:
     device: str | None = None  # torch device; None = cuda if available, else cpu
     shard_size_mb: float = 256.0  # a shard is closed once it holds at least this many MiB
     depth_dir: str | None = None  # RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem
+    # The VAE's latent scale, recorded in the manifest and carried into exports. None = the VAE's config; LDM
+    # single files do not store it, so they get SD 1.x/2.x's 0.18215 (SDXL's VAE: 0.13025).
+    scaling_factor: float | None = None
     overwrite: bool = False  # delete OUT's shards and manifest and start again instead of resuming
 
     @property

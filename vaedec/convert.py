@@ -486,7 +486,7 @@ def replace_vae_in_checkpoint(
     if not old:
         raise ConversionError(
             f"{sd_checkpoint_path}: no `{FULL_CHECKPOINT_PREFIX}*` keys - not a full SD checkpoint; "
-            "to write a stand-alone VAE file use write_single_file."
+            "export --format ldm writes a stand-alone VAE file instead."
         )
     new = _ldm_tensors(vae, FULL_CHECKPOINT_PREFIX)
     if errors := _key_set_errors(old, new):
@@ -588,10 +588,22 @@ def _file_to_folder(src: Path, dst: Path, scaling_factor: float | None) -> str:
     )
 
 
+def _file_to_file(src: Path, dst: Path, prefix: str) -> str:
+    ldm_sd, kind = split_checkpoint(read_state_dict(src))
+    vae = _vae_from_ldm(ldm_sd, None, str(src))  # the scale is not written to LDM files, so its value is moot
+    write_single_file(vae, dst, prefix=prefix)
+    style = f"full-checkpoint style (prefix {prefix!r})" if prefix else "stand-alone VAE style (no prefix)"
+    return (
+        f"Read {KIND_DESCRIPTIONS[kind]} from {src} ({len(ldm_sd)} VAE tensors; {_describe_config(vae.config)}). "
+        f"Wrote them in LDM layout, {style}, to {dst}."
+    )
+
+
 def convert_path(
     src: str | os.PathLike, dst: str | os.PathLike, *, prefix: str = "", scaling_factor: float | None = None
 ) -> str:
-    """diffusers folder -> one LDM file, or one file -> diffusers folder; returns a one-paragraph summary."""
+    """diffusers folder -> one LDM file, one file -> diffusers folder, or one file -> another LDM file (.ckpt ->
+    .safetensors, another key prefix, the VAE out of a full SD checkpoint); returns a one-paragraph summary."""
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise ConversionError(f"{dst} already exists; remove it first or choose another output path.")
@@ -612,6 +624,14 @@ def convert_path(
                 "LDM files do not store it."
             )
         return _folder_to_file(folder[0], folder[1], dst, prefix)
+    if dst.suffix.lower() in (".safetensors", ".ckpt"):  # file -> file: .ckpt -> .safetensors, prefix, extraction
+        if scaling_factor is not None:
+            raise ConversionError("scaling_factor only applies when writing a diffusers folder; LDM files do not store it.")
+        return _file_to_file(src, dst, prefix)
+    if dst.suffix.lower() in (".pt", ".pth", ".bin"):  # a weights file name, which would become a folder
+        raise ConversionError(
+            f"{dst}: vaedec writes a diffusers folder or one LDM file named *.safetensors or *.ckpt."
+        )
     if prefix:
         raise ConversionError(
             "prefix only applies when writing a single file; the output here is a diffusers folder."

@@ -226,6 +226,23 @@ def _clear_out(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def pick_device(name: str | None) -> torch.device:
+    """--device as a torch.device, checked before any work: None = cuda when present, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EncodeError(f"--device {name}: not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EncodeError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EncodeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EncodeError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
 def encode(cfg: EncodeConfig) -> EncodeResult:
     """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring."""
     # 1. inputs and settings -------------------------------------------------------------------------------
@@ -240,11 +257,10 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EncodeError(f"OUT {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
-    vae = load_vae(cfg.vae, cfg.subfolder)
+    vae = load_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor)
     info = vae_summary(vae)
     expected_in = 4 if depth_index is not None else 3
     if info["in_channels"] != expected_in:
@@ -255,6 +271,7 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
     # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
     source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
     vae_info = {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused encode leaves no empty OUT behind
     settings = settings_of(cfg, vae_info, items)
 
     # 2. resume or refuse ----------------------------------------------------------------------------------

@@ -139,7 +139,11 @@ def conv_weight_grad(h: Tensor, grad_out: Tensor, conv: nn.Conv2d) -> Tensor:
 # LPIPS
 
 
-class LPIPSWeightsMissing(RuntimeError):
+class LPIPSWeightsError(ValueError):
+    """The VGG16 weights file for LPIPS is missing or is not torchvision's VGG16; the message says what to do."""
+
+
+class LPIPSWeightsMissing(LPIPSWeightsError):
     """The ImageNet VGG16 weights LPIPS needs are not on this machine; the message says how to get them."""
 
 
@@ -180,7 +184,7 @@ def vgg_slice_state(
             mapped[key] = features[source]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise ValueError(
+        raise LPIPSWeightsError(
             f"{path} is not torchvision's VGG16 state dict ({VGG16_FILE}): {shown}. "
             "Point loss.lpips_vgg_weights at the right file."
         )
@@ -194,13 +198,16 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated download, a pickled model object, not a torch file at all
-        raise ValueError(f"{path} could not be read as a torch state dict ({type(e).__name__}: {e})") from e
+        first_line = (str(e).splitlines() or [""])[0]  # weights_only errors run to a page of advice
+        raise LPIPSWeightsError(
+            f"{path} could not be read as a torch state dict ({type(e).__name__}: {first_line})"
+        ) from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors; expected torchvision's {VGG16_FILE}")
+        raise LPIPSWeightsError(f"{path} does not hold a state dict of tensors; expected torchvision's {VGG16_FILE}")
     if not any(k.startswith("features.") for k in state):
         # Fail before building LPIPS (seconds); vgg_slice_state checks every key and shape afterwards.
         first = ", ".join(list(state)[:3])
-        raise ValueError(
+        raise LPIPSWeightsError(
             f"{path} is not torchvision's VGG16 state dict ({VGG16_FILE}): no features.* keys "
             f"(it starts {first}). Point loss.lpips_vgg_weights at the right file."
         )

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,7 +167,39 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ShardError(
             f"{path} has format version {manifest.get('format_version')}; this vaedec reads {FORMAT_VERSION}"
         )
+    missing = manifest_gaps(manifest)
+    if missing:
+        raise ShardError(f"{path} lacks {', '.join(missing)} (edited by hand?); re-encode with --overwrite")
     return manifest
+
+
+# The fields readers rely on, as (path, type); encode always writes them all.
+_MANIFEST_FIELDS = (
+    (("complete",), bool),
+    (("shards",), list),
+    (("totals", "samples"), int),
+    (("settings", "preprocessing", "resolution"), int),
+    *((("settings", "vae", k), t) for k, t in (("source", str), ("encoder_sha256", str), ("in_channels", int),
+                                              ("out_channels", int), ("latent_channels", int),
+                                              ("downsample_factor", int), ("scaling_factor", float))),
+)
+
+
+def manifest_gaps(manifest: dict[str, Any]) -> list[str]:
+    """Dotted names of required manifest fields that are absent or of the wrong type (empty = complete)."""
+    gaps = []
+    for keys, kind in _MANIFEST_FIELDS:
+        value: Any = manifest
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            gaps.append(".".join(keys))
+    shards = manifest.get("shards")
+    if isinstance(shards, list) and not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("samples"), int) for e in shards
+    ):
+        gaps.append("shards[].name/samples")
+    return gaps
 
 
 def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
@@ -206,8 +239,25 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def iter_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar (members as bytes), in file order."""
-    yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+    """Raw samples of one tar (members as bytes), in file order; a damaged tar is a ShardError naming it."""
+    try:
+        yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        folder = Path(path).parent
+        raise ShardError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): the shard is damaged. "
+            f"`vaedec inspect {folder} --verify` lists every problem; re-encode with --overwrite to rebuild."
+        ) from None
+
+
+def unwrap_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    """Re-raise a ShardError from a DataLoader worker with its own one-line message (torch re-raises it in the
+    main process with the worker's whole traceback as the message)."""
+    try:
+        yield from batches
+    except ShardError as e:
+        text, marker = str(e), "ShardError: "
+        raise ShardError(text[text.rfind(marker) + len(marker) :].strip() if marker in text else text) from None
 
 
 def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
@@ -277,7 +327,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         while True:
             order = list(mine)
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            for i, sample in enumerate(wds.DataPipeline(wds.SimpleShardList(order), wds.tarfile_to_samples())):
+            samples = (sample for path in order for sample in iter_samples(path))
+            for i, sample in enumerate(samples):
                 if i % stride == offset:
                     yield sample
             epoch += 1

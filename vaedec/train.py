@@ -31,7 +31,14 @@ from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from vaedec.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from vaedec.checkpoint import (
+    checkpoint_config,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    resume_conflicts,
+    save_checkpoint,
+)
 from vaedec.config import OptimConfig, TrainConfig, config_to_dict, dump_config
 from vaedec.discriminator import build_discriminator
 from vaedec.images import to_model_range
@@ -46,6 +53,7 @@ from vaedec.shards import (
     read_manifest,
     read_samples,
     shard_paths,
+    unwrap_worker_errors,
 )
 from vaedec.vae import TrainableDecoder, encoder_fingerprint, freeze, load_vae
 
@@ -125,7 +133,6 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _add_file_log(run_dir / "log.txt")
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     accelerator.wait_for_everyone()
     set_seed(cfg.run.seed)  # model init (discriminator) is identical on every rank
     device = accelerator.device
@@ -145,14 +152,18 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             "lower it or encode with a smaller --shard-size-mb"
         )
     train_shards, val_shards = all_shards[: len(all_shards) - n_val], all_shards[len(all_shards) - n_val :]
+    # Which checkpoint to continue, and whether it fits these shards and settings, is settled before anything in
+    # the run folder is rewritten: a refused resume leaves the earlier run as it was.
+    ckpt = _checked_resume(run_dir, resume, cfg, manifest)
     if is_main:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
         atomic_write_json(run_dir / "shards_manifest.json", manifest)  # export needs the VAE source and fingerprint
 
     # 2. model ---------------------------------------------------------------------------------------------------
     vae_info = manifest["settings"]["vae"]
     source = cfg.model.vae or vae_info["source"]
     subfolder = cfg.model.subfolder if cfg.model.vae else vae_info.get("subfolder")
-    vae = load_vae(source, subfolder)
+    vae = load_vae(source, subfolder, vae_info["scaling_factor"])  # the manifest's scale travels to the export
     if encoder_fingerprint(vae) != vae_info["encoder_sha256"]:
         raise TrainError(
             f"the encoder of {source} is not the one that made {cfg.data.shards} (sha256 differs from the "
@@ -208,11 +219,14 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # 6. resume ----------------------------------------------------------------------------------------------------
     step, consumed = 0, 0
     noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + accelerator.process_index)
-    ckpt = resolve_resume(run_dir, resume)
     if ckpt is not None:
         tensors, optim_state, state = load_checkpoint(ckpt)
-        raw_decoder.load_state_dict(tensors["decoder"])
-        accelerator.unwrap_model(disc).load_state_dict(tensors["disc"])
+        try:
+            raw_decoder.load_state_dict(tensors["decoder"])
+            accelerator.unwrap_model(disc).load_state_dict(tensors["disc"])
+        except RuntimeError as e:  # shapes RESUME_FIELDS does not cover, e.g. another VAE given with --vae
+            raise TrainError(f"{ckpt} does not fit this model ({str(e).splitlines()[0]}); start a new run "
+                             "with another --output") from None
         logvar.data.copy_(tensors["extra"]["logvar"])
         noise.set_state(tensors["extra"][f"noise_rank{accelerator.process_index}"])
         opt_g.load_state_dict(optim_state["opt_g"])
@@ -224,9 +238,9 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             ema.shadow_params = [tensors["ema"][n].to(device) for n in names]
             ema.optimization_step = state["ema_step"]
         step, consumed = state["step"], state["batches_consumed"]
-        if is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
+    if is_main:  # lines logged after the checkpoint (or by a try killed before its first one) are logged again
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
     if step >= cfg.run.max_steps:
         log.info("run already at step %d >= max_steps %d", step, cfg.run.max_steps)
 
@@ -246,7 +260,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         persistent_workers=False,
         prefetch_factor=4 if cfg.data.num_workers else None,
     )
-    batches = iter(loader)
+    batches = unwrap_worker_errors(iter(loader))
     if is_main:
         accelerator.init_trackers("tensorboard")
 
@@ -404,6 +418,32 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers of the phases
+
+
+def _checked_resume(run_dir: Path, resume: str, cfg: TrainConfig, manifest: dict[str, Any]) -> Path | None:
+    """The checkpoint to continue from (None = start at step 0), refusing what would mix or break runs."""
+    ckpt = resolve_resume(run_dir, resume)
+    if ckpt is None:
+        earlier = latest_checkpoint(run_dir)
+        if earlier is not None:  # resume == "none": step 1.. would land between the earlier run's checkpoints
+            raise TrainError(
+                f"--resume none, but {run_dir} holds checkpoints of an earlier run (newest {earlier.name}); "
+                "start the new run in another --output, or delete that folder first"
+            )
+        return None
+    saved_manifest = ckpt.parent.parent / "shards_manifest.json"
+    saved_encoder = (
+        json.loads(saved_manifest.read_text())["settings"]["vae"]["encoder_sha256"] if saved_manifest.is_file() else None
+    )
+    problems = resume_conflicts(
+        checkpoint_config(ckpt), config_to_dict(cfg), saved_encoder, manifest["settings"]["vae"]["encoder_sha256"]
+    )
+    if problems:
+        raise TrainError(
+            f"cannot resume from {ckpt}: " + "; ".join(problems) + ". Rerun with the settings the run was made with, "
+            "or start a new run in another --output."
+        )
+    return ckpt
 
 
 def _add_file_log(path: Path) -> None:

@@ -4,11 +4,14 @@ encoder fingerprint, and the trainable decoder (post_quant_conv + decoder) that 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # The Stable Diffusion 1.x/2.x VAE architecture (stable-diffusion-v1-5/vae/config.json), for benchmarks and
@@ -56,13 +59,23 @@ def is_single_file(source: str) -> bool:
     return Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES and Path(source).is_file()
 
 
-def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
-    """A diffusers folder, a hub id (with `subfolder="vae"` for pipeline repos) or a single LDM file, in fp32."""
-    if is_single_file(source):
-        from vaedec.convert import ConversionError, load_single_file_vae
+def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | None = None) -> AutoencoderKL:
+    """A diffusers folder, a hub id (with `subfolder="vae"` for pipeline repos) or a single LDM file, in fp32.
 
+    `scaling_factor` replaces the config's; a single file, which does not store one, gets 0.18215 with a warning.
+    """
+    if is_single_file(source):
+        if subfolder:
+            raise VAELoadError(f"{source} is a single file: --subfolder {subfolder} applies only to folders and hub ids")
+        from vaedec.convert import DEFAULT_SCALING_FACTOR, ConversionError, load_single_file_vae
+
+        if scaling_factor is None:
+            log.warning(
+                "%s: LDM files do not store the latent scaling_factor; assuming %s (SD 1.x/2.x). For SDXL's VAE "
+                "pass --scaling-factor 0.13025.", source, DEFAULT_SCALING_FACTOR,
+            )
         try:
-            return load_single_file_vae(source)
+            return load_single_file_vae(source, scaling_factor)
         except ConversionError as e:
             raise VAELoadError(str(e)) from None
     local = Path(source)
@@ -79,6 +92,8 @@ def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
             "or hub id with --subfolder vae, or a single .safetensors/.ckpt VAE file. Offline, a hub id only "
             "works if it is already in the Hugging Face cache."
         ) from None
+    if scaling_factor is not None:
+        vae.register_to_config(scaling_factor=scaling_factor)
     return vae
 
 
