@@ -126,14 +126,17 @@ def test_override_without_equals_sign() -> None:
 def test_yaml_errors_name_the_section_or_key(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown section 'lossy'"):
         load_train_config(write_yaml(tmp_path / "a.yaml", {"lossy": {"disc_weight": 1.0}}))
-    with pytest.raises(ConfigError, match=r"loss\.disc_wieght"):
+    with pytest.raises(ConfigError, match=r"b\.yaml: unknown config key 'loss\.disc_wieght'"):
         load_train_config(write_yaml(tmp_path / "b.yaml", {"loss": {"disc_wieght": 1.0}}))
-    with pytest.raises(ConfigError, match=r"run\.max_steps"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: .*run\.max_steps"):
         load_train_config(write_yaml(tmp_path / "c.yaml", {"run": {"max_steps": "many"}}))
     with pytest.raises(ConfigError, match="'loss' must be a mapping"):
         load_train_config(write_yaml(tmp_path / "d.yaml", {"loss": 3}))
     with pytest.raises(ConfigError, match="does not exist"):
         load_train_config(tmp_path / "missing.yaml")
+    # A section whose keys are all commented out is empty, not an error.
+    (tmp_path / "e.yaml").write_text("loss:\n  # disc_weight: 0.5\nrun:\n  max_steps: 7\n")
+    assert load_train_config(tmp_path / "e.yaml").run.max_steps == 7
 
 
 def test_validation_rejects_values_that_would_fail_later() -> None:

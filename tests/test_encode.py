@@ -496,6 +496,17 @@ def test_folder_of_only_bad_files_reports_every_one(tmp_path, vae_dir):
     assert sorted(x["source"] for x in o.skipped) == ["a.png", "b.jpg"]
 
 
+def test_a_broken_link_in_a_folder_is_reported_not_passed_over(tmp_path, vae_dir):
+    src = tmp_path / "src"
+    make_images(src, 2)
+    (src / "gone.png").symlink_to(tmp_path / "deleted.png")
+    r = encode(src, tmp_path / "out", vae_dir)
+    assert r.exit_code == 3, r.output
+    o = read_out(tmp_path / "out")
+    assert len(o.samples) == 2 and o.manifest["totals"]["list_entries_skipped"] == 1
+    assert [(x["source"], "broken symbolic link" in x["reason"]) for x in o.skipped] == [("gone.png", True)]
+
+
 def _vae_with_quant_bias(path: Path, channels: slice, value: float) -> Path:
     """The tiny VAE with quant_conv's bias set on some moment channels: drives mean or logvar out of range."""
     from conftest import tiny_vae

@@ -135,6 +135,18 @@ def test_a_manifest_without_its_fields_is_a_message(tmp_path, shards, vae_dir) -
         assert "lacks totals.samples, settings.vae.encoder_sha256" in r.output, r.output
 
 
+def test_settings_that_quietly_do_less_than_asked_are_warned_about(tmp_path, shards) -> None:
+    unfinished = tmp_path / "shards"
+    shutil.copytree(shards, unfinished)
+    manifest = json.loads((unfinished / "manifest.json").read_text())
+    manifest["complete"] = False
+    (unfinished / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("train", unfinished, "--output", tmp_path / "run", *FAST_TRAIN, "run.max_steps=1", "run.mixed_precision=fp16",
+            "--no-export")
+    assert "unfinished encode" in r.output and "rerun the encode command" in r.output, r.output
+    assert "fp16 has no effect on CPU" in r.output, r.output
+
+
 def test_a_bad_device_is_a_message_and_leaves_no_output_folder(tmp_path, vae_dir) -> None:
     make_images(tmp_path / "images", 2)
     for device, message in (("gpu0", "not a torch device"), ("cuda:7", "CUDA")):

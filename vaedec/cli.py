@@ -98,7 +98,7 @@ def encode(**kwargs: object) -> None:
     click.echo(
         f"{'already complete: ' if result.already_complete else ''}{result.samples} samples in {result.shards} "
         f"shards -> {result.out}; skipped {result.skipped_inputs} inputs, {result.skipped_samples} samples, "
-        f"{result.skipped_list_entries} file-list entries"
+        f"{result.skipped_list_entries} missing paths"
     )
     for s in result.skips[:20]:
         click.echo(f"  skipped {s['source']}{' [' + s['key'] + ']' if s['key'] else ''}: {s['reason']}", err=True)

@@ -231,6 +231,8 @@ def flatten(nested: dict[str, Any], where: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{where}: unknown section {section!r}; expected {', '.join(_section_types())}"
             )
+        if values is None:  # `loss:` with every key commented out
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping of key: value")
         for k, v in values.items():
@@ -286,7 +288,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
                 log.warning("LDM key %s ignored: %s", key, why)
         else:
             flat = flatten(data, str(path))
-        cfg = apply_overrides(cfg, flat)
+        try:
+            cfg = apply_overrides(cfg, flat)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     validate_train_config(cfg)
     return cfg

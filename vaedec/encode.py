@@ -422,7 +422,7 @@ def _write_state(out: Path, manifest: dict, skips: list[Skip]) -> None:
         "shards": len(manifest["shards"]),
         "inputs_skipped": sum(1 for s in done if s.key is None and s.index >= 0),
         "samples_skipped": sum(1 for s in done if s.key is not None),
-        "list_entries_skipped": sum(1 for s in done if s.index < 0),  # missing or duplicate file-list lines
+        "list_entries_skipped": sum(1 for s in done if s.index < 0),  # missing/duplicate list lines, broken links
     }
     lines = [
         json.dumps({"input_index": s.index, "source": s.rel, "reason": s.reason, "key": s.key}) for s in done

@@ -12,6 +12,7 @@ Conversion rule (applied after EXIF orientation), so every input becomes 8-bit R
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,17 +61,18 @@ def discover_inputs(src: str | Path) -> tuple[list[InputItem], list[Skip]]:
     if not src.exists():
         raise InputError(f"SRC {src} does not exist; give a folder of images or a text file with one path a line")
     if src.is_dir():
-        files = sorted(
-            p.relative_to(src).as_posix()
-            for p in src.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
+        named = [p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = sorted(p.relative_to(src).as_posix() for p in named if p.is_file())
+        # A link whose target is gone is an input the user meant to give: reported, not silently passed over.
+        broken = sorted(p.relative_to(src).as_posix() for p in named if p.is_symlink() and not p.exists())
+        skips = [Skip(-1, rel, f"broken symbolic link (to {os.readlink(src / rel)})") for rel in broken]
         if not files:
             raise InputError(
                 f"no images found under {src} (looked recursively for {', '.join(IMAGE_SUFFIXES)})"
+                + (f"; {len(broken)} broken links" if broken else "")
             )
         items = [InputItem(i, rel, str(src / rel)) for i, rel in enumerate(files)]
-        return items, []
+        return items, skips
     return _read_file_list(src)
 
 

@@ -384,7 +384,7 @@ def summarize(folder: str | Path) -> str:
         + (", + mirrored copies" if pre["flip"] else "") + f", encoder dtype {pre['dtype']}, seed {pre['seed']}",
         f"inputs         {s['source']['inputs']} from {s['source']['src']}",
         (f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
-        f"{t.get('list_entries_skipped', 0)} file-list entries (see {SKIPPED})"),
+        f"{t.get('list_entries_skipped', 0)} missing paths (see {SKIPPED})"),
     ]
     return "\n".join(lines)
 

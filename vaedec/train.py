@@ -136,9 +136,14 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     accelerator.wait_for_everyone()
     set_seed(cfg.run.seed)  # model init (discriminator) is identical on every rank
     device = accelerator.device
+    if cfg.run.mixed_precision == "fp16" and device.type == "cpu":
+        log.warning("run.mixed_precision=fp16 has no effect on CPU (accelerate runs fp32 there); use bf16 on CPU")
 
     # 1. shards --------------------------------------------------------------------------------------------------
     manifest = read_manifest(cfg.data.shards)
+    if not manifest["complete"]:
+        log.warning("%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
+                    "to finish it", cfg.data.shards, manifest["totals"]["samples"])
     all_shards = shard_paths(cfg.data.shards, manifest)
     n_val = cfg.data.val_shards
     if not all_shards:
