@@ -397,6 +397,24 @@ def test_grids_and_validation_follow_their_own_cadence(tmp_path, shards) -> None
     assert [m["step"] for m in metrics(run) if "val/psnr" in m] == [3, 5]
 
 
+def test_validation_uses_lpips_when_weights_are_here_even_if_the_loss_does_not(tmp_path, shards, monkeypatch) -> None:
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no weights in the default place
+    args = ["train", shards, *FAST, "data.val_shards=1", "run.max_steps=1", "--no-export"]  # perceptual_weight=0
+    r = cli(*args, "--output", tmp_path / "without")
+    assert "validation without LPIPS: no VGG16 weights" in r.output, r.output
+    assert all("val/lpips" not in m for m in metrics(tmp_path / "without"))
+
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16(weights=None).features  # the only part LPIPS reads; random values
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
+    cli(*args, "--output", tmp_path / "with", f"loss.lpips_vgg_weights={tmp_path / 'vgg16.pth'}")
+    val = [m for m in metrics(tmp_path / "with") if "val/psnr" in m]
+    assert val and all(m["val/lpips"] > 0 and m["val/lpips_orig"] > 0 for m in val)
+    assert all("loss/perceptual" not in m or m["loss/perceptual"] == 0 for m in train_lines(tmp_path / "with"))
+
+
 def test_shards_where_every_input_was_skipped_are_a_clear_error(tmp_path, vae_dir) -> None:
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"not a png")

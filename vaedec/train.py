@@ -43,7 +43,13 @@ from vaedec.config import OptimConfig, TrainConfig, config_to_dict, dump_config
 from vaedec.discriminator import build_discriminator
 from vaedec.images import to_model_range
 from vaedec.latents import sample_latent
-from vaedec.losses import discriminator_loss, generator_grads, load_lpips, surrogate_loss
+from vaedec.losses import (
+    default_vgg_weights_path,
+    discriminator_loss,
+    generator_grads,
+    load_lpips,
+    surrogate_loss,
+)
 from vaedec.metrics import reconstruction_metrics, save_grid
 from vaedec.shards import (
     TrainStream,
@@ -186,6 +192,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     lpips_model = None
     if cfg.loss.perceptual_weight > 0:
         lpips_model = load_lpips(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_random_backbone).to(device)
+    val_lpips = lpips_model if lpips_model is not None else _validation_only_lpips(cfg, device)
     disc = build_discriminator(cfg.loss, out_channels)
     # LDM's scalar log-variance s; LDM never gives it to an optimizer, so by default it stays at logvar_init.
     logvar = torch.nn.Parameter(torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar)
@@ -219,7 +226,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     grid_batch = _grid_batch(look, cfg.run.grid_samples)
     val_batches = _val_batches(val_shards, cfg) if val_shards else []
     raw_decoder = accelerator.unwrap_model(decoder)  # for evaluation outside the training step only
-    originals = _reconstruct_fixed(raw_decoder, grid_batch, val_batches, lpips_model, device)
+    originals = _reconstruct_fixed(raw_decoder, grid_batch, val_batches, val_lpips, device)
 
     # 6. resume ----------------------------------------------------------------------------------------------------
     step, consumed = 0, 0
@@ -318,7 +325,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             metrics = {f"val/{k}_orig": v for k, v in originals["val_metrics"].items()}
             for suffix, model in models.items():
                 if model is not None:
-                    for key, v in _val_metrics(model, val_batches, lpips_model, device).items():
+                    for key, v in _val_metrics(model, val_batches, val_lpips, device).items():
                         metrics[f"val/{key}{suffix}"] = v
             _log_metrics(run_dir, accelerator, at, metrics)
             log.info(
@@ -423,6 +430,17 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers of the phases
+
+
+def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
+    """LPIPS for validation when the loss does not use it: only when real VGG16 weights are on this machine."""
+    if not cfg.data.val_shards or cfg.loss.lpips_random_backbone:
+        return None
+    path = cfg.loss.lpips_vgg_weights or default_vgg_weights_path()
+    if not os.path.isfile(path):
+        log.info("validation without LPIPS: no VGG16 weights at %s (README, 'LPIPS offline')", path)
+        return None
+    return load_lpips(path).to(device)
 
 
 def _checked_resume(run_dir: Path, resume: str, cfg: TrainConfig, manifest: dict[str, Any]) -> Path | None:
