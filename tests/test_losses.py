@@ -359,6 +359,15 @@ def test_load_lpips_maps_a_local_vgg16_file(tmp_path) -> None:
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:LPIPS is using a RANDOM")
+def test_building_lpips_leaves_the_global_rng_alone() -> None:
+    """Else whether LPIPS is built (validation only, when weights are present) would change the PatchGAN's init."""
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    load_lpips(None, random_backbone=True)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_load_lpips_missing_file_says_what_to_do(tmp_path, monkeypatch) -> None:
     missing = str(tmp_path / "nowhere" / VGG16_FILE)
     with pytest.raises(LPIPSWeightsMissing) as err:

@@ -43,7 +43,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 # export
 
 
-def test_export_never_deletes_what_it_did_not_write(tmp_path, run, shards) -> None:
+def test_export_never_deletes_what_it_did_not_write(tmp_path, run, shards, monkeypatch) -> None:
     before, shards_before = tree(run), tree(shards)
     for target in (run, run.parent, run / "checkpoints"):  # the run itself, a folder above it, its checkpoints
         r = cli("export", run, target, "--overwrite", code=1)
@@ -60,6 +60,10 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, run, shards) -> No
 
     # Allowed: a new folder, an earlier export (replaced), and a foreign folder with --overwrite.
     cli("export", run, tmp_path / "vae-out")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    cli("export", run, ".")  # the current (empty) folder
+    AutoencoderKL.from_pretrained(tmp_path / "here")
     cli("export", run, tmp_path / "vae-out", "--format", "ldm")
     assert not (tmp_path / "vae-out" / "config.json").exists() and (tmp_path / "vae-out" / "vae.safetensors").exists()
     foreign = tmp_path / "foreign"
@@ -80,11 +84,29 @@ def test_a_resume_that_does_not_fit_is_refused_and_leaves_the_run_as_it_was(run,
     assert "cannot resume" in r.output and "loss.disc_num_layers was 3, now 2" in r.output, r.output
     r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "optim.ema_decay=0", code=1)
     assert "optim.ema_decay" in r.output, r.output
+    r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "loss.learn_logvar=true", code=1)
+    assert "loss.learn_logvar was False, now True" in r.output, r.output
     r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "--resume", "none", code=1)
     assert "--resume none" in r.output and "another --output" in r.output, r.output
+    other = run.parent / "other"
+    cli("train", shards, "--output", other, *FAST_TRAIN, "run.max_steps=1", "--no-export")
+    r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "--resume", other, code=1)
+    assert "holds checkpoints of its own" in r.output and "rerun without --resume" in r.output, r.output
     after = tree(run)
     after.pop("log.txt"), before.pop("log.txt")  # the refusals are logged, nothing else changes
     assert after == before
+
+
+def test_resume_conflicts_lists_each_reason() -> None:
+    from vaedec.checkpoint import resume_conflicts
+    from vaedec.config import TrainConfig, config_to_dict
+
+    cfg = config_to_dict(TrainConfig())
+    assert resume_conflicts(cfg, cfg, "a", "a", 1, 1) == []
+    assert resume_conflicts(cfg, {**cfg, "optim": {**cfg["optim"], "lr": 1.0}}, None, "a", 2, 2) == []
+    problems = resume_conflicts(cfg, cfg, "a", "b", 1, 2)
+    assert len(problems) == 2 and "another encoder" in problems[1]
+    assert "written by 1 process(es), this run has 2" in problems[0] and "--num_processes 1" in problems[0]
 
 
 def test_a_fresh_start_drops_metrics_of_a_try_killed_before_its_first_checkpoint(tmp_path, shards) -> None:

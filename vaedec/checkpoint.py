@@ -118,23 +118,34 @@ RESUME_FIELDS = (
     ("loss", "disc_num_layers"),
     ("loss", "disc_ndf"),
     ("loss", "disc_norm"),
+    ("loss", "learn_logvar"),  # adds a parameter group to the decoder's optimizer
 )
 
 
-def checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
-    """The resolved config a checkpoint was written with (its state.json)."""
+def checkpoint_state(ckpt: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.json: step, data position, process count, the resolved config."""
     path = Path(ckpt) / "state.json"
     if not path.is_file():
         raise CheckpointError(f"{ckpt} is not a vaedec checkpoint (no state.json); give a checkpoints/step-* folder")
-    return json.loads(path.read_text())["config"]
+    return json.loads(path.read_text())
+
+
+def checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was written with."""
+    return checkpoint_state(ckpt)["config"]
 
 
 def resume_conflicts(
-    saved: dict[str, Any], now: dict[str, Any], saved_encoder: str | None, encoder: str
+    saved: dict[str, Any], now: dict[str, Any], saved_encoder: str | None, encoder: str,
+    saved_processes: int, processes: int,
 ) -> list[str]:
-    """Why a checkpoint written with config `saved` (and shards of encoder fingerprint `saved_encoder`) cannot
-    continue under config `now`; empty when it can. Settings such as lr or max_steps may change freely."""
+    """Why a checkpoint written with config `saved` (shards of encoder fingerprint `saved_encoder`, by
+    `saved_processes` processes) cannot continue under config `now` with `processes`; empty when it can.
+    Settings such as lr or max_steps may change freely."""
     problems = []
+    if saved_processes != processes:  # each rank's latent noise and data position are its own
+        problems.append(f"it was written by {saved_processes} process(es), this run has {processes} "
+                        f"(accelerate launch --num_processes {saved_processes})")
     if saved_encoder is not None and saved_encoder != encoder:
         problems.append("the shards come from another encoder (the manifest's encoder sha256 differs)")
     for section, key in RESUME_FIELDS:
@@ -220,7 +231,7 @@ def export_run(
     """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, and with `into`
     a copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier
     export, or `overwrite`."""
-    out = Path(out)
+    out = Path(out).resolve()  # "." has no name to put a temp folder next to
     ckpt = Path(ckpt) if ckpt is not None else run_checkpoint(run_dir)
     check_export_target(run_dir, ckpt, out, overwrite)
     vae = finetuned_vae(run_dir, use_ema, ckpt)

@@ -98,7 +98,7 @@ def encode(**kwargs: object) -> None:
     click.echo(
         f"{'already complete: ' if result.already_complete else ''}{result.samples} samples in {result.shards} "
         f"shards -> {result.out}; skipped {result.skipped_inputs} inputs, {result.skipped_samples} samples, "
-        f"{result.skipped_list_entries} missing paths"
+        f"{result.skipped_list_entries} missing/duplicate paths"
     )
     for s in result.skips[:20]:
         click.echo(f"  skipped {s['source']}{' [' + s['key'] + ']' if s['key'] else ''}: {s['reason']}", err=True)
@@ -178,6 +178,8 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
         info = run_train(cfg, resume=resume, export=not no_export)
     except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError, ConfigError) as e:
         raise UserError(str(e)) from None
+    if not info.main_process:
+        return  # one summary, from rank 0
     click.echo(f"run folder  {info.run_dir}  (step {info.step})")
     click.echo(f"  grids     {info.run_dir / 'images'}")
     click.echo(f"  metrics   {info.run_dir / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {info.run_dir})")

@@ -220,7 +220,9 @@ def load_lpips(vgg_weights: str | None, random_backbone: bool = False) -> lpips.
     if not random_backbone and not os.path.isfile(path):
         raise LPIPSWeightsMissing(_missing_weights_message(path))
     state = None if random_backbone else _read_state_dict(path)
-    with warnings.catch_warnings():
+    # fork_rng: building LPIPS initialises a VGG16 from the global RNG; without the fork, whether LPIPS is built
+    # (e.g. for validation only, when weights happen to be on this machine) would change the discriminator's init.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # lpips calls torchvision's deprecated `pretrained=` API; the warnings are about lpips, not the user.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         # pnet_rand=True: lpips must not download the backbone; the linear layers ship inside the package.

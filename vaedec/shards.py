@@ -208,7 +208,9 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
     for entry in manifest["shards"]:
         p = Path(folder) / entry["name"]
         if not p.is_file():
-            raise ShardError(f"{p} is listed in the manifest but missing; re-run the same `cli.py encode` command")
+            raise ShardError(
+                f"{p} is listed in the manifest but missing: restore the file, or re-encode with --overwrite"
+            )
         paths.append(str(p.resolve()))
     return paths
 
@@ -384,7 +386,7 @@ def summarize(folder: str | Path) -> str:
         + (", + mirrored copies" if pre["flip"] else "") + f", encoder dtype {pre['dtype']}, seed {pre['seed']}",
         f"inputs         {s['source']['inputs']} from {s['source']['src']}",
         (f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
-        f"{t.get('list_entries_skipped', 0)} missing paths (see {SKIPPED})"),
+        f"{t.get('list_entries_skipped', 0)} missing/duplicate paths (see {SKIPPED})"),
     ]
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from vaedec.checkpoint import (
-    checkpoint_config,
+    checkpoint_state,
     latest_checkpoint,
     load_checkpoint,
     resolve_resume,
@@ -111,6 +111,7 @@ class RunInfo:
     step: int
     export_dir: Path | None
     resumed_from: Path | None
+    main_process: bool = True  # False on the other ranks of a multi-process run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,7 +166,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     train_shards, val_shards = all_shards[: len(all_shards) - n_val], all_shards[len(all_shards) - n_val :]
     # Which checkpoint to continue, and whether it fits these shards and settings, is settled before anything in
     # the run folder is rewritten: a refused resume leaves the earlier run as it was.
-    ckpt = _checked_resume(run_dir, resume, cfg, manifest)
+    ckpt = _checked_resume(run_dir, resume, cfg, manifest, accelerator.num_processes)
     if is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         atomic_write_json(run_dir / "shards_manifest.json", manifest)  # export needs the VAE source and fingerprint
@@ -236,13 +237,13 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         try:
             raw_decoder.load_state_dict(tensors["decoder"])
             accelerator.unwrap_model(disc).load_state_dict(tensors["disc"])
-        except RuntimeError as e:  # shapes RESUME_FIELDS does not cover, e.g. another VAE given with --vae
+            opt_g.load_state_dict(optim_state["opt_g"])
+            opt_d.load_state_dict(optim_state["opt_d"])
+        except (RuntimeError, ValueError) as e:  # what RESUME_FIELDS does not cover, e.g. another VAE via --vae
             raise TrainError(f"{ckpt} does not fit this model ({str(e).splitlines()[0]}); start a new run "
                              "with another --output") from None
         logvar.data.copy_(tensors["extra"]["logvar"])
         noise.set_state(tensors["extra"][f"noise_rank{accelerator.process_index}"])
-        opt_g.load_state_dict(optim_state["opt_g"])
-        opt_d.load_state_dict(optim_state["opt_d"])
         if accelerator.scaler is not None and "scaler" in optim_state:
             accelerator.scaler.load_state_dict(optim_state["scaler"])
         if ema is not None:
@@ -303,25 +304,29 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             "step": at,
             "batches_consumed": at * k,
             "ema_step": ema.optimization_step if ema is not None else 0,
+            "num_processes": world,
             "config": config_to_dict(cfg),
         }
         path = save_checkpoint(run_dir, at, tensors, optim_state, state, keep=cfg.run.keep_checkpoints)
         log.info("checkpoint %s", path)
 
-    last_eval = -1
+    done = {"grid": -1, "val": -1}  # the step each was last done at: the final evaluate() does only what is left
+    if step >= cfg.run.max_steps:  # a finished run, rerun: its final grid and validation are already there
+        done.update(grid=step, val=step)
 
     def evaluate(at: int, grid: bool = True, val: bool = True) -> None:
-        nonlocal last_eval
-        if not is_main or at == last_eval:
+        grid = grid and done["grid"] != at
+        val = val and bool(val_batches) and done["val"] != at
+        if not is_main or not (grid or val):
             return
-        if grid and val:
-            last_eval = at  # the final evaluate() after the loop must not redo a step that already did both
         if ema is not None:
             ema.copy_to(ema_decoder.parameters())
         models = {"": raw_decoder, "_ema": ema_decoder}
         if grid:
             _write_grid(run_dir / "images" / f"step-{at:08d}.png", grid_batch, originals["grid"], models, device)
-        if val and val_batches:
+            done["grid"] = at
+        if val:
+            done["val"] = at
             metrics = {f"val/{k}_orig": v for k, v in originals["val_metrics"].items()}
             for suffix, model in models.items():
                 if model is not None:
@@ -425,7 +430,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         export_dir = export_run(run_dir, run_dir / "export", use_ema=cfg.run.export_ema and ema is not None)
         log.info("export: %s", export_dir)
     accelerator.end_training()
-    return RunInfo(run_dir=run_dir, step=step, export_dir=export_dir, resumed_from=ckpt)
+    return RunInfo(run_dir=run_dir, step=step, export_dir=export_dir, resumed_from=ckpt, main_process=is_main)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,23 +448,29 @@ def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.M
     return load_lpips(path).to(device)
 
 
-def _checked_resume(run_dir: Path, resume: str, cfg: TrainConfig, manifest: dict[str, Any]) -> Path | None:
+def _checked_resume(
+    run_dir: Path, resume: str, cfg: TrainConfig, manifest: dict[str, Any], processes: int
+) -> Path | None:
     """The checkpoint to continue from (None = start at step 0), refusing what would mix or break runs."""
     ckpt = resolve_resume(run_dir, resume)
+    own = latest_checkpoint(run_dir)
+    if own is not None and (ckpt is None or ckpt.resolve().parent.parent != run_dir.resolve()):
+        # --resume none or another run's checkpoint: the new steps would land among this folder's checkpoints
+        # (and the next plain rerun would continue whichever is newest).
+        raise TrainError(
+            f"--resume {resume}, but {run_dir} holds checkpoints of its own (newest {own.name}); rerun without "
+            "--resume to continue them, or start the new run in another --output"
+        )
     if ckpt is None:
-        earlier = latest_checkpoint(run_dir)
-        if earlier is not None:  # resume == "none": step 1.. would land between the earlier run's checkpoints
-            raise TrainError(
-                f"--resume none, but {run_dir} holds checkpoints of an earlier run (newest {earlier.name}); "
-                "start the new run in another --output, or delete that folder first"
-            )
         return None
     saved_manifest = ckpt.parent.parent / "shards_manifest.json"
     saved_encoder = (
         json.loads(saved_manifest.read_text())["settings"]["vae"]["encoder_sha256"] if saved_manifest.is_file() else None
     )
+    state = checkpoint_state(ckpt)
     problems = resume_conflicts(
-        checkpoint_config(ckpt), config_to_dict(cfg), saved_encoder, manifest["settings"]["vae"]["encoder_sha256"]
+        state["config"], config_to_dict(cfg), saved_encoder, manifest["settings"]["vae"]["encoder_sha256"],
+        state.get("num_processes", 1), processes,
     )
     if problems:
         raise TrainError(
