@@ -422,6 +422,26 @@ def test_validation_uses_lpips_when_weights_are_here_even_if_the_loss_does_not(t
     assert all("loss/perceptual" not in m or m["loss/perceptual"] == 0 for m in train_lines(tmp_path / "with"))
 
 
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, shards) -> None:
+    args = ["train", shards, *FAST, "run.max_steps=2", "run.checkpoint_every_steps=2", "--no-export"]
+    cli(*args, "--output", tmp_path / "fp32")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one process, two precisions: as two CLI runs
+    cli(*args, "--output", tmp_path / "bf16", "run.mixed_precision=bf16")
+    fp32 = checkpoint_tensors(tmp_path / "fp32/checkpoints/step-00000002")
+    bf16 = checkpoint_tensors(tmp_path / "bf16/checkpoints/step-00000002")
+    for part in ("decoder", "disc", "ema"):
+        floats = [t for t in bf16[part].values() if t.is_floating_point()]  # (BatchNorm also counts batches)
+        assert floats and all(t.dtype == torch.float32 for t in floats), part  # master weights stay fp32
+    # autocast really ran in bf16: same seed and data, slightly different weights, every loss finite
+    conv = "decoder.conv_out.weight"
+    assert not torch.equal(bf16["decoder"][conv], fp32["decoder"][conv])
+    torch.testing.assert_close(bf16["decoder"][conv], fp32["decoder"][conv], rtol=0.05, atol=0.05)
+    for m in train_lines(tmp_path / "bf16"):
+        assert all(math.isfinite(m[k]) for k in LOG_KEYS), m
+
+
 def test_shards_where_every_input_was_skipped_are_a_clear_error(tmp_path, vae_dir) -> None:
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"not a png")
