@@ -86,14 +86,20 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_state(ckpt: str | Path) -> dict[str, Any]:
+    """A checkpoint's state.json: step, data position, process count, the resolved config."""
+    path = Path(ckpt) / "state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a vaedec checkpoint (no state.json); give a checkpoints/step-* folder")
+    return json.loads(path.read_text())
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """(tensors by file stem, optimizer states, state.json) of one checkpoint folder."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"{path} is not a vaedec checkpoint (no state.json)")
+    state = checkpoint_state(path)
     tensors = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
     optim_state = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
-    state = json.loads((path / "state.json").read_text())
     return tensors, optim_state, state
 
 
@@ -120,14 +126,6 @@ RESUME_FIELDS = (
     ("loss", "disc_norm"),
     ("loss", "learn_logvar"),  # adds a parameter group to the decoder's optimizer
 )
-
-
-def checkpoint_state(ckpt: str | Path) -> dict[str, Any]:
-    """A checkpoint's state.json: step, data position, process count, the resolved config."""
-    path = Path(ckpt) / "state.json"
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt} is not a vaedec checkpoint (no state.json); give a checkpoints/step-* folder")
-    return json.loads(path.read_text())
 
 
 def checkpoint_config(ckpt: str | Path) -> dict[str, Any]:

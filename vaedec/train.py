@@ -44,7 +44,7 @@ from vaedec.discriminator import build_discriminator
 from vaedec.images import to_model_range
 from vaedec.latents import sample_latent
 from vaedec.losses import (
-    default_vgg_weights_path,
+    LPIPSWeightsMissing,
     discriminator_loss,
     generator_grads,
     load_lpips,
@@ -152,12 +152,12 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         log.warning("%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
                     "to finish it", cfg.data.shards, manifest["totals"]["samples"])
     all_shards = shard_paths(cfg.data.shards, manifest)
-    n_val = cfg.data.val_shards
     if not all_shards:
         raise TrainError(
             f"{cfg.data.shards} holds no samples: the encode skipped every input "
             f"(reasons in {Path(cfg.data.shards) / 'skipped.jsonl'}); fix the inputs and encode again"
         )
+    n_val = cfg.data.val_shards
     if n_val >= len(all_shards):
         raise TrainError(
             f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {cfg.data.shards}); "
@@ -441,11 +441,11 @@ def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.M
     """LPIPS for validation when the loss does not use it: only when real VGG16 weights are on this machine."""
     if not cfg.data.val_shards or cfg.loss.lpips_random_backbone:
         return None
-    path = cfg.loss.lpips_vgg_weights or default_vgg_weights_path()
-    if not os.path.isfile(path):
-        log.info("validation without LPIPS: no VGG16 weights at %s (README, 'LPIPS offline')", path)
+    try:
+        return load_lpips(cfg.loss.lpips_vgg_weights).to(device)
+    except LPIPSWeightsMissing:  # a file that is there but wrong still stops the run with its message
+        log.info("validation without LPIPS: no VGG16 weights on this machine (README, 'LPIPS offline')")
         return None
-    return load_lpips(path).to(device)
 
 
 def _checked_resume(
