@@ -180,19 +180,29 @@ def trained_weights(ckpt: str | Path, use_ema: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
-    """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained decoder."""
-    from vaedec.vae import encoder_fingerprint, load_vae
-
+def run_vae_source(
+    run_dir: str | Path, ckpt: str | Path | None = None
+) -> tuple[str, str | None, float, dict[str, Any]]:
+    """(source, subfolder, scaling_factor, shards manifest) of the VAE a run fine-tunes: `--vae` when the run
+    was given one, else the shard manifest's."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / "shards_manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{manifest_path} not found: {run_dir} is not a vaedec run folder")
     manifest = json.loads(manifest_path.read_text())
     config = checkpoint_config(ckpt or run_checkpoint(run_dir))
-    source = config["model"]["vae"] or manifest["settings"]["vae"]["source"]
-    subfolder = config["model"]["subfolder"] if config["model"]["vae"] else manifest["settings"]["vae"]["subfolder"]
-    vae = load_vae(source, subfolder, manifest["settings"]["vae"]["scaling_factor"])
+    vae_info = manifest["settings"]["vae"]
+    source = config["model"]["vae"] or vae_info["source"]
+    subfolder = config["model"]["subfolder"] if config["model"]["vae"] else vae_info["subfolder"]
+    return source, subfolder, vae_info["scaling_factor"], manifest
+
+
+def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
+    """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained decoder."""
+    from vaedec.vae import encoder_fingerprint, load_vae
+
+    source, subfolder, scaling_factor, manifest = run_vae_source(run_dir, ckpt)
+    vae = load_vae(source, subfolder, scaling_factor)
     if encoder_fingerprint(vae) != manifest["settings"]["vae"]["encoder_sha256"]:
         raise CheckpointError(f"{source} no longer holds the encoder the run was trained for (fingerprint differs)")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from vaedec.config import ConfigError, EncodeConfig
+from vaedec.config import ConfigError, EncodeConfig, EvalConfig
 
 # Exit codes, documented in the README and in `--help`.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
@@ -45,7 +45,8 @@ def main() -> None:
     \b
     1. vaedec encode IMAGES/ SHARDS/ --vae VAE     encode every image once (frozen encoder)
     2. vaedec train SHARDS/ --config configs/X.yaml train decoder + PatchGAN, encoder never loaded
-    3. vaedec export RUN/ OUT/                      diffusers folder / LDM file with the new decoder
+    3. vaedec eval HELDOUT/ --vae VAE --vae RUN/    the original decoder against the fine-tuned one
+    4. vaedec export RUN/ OUT/                      diffusers folder / LDM file with the new decoder
 
     Exit codes: 0 ok, 1 error, 2 bad usage, 3 finished but some inputs were skipped (see skipped.jsonl).
     """
@@ -222,6 +223,62 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")
     for f in sorted(path.iterdir()):
         click.echo(f"  {f.name}")
+
+
+@main.command("eval")
+@click.argument("data", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--vae", "vaes", multiple=True, required=True, metavar="[LABEL=]SPEC",
+              help="A model to compare; repeat it. The first is the baseline. SPEC: diffusers folder, hub id, "
+                   "single .safetensors/.ckpt, export folder, run folder (newest checkpoint; RUN:ema or RUN:raw, "
+                   "default EMA when kept) or a checkpoints/step-* folder. LABEL= names it in the tables.")
+@click.option("--out", default="eval", help="Output folder: report.md, eval.json, per_image.csv, grids/.")
+@click.option("--max-samples", type=click.IntRange(1), default=None, help="Samples per data set (the first in shard order) [default: all].")
+@click.option("--val-shards", type=click.IntRange(0), default=0, help="Only the last N shards of each shard folder, as train's data.val_shards (0 = all).")
+@click.option("--sample", "latent_sample", flag_value="sample", default="mode",
+              help="Decode z = mean + std*eps (eps seeded per sample, the same for every model) instead of z = mean.")
+@click.option("--seed", type=int, default=0, help="Seed of --sample's noise and of the bootstrap intervals.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, help="Samples per decoder forward.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--resolution", type=click.IntRange(8), default=256, help="Image folders only: side of the encoded center crop.")
+@click.option("--fid-weights", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth) for rFID [default: no rFID].")
+@click.option("--fid-features", type=click.Choice(["2048", "768", "192", "64"]), default="2048", callback=lambda c, p, v: int(v),
+              help="Inception features for rFID: 2048 is the standard FID; fewer are cheaper on a CPU but not comparable.")
+@click.option("--lpips-vgg-weights", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="torchvision's vgg16-397923af.pth for LPIPS [default: the torch hub cache; without it LPIPS is skipped, and said so].")
+@click.option("--lpips-random-backbone", is_flag=True, hidden=True, help="Tests only: LPIPS on a random VGG16.")
+@click.option("--grid-samples", type=click.IntRange(1), default=8, help="Rows in each PNG grid.")
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, help="Level of the paired bootstrap intervals.")
+def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> None:
+    """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals.
+
+    \b
+    DATA: shard folders (`vaedec encode` output; the same encoder as every --vae), or image folders / file
+    lists, encoded into OUT/encoded/ with the first model's encoder. Each data set gets its own table.
+    Every model decodes the same z; deltas against the first model come with a bootstrap interval over images,
+    so "better" means better. Writes OUT/report.md (also printed), eval.json, per_image.csv and grids/*.png
+    (a fixed sample, the most improved and the most worsened images). Exit code 3: inputs were skipped.
+    """
+    from vaedec.checkpoint import CheckpointError
+    from vaedec.encode import EncodeError
+    from vaedec.evaluate import EvalError, evaluate
+    from vaedec.images import InputError
+    from vaedec.losses import LPIPSWeightsError
+    from vaedec.metrics import MetricsError
+    from vaedec.shards import ShardError
+    from vaedec.vae import VAELoadError
+
+    setup_logging()
+    cfg = EvalConfig(data=data, vaes=vaes, **kwargs)  # type: ignore[arg-type]
+    try:
+        result = evaluate(cfg)
+    except (EvalError, EncodeError, InputError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError,
+            MetricsError) as e:
+        raise UserError(str(e)) from None
+    click.echo(result.report)
+    click.echo(f"written to {result.out}: report.md, eval.json, per_image.csv, grids/ ({len(result.grids)} PNGs)")
+    if any(s["skipped_inputs"] for s in result.result["sets"]):
+        sys.exit(EXIT_SKIPPED)
 
 
 @main.command()

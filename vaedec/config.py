@@ -57,6 +57,37 @@ class EncodeConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# eval
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`cli.py eval`: decoders compared on the same held-out latents."""
+
+    # Shard folders (`encode` output) or image folders / file lists, which are encoded into OUT/encoded/NAME with
+    # `encode`'s preprocessing and the first model's encoder. Each is reported on its own.
+    data: tuple[str, ...] = ()
+    # The models, `[LABEL=]SPEC`; the first is the baseline every other is compared with. SPEC: a diffusers folder,
+    # hub id, single .safetensors/.ckpt, an `export` folder, a run folder (newest checkpoint; RUN:ema / RUN:raw,
+    # default EMA when kept) or one checkpoints/step-* folder.
+    vaes: tuple[str, ...] = ()
+    out: str = "eval"  # output folder: report.md, eval.json, per_image.csv, grids/, encoded/
+    max_samples: int | None = None  # samples per data set, the first in shard order; None = all
+    val_shards: int = 0  # only the last N shards of each shard folder (train's data.val_shards); 0 = all shards
+    latent_sample: Literal["mode", "sample"] = "mode"  # z = mean, or mean + std*eps with eps seeded (same for all)
+    seed: int = 0  # seeds eps for latent_sample=sample and the bootstrap resampling
+    batch_size: int = 16  # samples per decoder forward
+    device: str | None = None  # torch device; None = cuda if available, else cpu
+    resolution: int = 256  # image folders only: side of the encoded center crop, pixels
+    fid_weights: str | None = None  # torch-fidelity's InceptionV3 weights file; None = no rFID
+    fid_features: int = 2048  # Inception features for rFID: 2048 (standard), or 768 / 192 / 64 (cheaper, not comparable)
+    lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
+    lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS values are then meaningless; warns)
+    grid_samples: int = 8  # rows in each PNG grid (fixed sample, most improved, most worsened)
+    confidence: float = 0.95  # level of the paired bootstrap intervals of the deltas against the baseline
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # train
 
 

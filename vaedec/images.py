@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,3 +188,11 @@ def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float in [-1, 1] (B, C, H, W) -> uint8, rounded and clamped."""
     return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def batch_to_model(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Stored pixels (uint8 RGB, optional 16-bit depth) -> the decoder's target (B, C_out, H, W) in [-1, 1]."""
+    x = to_model_range(batch["pixels"].to(device))
+    if "depth" in batch:
+        x = torch.cat([x, batch["depth"].to(device).float() / 65535.0 * 2.0 - 1.0], dim=1)  # LDM3D scaling
+    return x

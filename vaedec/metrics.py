@@ -1,7 +1,9 @@
-"""Reconstruction metrics (PSNR, SSIM from torchmetrics, LPIPS) and the PNG comparison grids."""
+"""Reconstruction metrics (PSNR and SSIM from torchmetrics, LPIPS, colour shift, rFID from torchmetrics +
+torch-fidelity's InceptionV3), paired confidence intervals, and the PNG comparison grids."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +15,122 @@ from vaedec.images import to_uint8
 from vaedec.losses import perceptual_distance
 from vaedec.shards import atomic_write_bytes, png_bytes
 
+CHANNEL_NAMES = ("r", "g", "b")  # further channels (depth) are c3, c4, ...
+
+
+class MetricsError(ValueError):
+    """A metric cannot be set up (e.g. a wrong Inception weights file); the message says how to fix it."""
+
+
+def channel_names(c: int) -> list[str]:
+    """Short names of C image channels for tables and CSV columns: r, g, b, c3, ...; grey is c0."""
+    if c < 3:
+        return [f"c{i}" for i in range(c)]
+    return list(CHANNEL_NAMES) + [f"c{i}" for i in range(3, c)]
+
+
+@torch.no_grad()
+def per_image_metrics(
+    x: torch.Tensor, x_rec: torch.Tensor, lpips_model: torch.nn.Module | None
+) -> dict[str, torch.Tensor]:
+    """Per-image PSNR (dB), SSIM and LPIPS (each (B,)) and colour shift (B, C) of images in [-1, 1] (B, C, H, W).
+
+    PSNR and SSIM are over all channels at data range 1 after mapping to [0, 1]. The colour shift is
+    mean(x̂) - mean(x) per channel in 8-bit levels: a decoder that tints everything shows it here even when its
+    PSNR barely moves.
+    """
+    a, b = (x.float().clamp(-1, 1) + 1) / 2, (x_rec.float().clamp(-1, 1) + 1) / 2
+    out = {
+        "psnr": peak_signal_noise_ratio(b, a, data_range=1.0, dim=(1, 2, 3), reduction="none"),
+        "ssim": structural_similarity_index_measure(b, a, data_range=1.0, reduction="none"),
+        "colour_shift": (b - a).mean(dim=(2, 3)) * 255.0,  # (B, C)
+    }
+    if lpips_model is not None:
+        out["lpips"] = perceptual_distance(lpips_model, x.float(), x_rec.float()).flatten()
+    return out
+
 
 @torch.no_grad()
 def reconstruction_metrics(x: torch.Tensor, x_rec: torch.Tensor, lpips_model: torch.nn.Module | None) -> dict[str, float]:
     """Batch means of PSNR (dB), SSIM and LPIPS for images in [-1, 1] (B, C, H, W), all channels."""
-    a, b = (x.float().clamp(-1, 1) + 1) / 2, (x_rec.float().clamp(-1, 1) + 1) / 2
-    out = {
-        "psnr": float(peak_signal_noise_ratio(b, a, data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean")),
-        "ssim": float(structural_similarity_index_measure(b, a, data_range=1.0)),
-    }
-    if lpips_model is not None:
-        out["lpips"] = float(perceptual_distance(lpips_model, x.float(), x_rec.float()).mean())
-    return out
+    per_image = per_image_metrics(x, x_rec, lpips_model)
+    return {k: float(v.mean()) for k, v in per_image.items() if k != "colour_shift"}
+
+
+def paired_ci(deltas: np.ndarray, seed: int = 0, level: float = 0.95, resamples: int = 2000) -> tuple[float, float, float]:
+    """Mean of per-image differences and its bootstrap confidence interval (BCa, scipy): (mean, low, high).
+
+    The images are the unit: both models decoded the same latents, so the per-image difference removes the
+    images' own difficulty from the comparison (a paired test). One image gives no interval (nan, nan).
+    """
+    from scipy.stats import bootstrap
+
+    d = np.asarray(deltas, dtype=np.float64)
+    d = d[np.isfinite(d)]  # PSNR of a pixel-exact reconstruction is inf; it carries no difference to average
+    if d.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, float("nan"), float("nan")
+    if np.ptp(d) == 0:  # every image moved by the same amount (e.g. a model against itself): no spread
+        return mean, mean, mean
+    res = bootstrap((d,), np.mean, confidence_level=level, n_resamples=resamples, method="BCa",
+                    random_state=np.random.default_rng(seed))
+    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # BCa degenerates on near-constant data; percentile does not
+        res = bootstrap((d,), np.mean, confidence_level=level, n_resamples=resamples, method="percentile",
+                        random_state=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return mean, lo, hi
+
+
+def _read_inception_state(path: str) -> dict[str, torch.Tensor]:
+    """The user's InceptionV3 weights, never unpickling code: safetensors, or torch.load(weights_only=True)."""
+    if not Path(path).is_file():
+        raise MetricsError(f"--fid-weights {path}: no such file. FID needs torch-fidelity's InceptionV3 weights, "
+                           "weights-inception-2015-12-05-6726825d.pth (README, 'eval').")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "not a weights file"
+        raise MetricsError(f"--fid-weights {path} cannot be read as tensors ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MetricsError(f"--fid-weights {path} is not a state dict of tensors")
+    return state
+
+
+FID_FEATURES = (64, 192, 768, 2048)  # InceptionV3 layers torchmetrics offers; 2048 (the pool) is the standard FID
+
+
+def load_fid(weights_path: str, device: torch.device | str = "cpu", features: int = 2048):
+    """torchmetrics' FrechetInceptionDistance on torch-fidelity's InceptionV3 (`features`-d activations; 2048 =
+    the standard pool features) with the weights read from a local file. Real-image statistics survive
+    `reset()`, so one object serves every model."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    state = _read_inception_state(weights_path)
+    # torch-fidelity reads its weights with torch.load(weights_only=False). We hand it a file that we wrote
+    # ourselves from the tensors read above, so no pickled code from the user's file is ever run.
+    with tempfile.TemporaryDirectory() as tmp:
+        own = str(Path(tmp) / "inception.pt")
+        torch.save(state, own)
+        try:
+            fid = FrechetInceptionDistance(feature=features, reset_real_features=False,
+                                           feature_extractor_weights_path=own)
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys or shapes
+            raise MetricsError(f"--fid-weights {weights_path} are not torch-fidelity's InceptionV3 weights "
+                               f"({str(e).splitlines()[0]})") from None
+    return fid.to(device)
+
+
+def fid_images(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) -> the uint8 RGB (B, 3, H, W) Inception sees: RGB only, grey repeated."""
+    rgb = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    return to_uint8(rgb)
 
 
 def colourise_depth(d: torch.Tensor) -> torch.Tensor:
