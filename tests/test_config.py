@@ -61,6 +61,21 @@ def test_yaml_overrides_nested_fields_only(tmp_path) -> None:
     )
 
 
+def test_config_files_layer_in_order(tmp_path) -> None:
+    """A recipe file, then a schedule file over it: the later file wins field by field, the rest stays."""
+    recipe = write_yaml(tmp_path / "recipe.yaml", {"loss": {"pixel_loss": "l2", "disc_weight": 0.3},
+                                                   "optim": {"lr": 1e-5}})
+    schedule = write_yaml(tmp_path / "schedule.yaml", {"optim": {"lr": 5e-4}, "run": {"max_steps": 7}})
+    cfg = load_train_config([recipe, schedule], ["run.max_steps=9"])
+    assert (cfg.loss.pixel_loss, cfg.loss.disc_weight, cfg.optim.lr, cfg.run.max_steps) == ("l2", 0.3, 5e-4, 9)
+    assert load_train_config([schedule, recipe]).optim.lr == 1e-5
+    result = CliRunner().invoke(main, ["train", "S", "--config", str(recipe), "--config", str(schedule), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    dumped = yaml.safe_load(result.stdout)
+    assert dumped["optim"]["lr"] == 5e-4 and dumped["loss"]["pixel_loss"] == "l2"
+    assert dumped["run"]["output"] == "runs/schedule"  # named after the last file
+
+
 def test_key_value_overrides_dotted_and_bare(tmp_path) -> None:
     path = write_yaml(tmp_path / "c.yaml", {"run": {"max_steps": 10}, "optim": {"lr": 1.0e-4}})
     overrides = [

@@ -137,16 +137,17 @@ def inspect(shards: str, verify: bool) -> None:
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("shards", type=click.Path(path_type=str))
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="YAML file of config sections (data, model, loss, optim, run); see configs/.")
+@click.option("--config", "config_paths", type=click.Path(dir_okay=False, path_type=str), multiple=True,
+              help="YAML file of config sections (data, model, loss, optim, run); see configs/. Repeatable: a later "
+                   "file overrides an earlier one field by field (a shipped recipe + your schedule).")
 @click.option("--output", default=None, help="Run folder [default: runs/<config name>].")
 @click.option("--vae", default=None, help="VAE to load instead of the one named in the shard manifest (same encoder).")
 @click.option("--resume", default="latest", show_default=True,
               help="'latest' (continue the run folder's newest checkpoint), 'none', or a checkpoint/run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--no-export", is_flag=True, help="Skip the export at the end of the run.")
-def train(shards: str, overrides: tuple[str, ...], config_path: str | None, output: str | None, vae: str | None,
-          resume: str, dry_run: bool, no_export: bool) -> None:
+def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...], output: str | None,
+          vae: str | None, resume: str, dry_run: bool, no_export: bool) -> None:
     """Train the decoder (and a PatchGAN) on SHARDS written by `encode`; the encoder is never loaded.
 
     KEY=VALUE pairs override single config fields, e.g. `optim.lr=1e-5 run.max_steps=2000` (a bare key works
@@ -161,10 +162,10 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
-    name = Path(config_path).stem if config_path else "run"
+    name = Path(config_paths[-1]).stem if config_paths else "run"
     given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
     try:
-        cfg = load_train_config(config_path, [*overrides, *given])
+        cfg = load_train_config(config_paths, [*overrides, *given])
         if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=f"runs/{name}"))
     except ConfigError as e:

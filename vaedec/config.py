@@ -307,22 +307,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file (ours or a classic LDM autoencoder YAML), then `key=value` overrides."""
+def load_train_config(
+    path: str | Path | list[str | Path] | tuple[str | Path, ...] | None, overrides: list[str] = ()
+) -> TrainConfig:
+    """Defaults, then the YAML file(s) in order (ours or a classic LDM autoencoder YAML; a later file overrides
+    an earlier one field by field), then `key=value` overrides."""
     cfg = TrainConfig()
-    if path is not None:
-        data = read_yaml(path)
+    files = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for file in files:
+        data = read_yaml(file)
         if is_ldm_yaml(data):
             flat, mapped, ignored = ldm_yaml_to_overrides(data)
-            log.info("%s is an LDM autoencoder config; mapped onto vaedec's:\n  %s", path, "\n  ".join(mapped))
+            log.info("%s is an LDM autoencoder config; mapped onto vaedec's:\n  %s", file, "\n  ".join(mapped))
             for key, why in ignored:
                 log.warning("LDM key %s ignored: %s", key, why)
         else:
-            flat = flatten(data, str(path))
+            flat = flatten(data, str(file))
         try:
             cfg = apply_overrides(cfg, flat)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{file}: {e}") from None
     cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     validate_train_config(cfg)
     return cfg
