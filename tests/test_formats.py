@@ -521,7 +521,7 @@ def test_convert_errors_are_messages(tmp_path, vae_dir) -> None:
         dst = tmp_path / f"{name}-out"
         r = cli("convert", tmp_path / name, dst, code=1)
         assert r.output.startswith("Error: ") and message in r.output and name in r.output, r.output
-        assert not dst.exists() and not Path(f"{dst}.tmp").exists()
+        assert not dst.exists() and not list(tmp_path.glob(f".{dst.name}*")) and not Path(f"{dst}.tmp").exists()
 
     no_vae = tmp_path / "other.safetensors"
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(no_vae))

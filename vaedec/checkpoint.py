@@ -8,23 +8,21 @@ A checkpoint is `RUN/checkpoints/step-%08d/`:
     optim.pt              both optimizers' and the grad scaler's state dicts (tensors and numbers only;
                           read back with torch.load(weights_only=True))
     state.json            step, micro-batches consumed (the data position), EMA step, config
-It is written under a temp name and renamed when complete: a folder named step-* is always whole.
+It is written under a temp name and renamed when complete (vaedec/io.py): a folder named step-* is always whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vaedec.shards import atomic_write_json
+from vaedec.io import atomic_folder, atomic_write_json
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -65,23 +63,15 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    with atomic_folder(final) as tmp:  # the same step saved again (the final save after a periodic one) replaces it
         for stem, sd in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors"))
         torch.save(optim_state, tmp / "optim.pt")
         atomic_write_json(tmp / "state.json", state)
-        os.chmod(tmp, 0o755)
-        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temp folders of killed saves
+    for stale in root.glob(".step-*"):  # temp folders of saves killed at other steps
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -233,24 +223,19 @@ def export_run(
     ckpt = Path(ckpt) if ckpt is not None else run_checkpoint(run_dir)
     check_export_target(run_dir, ckpt, out, overwrite)
     vae = finetuned_vae(run_dir, use_ema, ckpt)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if fmt in ("diffusers", "both"):
-        vae.save_pretrained(tmp, safe_serialization=True)
-    if fmt in ("ldm", "both"):
-        from vaedec.convert import write_single_file
+    with atomic_folder(out) as tmp:
+        if fmt in ("diffusers", "both"):
+            vae.save_pretrained(tmp, safe_serialization=True)
+        if fmt in ("ldm", "both"):
+            from vaedec.convert import write_single_file
 
-        write_single_file(vae, tmp / "vae.safetensors")
-    if into is not None:
-        from vaedec.convert import replace_vae_in_checkpoint
+            write_single_file(vae, tmp / "vae.safetensors")
+        if into is not None:
+            from vaedec.convert import replace_vae_in_checkpoint
 
-        replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
-    trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
-    record = {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt, "into": str(into) if into else None}
-    atomic_write_json(tmp / "vaedec_export.json", record)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+            replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
+        trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+        save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
+        record = {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt, "into": str(into) if into else None}
+        atomic_write_json(tmp / "vaedec_export.json", record)
     return out

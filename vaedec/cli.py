@@ -10,27 +10,12 @@ from pathlib import Path
 import click
 
 from vaedec.config import ConfigError, EncodeConfig
+from vaedec.io import setup_logging  # lives in io.py; `from vaedec.cli import setup_logging` keeps working
 
 # Exit codes, documented in the README and in `--help`.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 log = logging.getLogger("vaedec")
-
-
-def setup_logging(logfile: Path | None = None) -> None:
-    """Plain messages to stderr (and to `logfile`); quiet third-party chatter."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logfile))
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    root = logging.getLogger("vaedec")
-    root.handlers.clear()
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    root.setLevel(logging.INFO)
-    root.propagate = False
 
 
 class UserError(click.ClickException):

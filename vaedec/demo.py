@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from vaedec.cli import setup_logging
+from vaedec.io import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,6 +29,7 @@ from vaedec.images import (
     make_key,
     to_model_range,
 )
+from vaedec.io import atomic_write_bytes, atomic_write_json
 from vaedec.latents import encode_moments
 from vaedec.shards import (
     FORMAT,
@@ -36,8 +37,6 @@ from vaedec.shards import (
     MANIFEST,
     SKIPPED,
     ShardWriter,
-    atomic_write_bytes,
-    atomic_write_json,
     read_manifest,
     read_skipped,
     sample_members,

@@ -10,8 +10,8 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from vaedec.images import to_uint8
+from vaedec.io import atomic_write_bytes, png_bytes
 from vaedec.losses import perceptual_distance
-from vaedec.shards import atomic_write_bytes, png_bytes
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The shard format, in one place: schema, atomic writer, manifest, and the training reader pipeline.
+"""The shard format, in one place: schema, shard writer, manifest, and the training reader pipeline.
 
 A shard folder holds
     shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete
@@ -21,7 +21,6 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from vaedec.io import npy_bytes, png_bytes
 
 FORMAT = "vaedec-latent-shards"
 FORMAT_VERSION = 1
@@ -43,52 +44,7 @@ class ShardError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# atomic files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """JSON, pretty-printed, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # encoding one sample
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """An .npy file in memory (no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """Lossless PNG of uint8 (H, W, 3) or uint16 (H, W)."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)  # fast; PNG is lossless at any level
-    return buf.getvalue()
 
 
 def sample_members(

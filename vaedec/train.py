@@ -42,6 +42,7 @@ from vaedec.checkpoint import (
 from vaedec.config import OptimConfig, TrainConfig, config_to_dict, dump_config
 from vaedec.discriminator import build_discriminator
 from vaedec.images import to_model_range
+from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
 from vaedec.latents import sample_latent
 from vaedec.losses import (
     LPIPSWeightsMissing,
@@ -53,8 +54,6 @@ from vaedec.losses import (
 from vaedec.metrics import reconstruction_metrics, save_grid
 from vaedec.shards import (
     TrainStream,
-    atomic_write_bytes,
-    atomic_write_json,
     collate,
     read_manifest,
     read_samples,
@@ -139,7 +138,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         log.setLevel(logging.WARNING)  # one copy of the INFO log, from rank 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _add_file_log(run_dir / "log.txt")
+        setup_logging(run_dir / "log.txt")
     accelerator.wait_for_everyone()
     set_seed(cfg.run.seed)  # model init (discriminator) is identical on every rank
     device = accelerator.device
@@ -478,16 +477,6 @@ def _checked_resume(
             "or start a new run in another --output."
         )
     return ckpt
-
-
-def _add_file_log(path: Path) -> None:
-    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
-        log.removeHandler(old)  # an earlier train() in this process must not keep writing its log.txt
-        old.close()
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
 
 
 def _accumulate(into: dict[str, float], logs: dict[str, float], k: int) -> None:
