@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from vaedec.config import LossConfig
 from vaedec.discriminator import build_discriminator
+from vaedec.images import batch_to_model
 from vaedec.latents import encode_moments, sample_latent
 from vaedec.losses import discriminator_loss, generator_grads, ldm_generator_loss, load_lpips, surrogate_loss
-from vaedec.train import batch_to_model
 from vaedec.vae import SD_VAE_CONFIG, TrainableDecoder, freeze
 
 SD_VAE = SD_VAE_CONFIG

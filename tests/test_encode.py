@@ -309,14 +309,27 @@ def test_rerun_with_other_settings_is_refused_overwrite_replaces(tmp_path, vae_d
 def test_bad_settings_are_usage_or_clear_errors(tmp_path, vae_dir):
     src = tmp_path / "imgs"
     make_images(src, 1)
-    r = encode(src, tmp_path / "o1", vae_dir, "--resolution", 36)  # the later --resolution wins
-    assert r.exit_code == 1 and "multiple of 8" in r.output
+    r = encode(src, tmp_path / "o1", vae_dir, "--resolution", 33)  # the later --resolution wins
+    assert r.exit_code == 1 and "multiple of the VAE's downsampling factor 2" in r.output
     r = encode(src, tmp_path / "o2", vae_dir, "--resize", 16)
     assert r.exit_code == 1 and "--resize 16 must be >= --resolution 32" in r.output
     r = encode(src, tmp_path / "o3", vae_dir, "--resolution", 0)
     assert r.exit_code == 2  # click's range check: usage error
     r = encode(src, tmp_path / "o4", tmp_path / "no-such-vae")
     assert r.exit_code == 1 and "could not load an AutoencoderKL" in r.output
+
+
+def test_resolution_needs_only_the_vaes_own_downsampling_factor(tmp_path, vae_dir, model):
+    """36 px is no multiple of 8, but the tiny VAE downsamples by 2: it encodes, to (8, 18, 18) moments."""
+    src = tmp_path / "imgs"
+    make_images(src, 2, size=(40, 36))
+    r = encode(src, tmp_path / "out", vae_dir, "--resolution", 36)
+    assert r.exit_code == 0, r.output
+    o = read_out(tmp_path / "out")
+    assert len(o.samples) == 2
+    assert all(s.pixels.shape == (36, 36, 3) and s.moments.shape == (8, 18, 18) for s in o.samples)
+    for s in o.samples:
+        assert_moments_match(s.moments, diffusers_moments(model, s.pixels))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def main() -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option("--vae", required=True, help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file.")
 @click.option("--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'.")
-@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (multiple of 8).")
+@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (a multiple of the VAE's downsampling factor: 8 for SD VAEs).")
 @click.option("--resize", type=click.IntRange(8), default=None, help="Resize the shorter side to this before cropping [default: resolution].")
 @click.option("--crops-per-image", type=click.IntRange(0), default=0, help="0 = one center crop; N = N seeded random crops per image.")
 @click.option("--flip/--no-flip", default=False, help="Also encode each mirrored crop as its own sample.")

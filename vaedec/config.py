@@ -34,7 +34,7 @@ class EncodeConfig:
     out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
     vae: str = ""  # diffusers folder or hub id of the AutoencoderKL whose encoder is used
     subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
-    resolution: int = 256  # side of the square crop that is encoded, pixels (multiple of 8)
+    resolution: int = 256  # side of the square crop that is encoded, pixels (multiple of the VAE's downsampling factor)
     resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
     crops_per_image: int = 0  # 0 = one center crop; N > 0 = N seeded random crops per image instead
     flip: bool = False  # also encode the horizontally mirrored crop as its own sample

@@ -41,7 +41,7 @@ from vaedec.checkpoint import (
 )
 from vaedec.config import OptimConfig, TrainConfig, config_to_dict, dump_config
 from vaedec.discriminator import build_discriminator
-from vaedec.images import to_model_range
+from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
 from vaedec.latents import sample_latent
 from vaedec.losses import (
@@ -81,14 +81,6 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return 1.0
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def batch_to_model(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """Stored pixels (uint8 RGB, optional 16-bit depth) -> the decoder's target (B, C_out, H, W) in [-1, 1]."""
-    x = to_model_range(batch["pixels"].to(device))
-    if "depth" in batch:
-        x = torch.cat([x, batch["depth"].to(device).float() / 65535.0 * 2.0 - 1.0], dim=1)  # LDM3D scaling
-    return x
 
 
 def peak_memory_mb(device: torch.device) -> float:
