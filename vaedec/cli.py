@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
 import click
 
@@ -137,20 +136,19 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
     when unique: `max_steps=2000`). Rerunning the same command resumes from the newest checkpoint. For several
     GPUs or processes: `accelerate launch cli.py train ...`.
     """
-    from vaedec.checkpoint import CheckpointError
-    from vaedec.config import dump_config, load_train_config
+    from vaedec.checkpoint import RUN_IMAGES, RUN_METRICS, CheckpointError
+    from vaedec.config import default_run_dir, dump_config, load_train_config
     from vaedec.losses import LPIPSWeightsError
     from vaedec.shards import ShardError
     from vaedec.vae import VAELoadError
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
-    name = Path(config_path).stem if config_path else "run"
     given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
     try:
         cfg = load_train_config(config_path, [*overrides, *given])
         if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=f"runs/{name}"))
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=default_run_dir(config_path)))
     except ConfigError as e:
         raise UserError(str(e)) from None
     if dry_run:
@@ -166,8 +164,8 @@ def train(shards: str, overrides: tuple[str, ...], config_path: str | None, outp
     if not info.main_process:
         return  # one summary, from rank 0
     click.echo(f"run folder  {info.run_dir}  (step {info.step})")
-    click.echo(f"  grids     {info.run_dir / 'images'}")
-    click.echo(f"  metrics   {info.run_dir / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {info.run_dir})")
+    click.echo(f"  grids     {info.run_dir / RUN_IMAGES}")
+    click.echo(f"  metrics   {info.run_dir / RUN_METRICS}  (TensorBoard: tensorboard --logdir {info.run_dir})")
     if info.export_dir:
         click.echo(f"  export    {info.export_dir}  (AutoencoderKL.from_pretrained)")
 
@@ -194,13 +192,13 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     OUT/decoder.safetensors                                 only the trained weights
     OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
     """
-    from vaedec.checkpoint import CheckpointError, export_run, run_checkpoint
+    from vaedec.checkpoint import CheckpointError, default_use_ema, export_run, run_checkpoint
     from vaedec.convert import ConversionError
     from vaedec.vae import VAELoadError
 
     try:
         if ema is None:
-            ema = (Path(checkpoint or run_checkpoint(run)) / "ema.safetensors").is_file()
+            ema = default_use_ema(checkpoint or run_checkpoint(run))
         path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
     except (CheckpointError, VAELoadError, ConversionError) as e:
         raise UserError(str(e)) from None

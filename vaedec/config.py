@@ -276,6 +276,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def default_run_dir(config_path: str | Path | None) -> str:
+    """The run folder when run.output is not given: runs/<config file stem>, runs/run without a config file."""
+    return f"runs/{Path(config_path).stem if config_path else 'run'}"
+
+
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file (ours or a classic LDM autoencoder YAML), then `key=value` overrides."""
     cfg = TrainConfig()
