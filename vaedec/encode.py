@@ -186,58 +186,15 @@ def pick_device(name: str | None) -> torch.device:
 def encode(cfg: EncodeConfig) -> EncodeResult:
     """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring."""
     # 1. inputs and settings -------------------------------------------------------------------------------
-    if cfg.resolution < 8:
-        raise EncodeError(f"--resolution {cfg.resolution} must be at least 8")  # the VAE's own factor is checked below
-    if cfg.resize is not None and cfg.resize < cfg.resolution:
-        raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
-    items, list_skips = discover_inputs(cfg.src)
-    depth_index = index_depth_maps(cfg.depth_dir) if cfg.depth_dir else None
-    if depth_index is not None:
-        check_unique_stems(items)
+    items, list_skips, depth_index = _inputs(cfg)
+    device, dtype = pick_device(cfg.device), DTYPES[cfg.dtype]
+    vae, vae_info = _encoder_vae(cfg, depth_index is not None)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise EncodeError(f"OUT {out} exists and is not a folder")
-
-    device = pick_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    vae = load_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor)
-    info = vae_summary(vae)
-    expected_in = 4 if depth_index is not None else 3
-    if info["in_channels"] != expected_in:
-        hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
-        raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
-    if cfg.resolution % info["downsample_factor"]:
-        raise EncodeError(
-            f"--resolution {cfg.resolution} must be a multiple of the VAE's downsampling factor {info['downsample_factor']}"
-        )
-    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
-    source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
-    vae_info = {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused encode leaves no empty OUT behind
     settings = settings_of(cfg, vae_info, items)
 
     # 2. resume or refuse ----------------------------------------------------------------------------------
-    manifest = None
-    if cfg.overwrite:
-        _clear_out(out)
-    elif (out / MANIFEST).exists():
-        manifest = read_manifest(out)
-        changed = _diff(manifest["settings"], settings)
-        if changed:
-            raise EncodeError(
-                f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
-                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
-            )
-    elif any(out.glob("shard-*.tar")):
-        raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
-    for stale in out.glob(".shard-*.partial"):
-        stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
-
-    if manifest is None:
-        manifest = new_manifest(settings)
-        # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
-        # must leave a folder this command resumes, not "shard files but no manifest.json".
-        write_manifest(out, manifest)
+    manifest = _resume_or_refuse(out, settings, cfg.overwrite)
     skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
     skips += [
         Skip(r["input_index"], r["source"], r["reason"], r.get("key"))
@@ -263,26 +220,7 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
         collate_fn=lambda x: x,
         prefetch_factor=4 if cfg.num_workers and len(todo) > 1 else None,
     )
-    limit = cfg.shard_size_mb * 2**20
-    writer: ShardWriter | None = None
-    pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
-
-    def flush() -> None:
-        nonlocal writer
-        batch = pending[:]
-        pending.clear()
-        moments = _encode_batch(vae, batch, device, dtype)
-        for (index, sample, last), m in zip(batch, moments):
-            if not np.isfinite(m).all():
-                skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
-            else:
-                if writer is None:
-                    writer = ShardWriter(out, len(manifest["shards"]))
-                writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
-            if last and writer is not None and writer.bytes >= limit:
-                _commit(out, manifest, writer, index + 1, skips)
-                writer = None
-
+    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype))
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
     try:
@@ -291,29 +229,122 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
             if "skip" in prepared:
                 skips.append(Skip(item.index, item.rel, prepared["skip"]))
             else:
-                samples = prepared["samples"]
-                pending.extend((item.index, s, j == len(samples) - 1) for j, s in enumerate(samples))
-                if len(pending) >= cfg.batch_size:
-                    flush()
+                sink.add(item.index, prepared["samples"], cfg.batch_size)
             bar.update(1)
-        if pending:
-            flush()
-        final_writer = writer
-        writer = None
-        if final_writer is not None and final_writer.samples:
-            _commit(out, manifest, final_writer, len(items), skips)
-        elif final_writer is not None:
-            final_writer.abort()
-        manifest["complete"] = True
-        manifest["next_input"] = len(items)
-        _write_state(out, manifest, skips)
+        sink.finish(len(items))
     finally:
         bar.close()
-        if writer is not None:
-            writer.abort()
+        sink.abort()
     elapsed = time.perf_counter() - t0
     log.info("encoded %d inputs in %.1f s (%.1f img/s)", len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
     return _result(out, manifest, skips)
+
+
+def _inputs(cfg: EncodeConfig) -> tuple[list[InputItem], list[Skip], dict[str, str] | None]:
+    """(inputs, file-list entries that are no input, depth index or None), checking what needs no VAE."""
+    if cfg.resolution < 8:
+        raise EncodeError(f"--resolution {cfg.resolution} must be at least 8")  # the VAE's own factor: _encoder_vae
+    if cfg.resize is not None and cfg.resize < cfg.resolution:
+        raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
+    items, list_skips = discover_inputs(cfg.src)
+    depth_index = index_depth_maps(cfg.depth_dir) if cfg.depth_dir else None
+    if depth_index is not None:
+        check_unique_stems(items)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise EncodeError(f"OUT {cfg.out} exists and is not a folder")
+    return items, list_skips, depth_index
+
+
+def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
+    """The VAE and its manifest record (source, fingerprint, channels, factors), refused when it cannot encode
+    these inputs at this resolution."""
+    vae = load_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor)
+    info = vae_summary(vae)
+    expected_in = 4 if depth else 3
+    if info["in_channels"] != expected_in:
+        hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
+        raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
+    if cfg.resolution % info["downsample_factor"]:
+        raise EncodeError(
+            f"--resolution {cfg.resolution} must be a multiple of the VAE's downsampling factor {info['downsample_factor']}"
+        )
+    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
+    source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
+    return vae, {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
+
+
+def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """OUT's manifest to continue (a new one for a fresh or overwritten OUT), refusing OUT of other settings."""
+    manifest = None
+    if overwrite:
+        _clear_out(out)
+    elif (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        changed = _diff(manifest["settings"], settings)
+        if changed:
+            raise EncodeError(
+                f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
+                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
+            )
+    elif any(out.glob("shard-*.tar")):
+        raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
+    for stale in out.glob(".shard-*.partial"):
+        stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
+    if manifest is None:
+        manifest = new_manifest(settings)
+        # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
+        # must leave a folder this command resumes, not "shard files but no manifest.json".
+        write_manifest(out, manifest)
+    return manifest
+
+
+class _ShardSink:
+    """Encodes prepared samples in batches and writes them into shards. A shard is committed (then the manifest
+    updated) only at the end of an input, once it holds `limit` bytes: an input's samples never span two shards,
+    so a resumed encode restarts at an input boundary."""
+
+    def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any):
+        self.out, self.manifest, self.skips, self.limit, self.encode_batch = out, manifest, skips, limit, encode_batch
+        self.writer: ShardWriter | None = None
+        self.pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
+
+    def add(self, index: int, samples: list[PreparedSample], batch_size: int) -> None:
+        """Queue one input's samples; encode once a batch is full."""
+        self.pending.extend((index, s, j == len(samples) - 1) for j, s in enumerate(samples))
+        if len(self.pending) >= batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Encode the queued samples; a non-finite one is skipped, not stored."""
+        batch, self.pending = self.pending, []
+        for (index, sample, last), m in zip(batch, self.encode_batch(batch)):
+            if not np.isfinite(m).all():
+                self.skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
+            else:
+                if self.writer is None:
+                    self.writer = ShardWriter(self.out, len(self.manifest["shards"]))
+                self.writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
+            if last and self.writer is not None and self.writer.bytes >= self.limit:
+                _commit(self.out, self.manifest, self.writer, index + 1, self.skips)
+                self.writer = None
+
+    def finish(self, n_inputs: int) -> None:
+        """Encode what is queued, commit the last shard and mark the manifest complete."""
+        if self.pending:
+            self.flush()
+        writer, self.writer = self.writer, None
+        if writer is not None and writer.samples:
+            _commit(self.out, self.manifest, writer, n_inputs, self.skips)
+        elif writer is not None:
+            writer.abort()
+        self.manifest["complete"] = True
+        self.manifest["next_input"] = n_inputs
+        _write_state(self.out, self.manifest, self.skips)
+
+    def abort(self) -> None:
+        """Drop an unfinished shard (after an error; a no-op after finish)."""
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtype) -> list[np.ndarray]:
