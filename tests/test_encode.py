@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import ROOT, cli, make_images, save_tiny_vae, smooth_image, tar_samples
+from conftest import ROOT, assert_moments_match, cli, make_images, save_tiny_vae, smooth_image, tar_samples
 from PIL import Image
 
 from vaedec.cli import main
@@ -96,12 +96,6 @@ def diffusers_moments(model, pixels: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     dist = model.encode(x).latent_dist
     return torch.cat([dist.mean, dist.logvar], dim=1)[0].numpy()
-
-
-def assert_moments_match(stored: np.ndarray, fresh: np.ndarray) -> None:
-    # fp16 storage: half an ulp is 2^-11 relative; batched vs single forward adds ~1e-6.
-    assert stored.dtype == np.float16 and stored.shape == fresh.shape
-    np.testing.assert_allclose(stored.astype(np.float32), fresh, rtol=1e-3, atol=1e-3)
 
 
 def source_crop(path: Path, box: list[float]) -> np.ndarray:

@@ -23,15 +23,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, cli, make_images, save_tiny_vae
+from conftest import (
+    FAST_TRAIN,
+    RANDOM_LPIPS,
+    ROOT,
+    assert_same_tensors,
+    cli,
+    frozen_part,
+    make_images,
+    save_tiny_vae,
+    trained_part,
+)
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
-from vaedec.config import EncodeConfig, OptimConfig, load_train_config
-from vaedec.encode import encode
+from vaedec.config import OptimConfig, load_train_config
 from vaedec.latents import sample_latent
 from vaedec.losses import LOG_KEYS
 from vaedec.shards import read_manifest, read_samples, shard_paths
@@ -45,20 +54,6 @@ NOT_LOGGED_EXACTLY = {"step", "images_per_s", "peak_memory_mb"}  # wall-clock an
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, vae_dir) -> Path:
-    """16 images encoded at 32 px into several small shards (some runs hold the last one out)."""
-    root = tmp_path_factory.mktemp("train-data")
-    make_images(root / "images", 16)
-    cfg = EncodeConfig(
-        src=str(root / "images"), out=str(root / "shards"), vae=str(vae_dir), resolution=RES,
-        shard_size_mb=0.02, num_workers=0, batch_size=8,
-    )
-    result = encode(cfg)
-    assert result.samples == 16 and result.shards >= 4
-    return root / "shards"
 
 
 def subprocess_env() -> dict[str, str]:
@@ -78,12 +73,6 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.stem: load_file(str(p)) for p in sorted(ckpt.glob("*.safetensors"))}
 
 
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), f"{what}: {k} differs (max |diff| {(v - b[k]).abs().max():.3g})"
-
-
 def assert_same_nested(a, b, what: str) -> None:
     """Equal nested dicts/lists of tensors and numbers (optimizer state dicts), tensors bit for bit."""
     if isinstance(a, torch.Tensor):
@@ -98,14 +87,6 @@ def assert_same_nested(a, b, what: str) -> None:
             assert_same_nested(x, y, f"{what}/{i}")
     else:
         assert a == b, f"{what}: {a!r} != {b!r}"
-
-
-def trained_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
-
-
-def frozen_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
 
 
 def grid_tiles(path: Path, rows: int, columns: int = 4) -> np.ndarray:
