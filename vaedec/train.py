@@ -60,7 +60,7 @@ from vaedec.losses import (
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
-from vaedec.shards import TrainStream, read_manifest, shard_paths, unwrap_worker_errors
+from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
 from vaedec.vae import TrainableDecoder, freeze, load_manifest_vae
 
 log = logging.getLogger("vaedec")
@@ -375,7 +375,7 @@ def _split_shards(cfg: TrainConfig) -> tuple[dict[str, Any], list[str], list[str
     if not all_shards:
         raise TrainError(
             f"{cfg.data.shards} holds no samples: the encode skipped every input "
-            f"(reasons in {Path(cfg.data.shards) / 'skipped.jsonl'}); fix the inputs and encode again"
+            f"(reasons in {Path(cfg.data.shards) / SKIPPED}); fix the inputs and encode again"
         )
     n_val = cfg.data.val_shards
     if n_val >= len(all_shards):

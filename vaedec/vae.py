@@ -1,5 +1,6 @@
-"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the frozen encoder path, the
-encoder fingerprint, and the trainable decoder (post_quant_conv + decoder) that training sees."""
+"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading the
+VAE a shard manifest names with that fingerprint checked (train and export), and the trainable decoder
+(post_quant_conv + decoder) that training sees."""
 
 from __future__ import annotations
 
