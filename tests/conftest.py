@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random AutoencoderKLs saved as diffusers folders, and small image sets made here."""
+"""Shared fixtures and helpers: tiny random AutoencoderKLs saved as diffusers folders, small image sets made here,
+one set of shards encoded once a session, and the tensor comparisons several test files make."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def tiny_vae(in_channels: int = 3, seed: int = 0):
 
 
 def save_tiny_vae(path: Path, in_channels: int = 3, seed: int = 0) -> Path:
+    """tiny_vae(in_channels, seed) saved as a diffusers folder at `path`."""
     tiny_vae(in_channels, seed).save_pretrained(path)
     return path
 
@@ -118,3 +120,55 @@ def cli(*args: object, code: int | None = 0):
         raise AssertionError(f"traceback instead of a clean exit:\n{result.output}\n{tb}")
     assert code is None or result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shards shared by the train and user-error tests
+
+SHARDS_RES = 32  # pixels; the tiny VAE downsamples by 2, so latents are (4, 16, 16)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, vae_dir) -> Path:
+    """16 images encoded at 32 px into several small shards (some runs hold the last one out); root/images next
+    to root/shards. Tests that change shards copy them first."""
+    from vaedec.config import EncodeConfig
+    from vaedec.encode import encode
+
+    root = tmp_path_factory.mktemp("train-data")
+    make_images(root / "images", 16)
+    cfg = EncodeConfig(
+        src=str(root / "images"), out=str(root / "shards"), vae=str(vae_dir), resolution=SHARDS_RES,
+        shard_size_mb=0.02, num_workers=0, batch_size=8,
+    )
+    result = encode(cfg)
+    assert result.samples == 16 and result.shards >= 4
+    return root / "shards"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparisons
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    """Same keys, every tensor bit for bit equal."""
+    assert a.keys() == b.keys(), f"{what}: keys differ {sorted(set(a) ^ set(b))[:5]}"
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), f"{what}: {k} differs (max |diff| {(v.float() - b[k].float()).abs().max():.3g})"
+
+
+def frozen_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder half of an AutoencoderKL state dict (encoder.*, quant_conv.*)."""
+    return {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
+
+
+def trained_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The half vaedec trains (decoder.*, post_quant_conv.*)."""
+    return {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
+
+
+def assert_moments_match(stored: np.ndarray, fresh: np.ndarray) -> None:
+    """Stored float16 moments equal a fresh fp32 forward within fp16 storage precision."""
+    # fp16 storage: half an ulp is 2^-11 relative; batched vs single forward adds ~1e-6.
+    assert stored.dtype == np.float16 and stored.shape == fresh.shape
+    np.testing.assert_allclose(stored.astype(np.float32), fresh, rtol=1e-3, atol=1e-3)

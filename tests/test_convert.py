@@ -53,7 +53,7 @@ CONFIG_FIELDS = (
 )
 
 
-def tiny_vae(variant: str = "rgb", seed: int = 0, **overrides: object) -> AutoencoderKL:
+def distinct_vae(variant: str = "rgb", seed: int = 0, **overrides: object) -> AutoencoderKL:
     """A tiny AutoencoderKL whose tensors all differ, so swapping two same-shape tensors is caught."""
     channels, blocks, layers = VARIANTS[variant]
     torch.manual_seed(seed)
@@ -112,7 +112,7 @@ def assert_same_outputs(a: AutoencoderKL, b: AutoencoderKL) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_round_trip_is_bit_identical(variant: str) -> None:
-    sd = tiny_vae(variant).state_dict()
+    sd = distinct_vae(variant).state_dict()
     ldm = diffusers_to_ldm(sd)
     assert len(ldm) == len(sd)
     assert not set(ldm) & {k for k in sd if "blocks" in k or "mid_block" in k}  # names really changed
@@ -121,7 +121,7 @@ def test_round_trip_is_bit_identical(variant: str) -> None:
 
 def test_known_ldm_names_and_attention_shapes() -> None:
     """Spot-check names an SD checkpoint uses, including the reversed decoder index and 1x1-conv attention."""
-    sd = tiny_vae("3blocks_2layers").state_dict()
+    sd = distinct_vae("3blocks_2layers").state_dict()
     ldm = diffusers_to_ldm(sd)
     pairs = {  # diffusers name -> LDM name (3 blocks: diffusers up_blocks.i is LDM up.{2 - i})
         "decoder.up_blocks.0.resnets.2.conv1.weight": "decoder.up.2.block.2.conv1.weight",
@@ -152,7 +152,7 @@ def saved_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Au
     """Per channel count, the source model and a local diffusers folder holding its config."""
     out = {}
     for variant in ("rgb", "rgbd"):
-        vae = tiny_vae(variant)
+        vae = distinct_vae(variant)
         folder = tmp_path_factory.mktemp(variant)
         vae.save_pretrained(folder)
         out[variant] = (vae, folder)
@@ -190,7 +190,7 @@ def test_diffusers_from_single_file_loads_our_file(
     ],
 )
 def test_load_single_file_vae_infers_config(tmp_path: Path, variant: str, overrides: dict) -> None:
-    source = tiny_vae(variant, **overrides)
+    source = distinct_vae(variant, **overrides)
     path = tmp_path / "vae.safetensors"
     write_single_file(source, path)
     with safe_open(path, framework="pt") as f:
@@ -207,7 +207,7 @@ def test_load_single_file_vae_infers_config(tmp_path: Path, variant: str, overri
 
 def test_load_single_file_vae_scaling_factor_and_dtype(tmp_path: Path) -> None:
     path = tmp_path / "sd.ckpt"
-    write_single_file(tiny_vae(), path, prefix=PREFIX)
+    write_single_file(distinct_vae(), path, prefix=PREFIX)
     loaded = load_single_file_vae(path, scaling_factor=0.13025, torch_dtype=torch.float16)
     assert loaded.config.scaling_factor == 0.13025
     assert {p.dtype for p in loaded.parameters()} == {torch.float16}
@@ -224,7 +224,7 @@ def test_norm_num_groups_rule(widths: tuple[int, ...], groups: int) -> None:
 
 
 def test_extra_key_is_an_error_in_both_directions() -> None:
-    sd = tiny_vae().state_dict()
+    sd = distinct_vae().state_dict()
     with pytest.raises(ConversionError, match=r"encoder\.bogus\.weight"):
         diffusers_to_ldm(sd | {"encoder.bogus.weight": torch.zeros(1)})
     ldm = diffusers_to_ldm(sd)
@@ -234,7 +234,7 @@ def test_extra_key_is_an_error_in_both_directions() -> None:
 
 
 def test_missing_key_is_an_error(tmp_path: Path) -> None:
-    ldm = diffusers_to_ldm(tiny_vae().state_dict())
+    ldm = diffusers_to_ldm(distinct_vae().state_dict())
     del ldm["decoder.up.0.block.0.conv2.bias"]
     path = tmp_path / "vae.safetensors"
     save_file({k: v.contiguous() for k, v in ldm.items()}, path)
@@ -244,7 +244,7 @@ def test_missing_key_is_an_error(tmp_path: Path) -> None:
 
 def test_extra_mappable_key_is_an_error_when_loading(tmp_path: Path) -> None:
     """A key the mapping knows but the inferred model lacks (a third decoder level) is reported."""
-    ldm = diffusers_to_ldm(tiny_vae().state_dict())
+    ldm = diffusers_to_ldm(distinct_vae().state_dict())
     ldm["decoder.up.2.upsample.conv.bias"] = torch.zeros(16)
     path = tmp_path / "vae.safetensors"
     save_file({k: v.contiguous() for k, v in ldm.items()}, path)
@@ -296,7 +296,7 @@ def test_unreadable_files_name_the_path(tmp_path: Path) -> None:
 
 
 def test_split_checkpoint_detects_each_kind() -> None:
-    diffusers_sd = tiny_vae().state_dict()
+    diffusers_sd = distinct_vae().state_dict()
     ldm = diffusers_to_ldm(diffusers_sd)
     unet = {"model.diffusion_model.out.2.weight": torch.ones(4, 8, 3, 3)}
     full = {PREFIX + k: v for k, v in ldm.items()} | unet
@@ -330,7 +330,7 @@ def _fake_sd_checkpoint(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_replace_vae_in_checkpoint(tmp_path: Path, suffix: str) -> None:
-    vae_a, vae_b = tiny_vae(seed=0), tiny_vae(seed=1)
+    vae_a, vae_b = distinct_vae(seed=0), distinct_vae(seed=1)
     original = _fake_sd_checkpoint(vae_a)
     src, out = tmp_path / f"sd{suffix}", tmp_path / f"sd_new{suffix}"
     if suffix == ".ckpt":
@@ -361,30 +361,30 @@ def test_replace_vae_in_checkpoint(tmp_path: Path, suffix: str) -> None:
 
 def test_replace_vae_rejects_a_different_architecture(tmp_path: Path) -> None:
     src = tmp_path / "sd.safetensors"
-    save_file(_fake_sd_checkpoint(tiny_vae()), src)
+    save_file(_fake_sd_checkpoint(distinct_vae()), src)
     with pytest.raises(
         ConversionError, match=r"only in the new VAE: \[.*first_stage_model\.decoder\.up\.2\."
     ):
-        replace_vae_in_checkpoint(src, tiny_vae("3blocks_2layers"), tmp_path / "out.safetensors")
+        replace_vae_in_checkpoint(src, distinct_vae("3blocks_2layers"), tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     vae_only = tmp_path / "vae.safetensors"
-    write_single_file(tiny_vae(), vae_only)
+    write_single_file(distinct_vae(), vae_only)
     with pytest.raises(ConversionError, match="not a full SD checkpoint"):
-        replace_vae_in_checkpoint(vae_only, tiny_vae(), tmp_path / "out.safetensors")
+        replace_vae_in_checkpoint(vae_only, distinct_vae(), tmp_path / "out.safetensors")
 
 
 # --- 7. the `convert` command -------------------------------------------------------------------------------
 
 
 def test_convert_path_folder_to_file_and_back(tmp_path: Path) -> None:
-    source = tiny_vae("3blocks_2layers")
+    source = distinct_vae("3blocks_2layers")
     source.save_pretrained(tmp_path / "src")
 
     summary = convert_path(tmp_path / "src", tmp_path / "vae.safetensors")
     assert "vae.safetensors" in summary and "block_out_channels=(8, 16, 16)" in summary
     assert split_checkpoint(read_state_dict(tmp_path / "vae.safetensors"))[1] == KIND_LDM_VAE
 
-    stale = tmp_path / "back.tmp"  # what a killed run leaves behind
+    stale = tmp_path / ".back.0123456789abcdef.tmp"  # what a killed run leaves behind (vaedec/io.py's temp names)
     stale.mkdir()
     (stale / "half_written.json").write_text("{")
     summary = convert_path(tmp_path / "vae.safetensors", tmp_path / "back")
@@ -400,7 +400,7 @@ def test_convert_path_folder_to_file_and_back(tmp_path: Path) -> None:
 
 
 def test_convert_path_pipeline_folder_and_full_checkpoint(tmp_path: Path) -> None:
-    source = tiny_vae("rgbd")
+    source = distinct_vae("rgbd")
     source.save_pretrained(tmp_path / "pipe" / "vae")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
 
@@ -416,7 +416,7 @@ def test_convert_path_pipeline_folder_and_full_checkpoint(tmp_path: Path) -> Non
 
 
 def test_convert_path_diffusers_layout_single_file(tmp_path: Path) -> None:
-    source = tiny_vae()
+    source = distinct_vae()
     save_file(source.state_dict(), tmp_path / "diffusers_vae.safetensors")
     summary = convert_path(tmp_path / "diffusers_vae.safetensors", tmp_path / "out")
     assert "diffusers layout" in summary

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import ROOT, cli, make_images, save_tiny_vae, smooth_image, tar_samples
+from conftest import ROOT, assert_moments_match, cli, make_images, save_tiny_vae, smooth_image, tar_samples
 from PIL import Image
 
 from vaedec.cli import main
@@ -96,12 +96,6 @@ def diffusers_moments(model, pixels: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     dist = model.encode(x).latent_dist
     return torch.cat([dist.mean, dist.logvar], dim=1)[0].numpy()
-
-
-def assert_moments_match(stored: np.ndarray, fresh: np.ndarray) -> None:
-    # fp16 storage: half an ulp is 2^-11 relative; batched vs single forward adds ~1e-6.
-    assert stored.dtype == np.float16 and stored.shape == fresh.shape
-    np.testing.assert_allclose(stored.astype(np.float32), fresh, rtol=1e-3, atol=1e-3)
 
 
 def source_crop(path: Path, box: list[float]) -> np.ndarray:
@@ -309,14 +303,27 @@ def test_rerun_with_other_settings_is_refused_overwrite_replaces(tmp_path, vae_d
 def test_bad_settings_are_usage_or_clear_errors(tmp_path, vae_dir):
     src = tmp_path / "imgs"
     make_images(src, 1)
-    r = encode(src, tmp_path / "o1", vae_dir, "--resolution", 36)  # the later --resolution wins
-    assert r.exit_code == 1 and "multiple of 8" in r.output
+    r = encode(src, tmp_path / "o1", vae_dir, "--resolution", 33)  # the later --resolution wins
+    assert r.exit_code == 1 and "multiple of the VAE's downsampling factor 2" in r.output
     r = encode(src, tmp_path / "o2", vae_dir, "--resize", 16)
     assert r.exit_code == 1 and "--resize 16 must be >= --resolution 32" in r.output
     r = encode(src, tmp_path / "o3", vae_dir, "--resolution", 0)
     assert r.exit_code == 2  # click's range check: usage error
     r = encode(src, tmp_path / "o4", tmp_path / "no-such-vae")
     assert r.exit_code == 1 and "could not load an AutoencoderKL" in r.output
+
+
+def test_resolution_needs_only_the_vaes_own_downsampling_factor(tmp_path, vae_dir, model):
+    """36 px is no multiple of 8, but the tiny VAE downsamples by 2: it encodes, to (8, 18, 18) moments."""
+    src = tmp_path / "imgs"
+    make_images(src, 2, size=(40, 36))
+    r = encode(src, tmp_path / "out", vae_dir, "--resolution", 36)
+    assert r.exit_code == 0, r.output
+    o = read_out(tmp_path / "out")
+    assert len(o.samples) == 2
+    assert all(s.pixels.shape == (36, 36, 3) and s.moments.shape == (8, 18, 18) for s in o.samples)
+    for s in o.samples:
+        assert_moments_match(s.moments, diffusers_moments(model, s.pixels))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, cli, make_images, save_tiny_vae, tar_samples
+from conftest import (
+    FAST_TRAIN,
+    RANDOM_LPIPS,
+    ROOT,
+    assert_moments_match,
+    assert_same_tensors,
+    cli,
+    frozen_part,
+    make_images,
+    save_tiny_vae,
+    tar_samples,
+    trained_part,
+)
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -117,26 +129,6 @@ def fresh_moments(model: AutoencoderKL, pixels: np.ndarray, depth: np.ndarray | 
         x = torch.cat([x, d], dim=1)
     dist = model.encode(x).latent_dist
     return torch.cat([dist.mean, dist.logvar], dim=1)[0].numpy()
-
-
-def assert_moments_match(stored: np.ndarray, fresh: np.ndarray) -> None:
-    # fp16 storage: half an ulp is 2^-11 relative; batched vs single forward adds ~1e-6.
-    assert stored.dtype == np.float16 and stored.shape == fresh.shape
-    np.testing.assert_allclose(stored.astype(np.float32), fresh, rtol=1e-3, atol=1e-3)
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), f"{what}: keys differ {sorted(set(a) ^ set(b))[:5]}"
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), f"{what}: {k} differs"
-
-
-def frozen_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
-
-
-def trained_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
 
 
 def assert_decoder_changed(sd: dict[str, torch.Tensor], source: dict[str, torch.Tensor], what: str) -> None:
@@ -521,7 +513,7 @@ def test_convert_errors_are_messages(tmp_path, vae_dir) -> None:
         dst = tmp_path / f"{name}-out"
         r = cli("convert", tmp_path / name, dst, code=1)
         assert r.output.startswith("Error: ") and message in r.output and name in r.output, r.output
-        assert not dst.exists() and not Path(f"{dst}.tmp").exists()
+        assert not dst.exists() and not list(tmp_path.glob(f".{dst.name}*")) and not Path(f"{dst}.tmp").exists()
 
     no_vae = tmp_path / "other.safetensors"
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(no_vae))

@@ -23,15 +23,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, RANDOM_LPIPS, ROOT, cli, make_images, save_tiny_vae
+from conftest import (
+    FAST_TRAIN,
+    RANDOM_LPIPS,
+    ROOT,
+    assert_same_tensors,
+    cli,
+    frozen_part,
+    make_images,
+    save_tiny_vae,
+    trained_part,
+)
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
-from vaedec.config import EncodeConfig, OptimConfig, load_train_config
-from vaedec.encode import encode
+from vaedec.config import OptimConfig, load_train_config
 from vaedec.latents import sample_latent
 from vaedec.losses import LOG_KEYS
 from vaedec.shards import read_manifest, read_samples, shard_paths
@@ -45,20 +54,6 @@ NOT_LOGGED_EXACTLY = {"step", "images_per_s", "peak_memory_mb"}  # wall-clock an
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, vae_dir) -> Path:
-    """16 images encoded at 32 px into several small shards (some runs hold the last one out)."""
-    root = tmp_path_factory.mktemp("train-data")
-    make_images(root / "images", 16)
-    cfg = EncodeConfig(
-        src=str(root / "images"), out=str(root / "shards"), vae=str(vae_dir), resolution=RES,
-        shard_size_mb=0.02, num_workers=0, batch_size=8,
-    )
-    result = encode(cfg)
-    assert result.samples == 16 and result.shards >= 4
-    return root / "shards"
 
 
 def subprocess_env() -> dict[str, str]:
@@ -78,12 +73,6 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.stem: load_file(str(p)) for p in sorted(ckpt.glob("*.safetensors"))}
 
 
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), f"{what}: {k} differs (max |diff| {(v - b[k]).abs().max():.3g})"
-
-
 def assert_same_nested(a, b, what: str) -> None:
     """Equal nested dicts/lists of tensors and numbers (optimizer state dicts), tensors bit for bit."""
     if isinstance(a, torch.Tensor):
@@ -98,14 +87,6 @@ def assert_same_nested(a, b, what: str) -> None:
             assert_same_nested(x, y, f"{what}/{i}")
     else:
         assert a == b, f"{what}: {a!r} != {b!r}"
-
-
-def trained_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(("decoder.", "post_quant_conv."))}
-
-
-def frozen_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sd.items() if k.startswith(("encoder.", "quant_conv."))}
 
 
 def grid_tiles(path: Path, rows: int, columns: int = 4) -> np.ndarray:
@@ -273,8 +254,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, shards) -> None
 def test_training_step_isolates_encoder_decoder_and_discriminator(
     tmp_path, shards, vae_dir, monkeypatch
 ) -> None:
-    seen: dict = {"optimizers": [], "checks": []}
-    real_load_vae, real_trainable = train_mod.load_vae, train_mod.TrainableDecoder
+    import vaedec.vae
+
+    seen: dict = {}
+    real_load_vae, real_trainable = vaedec.vae.load_vae, train_mod.TrainableDecoder
 
     def load_vae_without_encoder_forward(*args, **kwargs):
         vae = real_load_vae(*args, **kwargs)
@@ -289,26 +272,8 @@ def test_training_step_isolates_encoder_decoder_and_discriminator(
         seen["decoder"] = real_trainable(vae)
         return seen["decoder"]
 
-    class SpyAdam(torch.optim.Adam):
-        """At each step: this optimizer's parameters have gradients, the other optimizer's have none."""
-
-        def __init__(self, params, **kwargs):
-            params = list(params)
-            super().__init__(params, **kwargs)
-            seen["optimizers"].append(params)
-
-        def step(self, closure=None):
-            opt_g, opt_d = seen["optimizers"]
-            mine = opt_g if any(p is self.param_groups[0]["params"][0] for p in opt_g) else opt_d
-            other = opt_d if mine is opt_g else opt_g
-            has_grads = all(p.grad is not None for p in mine)
-            other_has_none = all(p.grad is None for p in other)
-            seen["checks"].append(("g" if mine is opt_g else "d", has_grads, other_has_none))
-            return super().step(closure)
-
-    monkeypatch.setattr(train_mod, "load_vae", load_vae_without_encoder_forward)
+    monkeypatch.setattr(vaedec.vae, "load_vae", load_vae_without_encoder_forward)
     monkeypatch.setattr(train_mod, "TrainableDecoder", spy_decoder)
-    monkeypatch.setattr(torch.optim, "Adam", SpyAdam)
     run = tmp_path / "run"
     args = [*FAST, "model.train_post_quant_conv=false", "run.max_steps=2", "--no-export"]
     cli("train", shards, "--output", run, *args)
@@ -319,10 +284,6 @@ def test_training_step_isolates_encoder_decoder_and_discriminator(
     n_decoder = sum(p.numel() for p in source.decoder.parameters())
     n_pqc = sum(p.numel() for p in source.post_quant_conv.parameters())
     assert f"decoder: {n_decoder:,} trainable / {n_pqc:,} frozen parameters" in (run / "log.txt").read_text()
-    # Two steps, each: generator step with only decoder grads, discriminator step with only PatchGAN grads.
-    assert seen["checks"] == [("g", True, True), ("d", True, True)] * 2
-    opt_g_params = {id(p) for p in seen["optimizers"][0]}  # the decoder's: no post_quant_conv, no logvar
-    assert opt_g_params == {id(p) for p in seen["decoder"].decoder.parameters()}
 
     # model.train_post_quant_conv=false: post_quant_conv is bit-identical after training, the decoder is not.
     ckpt = checkpoint_tensors(list_checkpoints(run)[-1])
@@ -331,6 +292,50 @@ def test_training_step_isolates_encoder_decoder_and_discriminator(
         pqc = {k: v for k, v in ckpt[stem].items() if k.startswith("post_quant_conv.")}
         assert pqc and all(torch.equal(v, src[k]) for k, v in pqc.items()), stem
     assert not torch.equal(ckpt["decoder"]["decoder.conv_out.weight"], src["decoder.conv_out.weight"])
+
+
+def test_generator_and_discriminator_steps_give_gradients_only_to_their_own_model(shards) -> None:
+    """At each optimizer step of train's own phases: that optimizer's parameters have gradients, the other's none."""
+    from accelerate import Accelerator
+
+    from vaedec.discriminator import build_discriminator
+    from vaedec.images import batch_to_model
+    from vaedec.shards import collate
+
+    manifest = read_manifest(shards)
+    cfg = load_train_config(None, [*FAST, "model.train_post_quant_conv=false", f"data.shards={shards}"])
+    torch.manual_seed(0)
+    decoder = train_mod._trainable_decoder(cfg, manifest)  # as train() builds it: post_quant_conv frozen
+    disc = build_discriminator(cfg.loss, 3)
+    logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+    opt_g, opt_d, _ = train_mod.build_optimizers(cfg, decoder, disc, logvar, 1)
+    params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in (("g", opt_g), ("d", opt_d))}
+    # The decoder's optimizer holds the decoder only: no post_quant_conv (frozen), no logvar (not learned).
+    assert {id(p) for p in params["g"]} == {id(p) for p in decoder.decoder.parameters()}
+    assert {id(p) for p in params["d"]} == {id(p) for p in disc.parameters()}
+
+    checks = []
+    for name, opt, other in (("g", opt_g, "d"), ("d", opt_d, "g")):
+
+        def spy_step(*a, _name=name, _other=other, _real=opt.step, **k):
+            has_grads = all(p.grad is not None for p in params[_name])
+            other_has_none = all(p.grad is None for p in params[_other])
+            checks.append((_name, has_grads, other_has_none))
+            return _real(*a, **k)
+
+        opt.step = spy_step  # this instance only; torch.optim.Adam itself is untouched
+
+    accelerator, noise = Accelerator(), torch.Generator().manual_seed(0)
+    samples = list(read_samples(shard_paths(shards, manifest), 8))
+    for step in range(2):
+        batches = [collate(samples[4 * step + 2 * i : 4 * step + 2 * i + 2]) for i in range(2)]  # 2 micro-batches
+        micro = [(batch_to_model(b, accelerator.device), sample_latent(b["moments"], "sample", noise)) for b in batches]
+        stored, logs = train_mod.generator_step(accelerator, decoder, disc, opt_g, logvar, None, micro, cfg, step)
+        assert logs["loss/d_weight"] > 0  # the GAN term was in the decoder's gradient
+        d_logs = train_mod.discriminator_step(accelerator, disc, opt_d, stored, cfg, step)
+        assert d_logs  # the discriminator stepped
+    # Two steps, each: generator step with only decoder grads, discriminator step with only PatchGAN grads.
+    assert checks == [("g", True, True), ("d", True, True)] * 2
 
 
 def test_loss_phases_leave_the_other_model_without_gradients(vae_dir) -> None:

@@ -19,15 +19,6 @@ RES = 32
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, vae_dir) -> Path:
-    root = tmp_path_factory.mktemp("user-errors")
-    make_images(root / "images", 8)
-    cli("encode", root / "images", root / "shards", "--vae", vae_dir, "--resolution", RES, "--num-workers", 0,
-        "--shard-size-mb", 0.02)
-    return root / "shards"
-
-
 @pytest.fixture
 def run(tmp_path, shards) -> Path:
     """A finished 2-step run with a checkpoint and its export."""

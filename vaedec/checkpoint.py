@@ -1,6 +1,9 @@
-"""Training checkpoints (atomic folders: save, find latest, prune, load) and the final export.
+"""The run folder, training checkpoints (what they hold, save, find latest, prune, load, resume checks) and the export.
 
-A checkpoint is `RUN/checkpoints/step-%08d/`:
+A run folder RUN/ holds the files named by the RUN_* constants below: config.yaml, shards_manifest.json, log.txt,
+metrics.jsonl, TensorBoard events, images/, checkpoints/ and export/.
+
+A checkpoint is `RUN/checkpoints/step-%08d/`, the state_dict() of a `TrainState`:
     decoder.safetensors   trained post_quant_conv + decoder (AutoencoderKL names)
     ema.safetensors       EMA of the same weights (when EMA is on)
     disc.safetensors      the PatchGAN, BatchNorm buffers included
@@ -8,24 +11,33 @@ A checkpoint is `RUN/checkpoints/step-%08d/`:
     optim.pt              both optimizers' and the grad scaler's state dicts (tensors and numbers only;
                           read back with torch.load(weights_only=True))
     state.json            step, micro-batches consumed (the data position), EMA step, config
-It is written under a temp name and renamed when complete: a folder named step-* is always whole.
+It is written under a temp name and renamed when complete (vaedec/io.py): a folder named step-* is always whole.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from vaedec.shards import atomic_write_json
+from vaedec.io import atomic_folder, atomic_write_json
 
+# The run folder's names (train writes them, export and eval read them).
+RUN_CONFIG = "config.yaml"  # the resolved config
+RUN_MANIFEST = "shards_manifest.json"  # the shards' manifest: export finds the VAE and its fingerprint here
+RUN_LOG = "log.txt"
+RUN_METRICS = "metrics.jsonl"  # one JSON line per logged step and per validation
+RUN_IMAGES = "images"  # step-%08d.png grids
+RUN_EXPORT = "export"  # train's final export
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -65,23 +77,15 @@ def save_checkpoint(
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    with atomic_folder(final) as tmp:  # the same step saved again (the final save after a periodic one) replaces it
         for stem, sd in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors"))
         torch.save(optim_state, tmp / "optim.pt")
         atomic_write_json(tmp / "state.json", state)
-        os.chmod(tmp, 0o755)
-        if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temp folders of killed saves
+    for stale in root.glob(".step-*"):  # temp folders of saves killed at other steps
         shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -156,6 +160,130 @@ def resume_conflicts(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the state of a run
+
+
+@dataclass
+class TrainState:
+    """Everything a run continues from. `decoder`, `disc` and the optimizers are as accelerate.prepare returned
+    them; `state_dict()` is what a checkpoint holds, file by file, and `load_state_dict()` puts it back."""
+
+    accelerator: Accelerator
+    decoder: nn.Module  # TrainableDecoder: post_quant_conv + decoder
+    disc: nn.Module  # the PatchGAN
+    logvar: nn.Parameter  # LDM's scalar log-variance s
+    opt_g: torch.optim.Optimizer  # decoder (and logvar when learned)
+    opt_d: torch.optim.Optimizer  # discriminator
+    ema: EMAModel | None  # EMA of the decoder's parameters; None = no EMA
+    noise: torch.Generator  # this rank's latent noise (z = mean + std * eps)
+    config: dict[str, Any]  # the resolved config, recorded in state.json for resume checks
+    step: int = 0  # optimizer steps done
+    batches_consumed: int = 0  # micro-batches this rank has taken from its data stream (the data position)
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"tensors": {file stem: state dict}, "optim": optimizer states, "state": state.json}. A collective: every
+        rank must call it (the noise states are gathered); only the main process's result is whole."""
+        acc = self.accelerator
+        raw = acc.unwrap_model(self.decoder)
+        tensors = {
+            "decoder": raw.state_dict(),
+            "disc": acc.unwrap_model(self.disc).state_dict(),
+            "extra": {"logvar": self.logvar.detach().reshape(()), **_noise_states(self.noise, acc)},
+        }
+        if self.ema is not None:
+            tensors["ema"] = {n: p for (n, _), p in zip(raw.named_parameters(), self.ema.shadow_params)}
+        optim = {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+        if acc.scaler is not None:
+            optim["scaler"] = acc.scaler.state_dict()
+        state = {
+            "step": self.step,
+            "batches_consumed": self.batches_consumed,
+            "ema_step": self.ema.optimization_step if self.ema is not None else 0,
+            "num_processes": acc.num_processes,
+            "config": self.config,
+        }
+        return {"tensors": tensors, "optim": optim, "state": state}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue from `sd` (as `state_dict` or `load_checkpoint` gives it); raises RuntimeError/ValueError
+        when the weights do not fit these modules."""
+        acc, tensors, optim, state = self.accelerator, sd["tensors"], sd["optim"], sd["state"]
+        raw = acc.unwrap_model(self.decoder)
+        raw.load_state_dict(tensors["decoder"])
+        acc.unwrap_model(self.disc).load_state_dict(tensors["disc"])
+        self.opt_g.load_state_dict(optim["opt_g"])
+        self.opt_d.load_state_dict(optim["opt_d"])
+        self.logvar.data.copy_(tensors["extra"]["logvar"])
+        self.noise.set_state(tensors["extra"][f"noise_rank{acc.process_index}"])
+        if acc.scaler is not None and "scaler" in optim:
+            acc.scaler.load_state_dict(optim["scaler"])
+        if self.ema is not None:
+            names = [n for n, _ in raw.named_parameters()]
+            self.ema.shadow_params = [tensors["ema"][n].to(acc.device) for n in names]
+            self.ema.optimization_step = state["ema_step"]
+        self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+
+
+def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Every rank's latent-noise generator state, gathered to the main process."""
+    state = noise.get_state()
+    if accelerator.num_processes == 1:
+        return {"noise_rank0": state}
+    gathered = accelerator.gather(state.to(accelerator.device)[None]).cpu()
+    return {f"noise_rank{r}": gathered[r] for r in range(accelerator.num_processes)}
+
+
+def save_train_state(run_dir: str | Path, ts: TrainState, keep: int = 0) -> Path | None:
+    """Checkpoint `ts` at its step (every rank calls this; the main process writes); the path, or None elsewhere."""
+    sd = ts.state_dict()
+    if not ts.accelerator.is_main_process:
+        return None
+    return save_checkpoint(run_dir, ts.step, sd["tensors"], sd["optim"], sd["state"], keep=keep)
+
+
+def load_train_state(ckpt: str | Path, ts: TrainState) -> None:
+    """Continue `ts` from a checkpoint folder, or a CheckpointError saying it does not fit."""
+    tensors, optim, state = load_checkpoint(ckpt)
+    try:
+        ts.load_state_dict({"tensors": tensors, "optim": optim, "state": state})
+    except (RuntimeError, ValueError) as e:  # what RESUME_FIELDS does not cover, e.g. another VAE via --vae
+        raise CheckpointError(f"{ckpt} does not fit this model ({str(e).splitlines()[0]}); start a new run "
+                              "with another --output") from None
+
+
+def checked_resume(
+    run_dir: Path, resume: str, config: dict[str, Any], encoder: str, processes: int
+) -> Path | None:
+    """The checkpoint to continue from (None = start at step 0), refusing what would mix or break runs: called
+    before anything in the run folder is rewritten, so a refused resume leaves the earlier run as it was."""
+    ckpt = resolve_resume(run_dir, resume)
+    own = latest_checkpoint(run_dir)
+    if own is not None and (ckpt is None or ckpt.resolve().parent.parent != run_dir.resolve()):
+        # --resume none or another run's checkpoint: the new steps would land among this folder's checkpoints
+        # (and the next plain rerun would continue whichever is newest).
+        raise CheckpointError(
+            f"--resume {resume}, but {run_dir} holds checkpoints of its own (newest {own.name}); rerun without "
+            "--resume to continue them, or start the new run in another --output"
+        )
+    if ckpt is None:
+        return None
+    saved_manifest = ckpt.parent.parent / RUN_MANIFEST
+    saved_encoder = (
+        json.loads(saved_manifest.read_text())["settings"]["vae"]["encoder_sha256"] if saved_manifest.is_file() else None
+    )
+    state = checkpoint_state(ckpt)
+    problems = resume_conflicts(
+        state["config"], config, saved_encoder, encoder, state.get("num_processes", 1), processes
+    )
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: " + "; ".join(problems) + ". Rerun with the settings the run was made with, "
+            "or start a new run in another --output."
+        )
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # export
 
 
@@ -180,31 +308,29 @@ def trained_weights(ckpt: str | Path, use_ema: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-def run_vae_source(
-    run_dir: str | Path, ckpt: str | Path | None = None
-) -> tuple[str, str | None, float, dict[str, Any]]:
-    """(source, subfolder, scaling_factor, shards manifest) of the VAE a run fine-tunes: `--vae` when the run
-    was given one, else the shard manifest's."""
-    run_dir = Path(run_dir)
-    manifest_path = run_dir / "shards_manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path} not found: {run_dir} is not a vaedec run folder")
-    manifest = json.loads(manifest_path.read_text())
-    config = checkpoint_config(ckpt or run_checkpoint(run_dir))
-    vae_info = manifest["settings"]["vae"]
-    source = config["model"]["vae"] or vae_info["source"]
-    subfolder = config["model"]["subfolder"] if config["model"]["vae"] else vae_info["subfolder"]
-    return source, subfolder, vae_info["scaling_factor"], manifest
+def run_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The shard manifest a run was trained on (copied into the run folder by train)."""
+    path = Path(run_dir) / RUN_MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {run_dir} is not a vaedec run folder")
+    return json.loads(path.read_text())
+
+
+def run_vae_source(run_dir: str | Path, ckpt: str | Path | None = None) -> tuple[str, str | None, float]:
+    """(source, subfolder, scaling_factor) of the VAE a run fine-tunes: its `--vae`, else the manifest's."""
+    from vaedec.vae import manifest_vae_source
+
+    model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
+    return manifest_vae_source(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"])
 
 
 def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
     """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained decoder."""
-    from vaedec.vae import encoder_fingerprint, load_vae
+    from vaedec.vae import load_manifest_vae
 
-    source, subfolder, scaling_factor, manifest = run_vae_source(run_dir, ckpt)
-    vae = load_vae(source, subfolder, scaling_factor)
-    if encoder_fingerprint(vae) != manifest["settings"]["vae"]["encoder_sha256"]:
-        raise CheckpointError(f"{source} no longer holds the encoder the run was trained for (fingerprint differs)")
+    model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
+    vae = load_manifest_vae(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"],
+                            f"the shards of run {run_dir}")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
     missing, unexpected = vae.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
@@ -227,10 +353,15 @@ def check_export_target(run_dir: str | Path, ckpt: Path, out: Path, overwrite: b
                               "or pass --overwrite to replace it")
 
 
+def default_use_ema(ckpt: str | Path) -> bool:
+    """Which weights an export takes when not told: the EMA ones whenever the run kept them."""
+    return (Path(ckpt) / "ema.safetensors").is_file()
+
+
 def export_run(
     run_dir: str | Path,
     out: str | Path,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
     fmt: str = "diffusers",
     ckpt: str | Path | None = None,
     into: str | Path | None = None,
@@ -238,29 +369,26 @@ def export_run(
 ) -> Path:
     """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, and with `into`
     a copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier
-    export, or `overwrite`."""
+    export, or `overwrite`. use_ema None = `default_use_ema`."""
     out = Path(out).resolve()  # "." has no name to put a temp folder next to
     ckpt = Path(ckpt) if ckpt is not None else run_checkpoint(run_dir)
+    if use_ema is None:
+        use_ema = default_use_ema(ckpt)
     check_export_target(run_dir, ckpt, out, overwrite)
     vae = finetuned_vae(run_dir, use_ema, ckpt)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if fmt in ("diffusers", "both"):
-        vae.save_pretrained(tmp, safe_serialization=True)
-    if fmt in ("ldm", "both"):
-        from vaedec.convert import write_single_file
+    with atomic_folder(out) as tmp:
+        if fmt in ("diffusers", "both"):
+            vae.save_pretrained(tmp, safe_serialization=True)
+        if fmt in ("ldm", "both"):
+            from vaedec.convert import write_single_file
 
-        write_single_file(vae, tmp / "vae.safetensors")
-    if into is not None:
-        from vaedec.convert import replace_vae_in_checkpoint
+            write_single_file(vae, tmp / "vae.safetensors")
+        if into is not None:
+            from vaedec.convert import replace_vae_in_checkpoint
 
-        replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
-    trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
-    record = {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt, "into": str(into) if into else None}
-    atomic_write_json(tmp / "vaedec_export.json", record)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+            replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
+        trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+        save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
+        record = {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt, "into": str(into) if into else None}
+        atomic_write_json(tmp / "vaedec_export.json", record)
     return out

@@ -5,32 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 
 import click
 
 from vaedec.config import ConfigError, EncodeConfig, EvalConfig
+from vaedec.io import setup_logging  # lives in io.py; `from vaedec.cli import setup_logging` keeps working
 
 # Exit codes, documented in the README and in `--help`.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 log = logging.getLogger("vaedec")
-
-
-def setup_logging(logfile: Path | None = None) -> None:
-    """Plain messages to stderr (and to `logfile`); quiet third-party chatter."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if logfile is not None:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logfile))
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    root = logging.getLogger("vaedec")
-    root.handlers.clear()
-    for h in handlers:
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    root.setLevel(logging.INFO)
-    root.propagate = False
 
 
 class UserError(click.ClickException):
@@ -61,7 +45,7 @@ def main() -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option("--vae", required=True, help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file.")
 @click.option("--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'.")
-@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (multiple of 8).")
+@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (a multiple of the VAE's downsampling factor: 8 for SD VAEs).")
 @click.option("--resize", type=click.IntRange(8), default=None, help="Resize the shorter side to this before cropping [default: resolution].")
 @click.option("--crops-per-image", type=click.IntRange(0), default=0, help="0 = one center crop; N = N seeded random crops per image.")
 @click.option("--flip/--no-flip", default=False, help="Also encode each mirrored crop as its own sample.")
@@ -154,20 +138,19 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     when unique: `max_steps=2000`). Rerunning the same command resumes from the newest checkpoint. For several
     GPUs or processes: `accelerate launch cli.py train ...`.
     """
-    from vaedec.checkpoint import CheckpointError
-    from vaedec.config import dump_config, load_train_config
+    from vaedec.checkpoint import RUN_IMAGES, RUN_METRICS, CheckpointError
+    from vaedec.config import default_run_dir, dump_config, load_train_config
     from vaedec.losses import LPIPSWeightsError
     from vaedec.shards import ShardError
     from vaedec.vae import VAELoadError
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
-    name = Path(config_paths[-1]).stem if config_paths else "run"
     given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
     try:
         cfg = load_train_config(config_paths, [*overrides, *given])
         if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=f"runs/{name}"))
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=default_run_dir(config_paths)))
     except ConfigError as e:
         raise UserError(str(e)) from None
     if dry_run:
@@ -183,8 +166,8 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     if not info.main_process:
         return  # one summary, from rank 0
     click.echo(f"run folder  {info.run_dir}  (step {info.step})")
-    click.echo(f"  grids     {info.run_dir / 'images'}")
-    click.echo(f"  metrics   {info.run_dir / 'metrics.jsonl'}  (TensorBoard: tensorboard --logdir {info.run_dir})")
+    click.echo(f"  grids     {info.run_dir / RUN_IMAGES}")
+    click.echo(f"  metrics   {info.run_dir / RUN_METRICS}  (TensorBoard: tensorboard --logdir {info.run_dir})")
     if info.export_dir:
         click.echo(f"  export    {info.export_dir}  (AutoencoderKL.from_pretrained)")
 
@@ -211,13 +194,13 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     OUT/decoder.safetensors                                 only the trained weights
     OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
     """
-    from vaedec.checkpoint import CheckpointError, export_run, run_checkpoint
+    from vaedec.checkpoint import CheckpointError, default_use_ema, export_run, run_checkpoint
     from vaedec.convert import ConversionError
     from vaedec.vae import VAELoadError
 
     try:
         if ema is None:
-            ema = (Path(checkpoint or run_checkpoint(run)) / "ema.safetensors").is_file()
+            ema = default_use_ema(checkpoint or run_checkpoint(run))
         path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
     except (CheckpointError, VAELoadError, ConversionError) as e:
         raise UserError(str(e)) from None

@@ -34,7 +34,7 @@ class EncodeConfig:
     out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
     vae: str = ""  # diffusers folder or hub id of the AutoencoderKL whose encoder is used
     subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
-    resolution: int = 256  # side of the square crop that is encoded, pixels (multiple of 8)
+    resolution: int = 256  # side of the square crop that is encoded, pixels (multiple of the VAE's downsampling factor)
     resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
     crops_per_image: int = 0  # 0 = one center crop; N > 0 = N seeded random crops per image instead
     flip: bool = False  # also encode the horizontally mirrored crop as its own sample
@@ -305,6 +305,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a mapping of sections (data, model, loss, optim, run)")
     return data
+
+
+def default_run_dir(config_paths: str | Path | list | tuple | None) -> str:
+    """The run folder when run.output is not given: runs/<stem of the (last) config file>, else runs/run."""
+    last = config_paths if isinstance(config_paths, (str, Path)) else (config_paths or [None])[-1]
+    return f"runs/{Path(last).stem if last else 'run'}"
 
 
 def load_train_config(

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from vaedec.io import atomic_folder, atomic_write
 
 FULL_CHECKPOINT_PREFIX = "first_stage_model."
 # Not readable from weights. 0.18215 is the SD 1.x / 2.x value (LDM `scale_factor`, diffusers'
@@ -410,20 +410,6 @@ def load_single_file_vae(
 # --- writing ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    # Write to a temp file next to the target and rename, so a killed run never leaves a truncated checkpoint.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name rather than mkstemp, whose 0600 mode would stick to the checkpoint after the rename.
-    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _diffusers_state_dict(vae_or_state_dict: AutoencoderKL | Mapping[str, Tensor]) -> dict[str, Tensor]:
     if isinstance(vae_or_state_dict, torch.nn.Module):
         return vae_or_state_dict.state_dict()
@@ -438,9 +424,9 @@ def _ldm_tensors(vae_or_state_dict: AutoencoderKL | Mapping[str, Tensor], prefix
 
 def _save(tensors: object, path: Path, metadata: dict[str, str] | None = None) -> None:
     if path.suffix.lower() == ".safetensors":
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     elif path.suffix.lower() == ".ckpt":
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
     else:
         raise ConversionError(f"{path}: cannot write {path.suffix!r}; use a .safetensors or .ckpt file name.")
 
@@ -566,15 +552,8 @@ def _folder_to_file(src: Path, subfolder: str | None, dst: Path, prefix: str) ->
 def _file_to_folder(src: Path, dst: Path, scaling_factor: float | None) -> str:
     ldm_sd, kind = split_checkpoint(read_state_dict(src))
     vae = _vae_from_ldm(ldm_sd, scaling_factor, str(src))
-    # Build the folder under a side name and rename it, so a killed run never leaves a half-written dst.
-    tmp = Path(f"{dst}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run; it is ours by name
-    try:
+    with atomic_folder(dst) as tmp:  # a killed run never leaves a half-written dst
         vae.save_pretrained(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     note = ""
     if scaling_factor is None:
         note = (

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from vaedec.cli import setup_logging
+from vaedec.io import setup_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +59,7 @@ def demo_vae(out: Path, seed: int = 0) -> Path:
 @click.option("--max-steps", default=None, type=int, help="Override configs/demo.yaml's run.max_steps.")
 def main(out: Path, max_steps: int | None) -> None:
     """Run the demo end to end into OUT (images/, vae/, shards/, run/)."""
+    from vaedec.checkpoint import RUN_IMAGES, RUN_METRICS
     from vaedec.config import EncodeConfig, load_train_config
     from vaedec.encode import encode
     from vaedec.train import train
@@ -91,10 +92,10 @@ def main(out: Path, max_steps: int | None) -> None:
         overrides.append(f"run.max_steps={max_steps}")
     cfg = load_train_config(ROOT / "configs" / "demo.yaml", overrides)
     info = train(cfg)
-    grids = sorted((info.run_dir / "images").glob("*.png"))
+    grids = sorted((info.run_dir / RUN_IMAGES).glob("*.png"))
     click.echo(f"[4/4] trained {info.step} steps")
     click.echo(f"\n  grids    {grids[-1] if grids else '-'}  (original | original decoder | decoder | EMA)")
-    click.echo(f"  metrics  {info.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {info.run_dir})")
+    click.echo(f"  metrics  {info.run_dir / RUN_METRICS}  (tensorboard --logdir {info.run_dir})")
     click.echo(f"  export   {info.export_dir}  (AutoencoderKL.from_pretrained)")
     click.echo(f"  inspect  vaedec inspect {out / 'shards'} --verify")
 

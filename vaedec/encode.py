@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,35 +11,37 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from vaedec import __version__
 from vaedec.config import EncodeConfig
 from vaedec.images import (
     InputItem,
     Skip,
     SkipImage,
+    check_unique_stems,
     crop_boxes,
     crop_resize,
+    depth_to_model_range,
     discover_inputs,
     image_seed_rng,
+    index_depth_maps,
+    load_depth,
     load_rgb,
     make_key,
+    resize_depth,
     to_model_range,
 )
 from vaedec.latents import encode_moments
 from vaedec.shards import (
-    FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     SKIPPED,
     ShardWriter,
-    atomic_write_bytes,
-    atomic_write_json,
+    new_manifest,
     read_manifest,
     read_skipped,
     sample_members,
+    write_manifest,
+    write_skipped,
 )
 from vaedec.vae import DTYPES, encoder_fingerprint, freeze, load_vae, vae_summary
 
@@ -104,7 +105,7 @@ def prepare_input(item: InputItem, cfg: EncodeConfig, depth_index: dict[str, str
     samples = []
     for c, box in enumerate(boxes):
         crop = crop_resize(im, box, cfg.resolution)
-        depth = _resize_depth(depth_im, box, cfg.resolution) if depth_im is not None else None
+        depth = resize_depth(depth_im, box, cfg.resolution) if depth_im is not None else None
         record = {
             "source": item.rel,
             "orig_size": [w, h],
@@ -121,67 +122,6 @@ def prepare_input(item: InputItem, cfg: EncodeConfig, depth_index: dict[str, str
             fdepth = None if depth is None else np.ascontiguousarray(depth[:, ::-1])
             samples.append(PreparedSample(f"{key}-flip", flipped, fdepth, {**record, "flip": True}))
     return samples
-
-
-def index_depth_maps(depth_dir: str) -> dict[str, str]:
-    """{file stem: path} of the 16-bit depth PNGs under depth_dir; a stem found twice is an error."""
-    root = Path(depth_dir)
-    if not root.is_dir():
-        raise EncodeError(f"--depth-dir {depth_dir} is not a folder")
-    index: dict[str, str] = {}
-    for p in sorted(q for q in root.rglob("*") if q.suffix.lower() == ".png" and q.is_file()):
-        if p.stem in index:
-            raise EncodeError(f"two depth maps share the stem {p.stem!r}: {index[p.stem]} and {p}; rename one")
-        index[p.stem] = str(p)
-    if not index:
-        raise EncodeError(f"no .png depth maps under --depth-dir {depth_dir}")
-    return index
-
-
-def _check_unique_stems(items: list[InputItem]) -> None:
-    """Depth maps are matched by file stem, so two images with one stem would silently share a depth map."""
-    seen: dict[str, str] = {}
-    clashes = []
-    for item in items:
-        stem = Path(item.rel).stem
-        if stem in seen:
-            clashes.append(f"{seen[stem]} and {item.rel}")
-        seen.setdefault(stem, item.rel)
-    if clashes:
-        raise EncodeError(
-            "with --depth-dir, images are paired with depth maps by file stem, and these images share a stem: "
-            + "; ".join(clashes[:5]) + (f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else "")
-            + ". Rename them so every stem is unique."
-        )
-
-
-def load_depth(item: InputItem, depth_index: dict[str, str], size: tuple[int, int]) -> Image.Image:
-    """The 16-bit depth map paired with `item` by file stem, as a float image the same size as the RGB.
-
-    The depth map must match the image as displayed, i.e. after the image's EXIF orientation is applied.
-    """
-    stem = Path(item.rel).stem
-    path = depth_index.get(stem)
-    if path is None:
-        raise SkipImage(f"no depth map named {stem}.png in --depth-dir")
-    try:
-        with Image.open(path) as d:
-            d.load()
-            mode, dsize = d.mode, d.size
-            if mode not in ("I;16", "I;16B", "I;16L", "I"):
-                raise SkipImage(f"depth map {path} is {mode}, not a 16-bit grey PNG")
-            arr = np.asarray(d).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise SkipImage(f"cannot decode depth map {path}: {e}") from None
-    if dsize != size:
-        raise SkipImage(f"depth map {path} is {dsize[0]}x{dsize[1]} but the image is {size[0]}x{size[1]}")
-    return Image.fromarray(arr, "F")
-
-
-def _resize_depth(depth: Image.Image, box: tuple[float, float, float, float], resolution: int) -> np.ndarray:
-    # Bilinear, not Lanczos: depth is a measurement, and Lanczos would ring past the measured range at edges.
-    out = np.asarray(depth.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
-    return np.clip(np.round(out), 0, 65535).astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,56 +186,15 @@ def pick_device(name: str | None) -> torch.device:
 def encode(cfg: EncodeConfig) -> EncodeResult:
     """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring."""
     # 1. inputs and settings -------------------------------------------------------------------------------
-    if cfg.resolution % 8 or cfg.resolution < 8:
-        raise EncodeError(f"--resolution {cfg.resolution} must be a positive multiple of 8")
-    if cfg.resize is not None and cfg.resize < cfg.resolution:
-        raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
-    items, list_skips = discover_inputs(cfg.src)
-    depth_index = index_depth_maps(cfg.depth_dir) if cfg.depth_dir else None
-    if depth_index is not None:
-        _check_unique_stems(items)
+    items, list_skips, depth_index = _inputs(cfg)
+    device, dtype = pick_device(cfg.device), DTYPES[cfg.dtype]
+    vae, vae_info = _encoder_vae(cfg, depth_index is not None)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise EncodeError(f"OUT {out} exists and is not a folder")
-
-    device = pick_device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
-    vae = load_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor)
-    info = vae_summary(vae)
-    expected_in = 4 if depth_index is not None else 3
-    if info["in_channels"] != expected_in:
-        hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
-        raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
-    if cfg.resolution % info["downsample_factor"]:
-        raise EncodeError(f"--resolution must be a multiple of the VAE's downsampling factor {info['downsample_factor']}")
-    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
-    source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
-    vae_info = {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused encode leaves no empty OUT behind
     settings = settings_of(cfg, vae_info, items)
 
     # 2. resume or refuse ----------------------------------------------------------------------------------
-    manifest = None
-    if cfg.overwrite:
-        _clear_out(out)
-    elif (out / MANIFEST).exists():
-        manifest = read_manifest(out)
-        changed = _diff(manifest["settings"], settings)
-        if changed:
-            raise EncodeError(
-                f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
-                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
-            )
-    elif any(out.glob("shard-*.tar")):
-        raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
-    for stale in out.glob(".shard-*.partial"):
-        stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
-
-    if manifest is None:
-        manifest = new_manifest(settings)
-        # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
-        # must leave a folder this command resumes, not "shard files but no manifest.json".
-        atomic_write_json(out / MANIFEST, manifest)
+    manifest = _resume_or_refuse(out, settings, cfg.overwrite)
     skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
     skips += [
         Skip(r["input_index"], r["source"], r["reason"], r.get("key"))
@@ -321,26 +220,7 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
         collate_fn=lambda x: x,
         prefetch_factor=4 if cfg.num_workers and len(todo) > 1 else None,
     )
-    limit = cfg.shard_size_mb * 2**20
-    writer: ShardWriter | None = None
-    pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
-
-    def flush() -> None:
-        nonlocal writer
-        batch = pending[:]
-        pending.clear()
-        moments = _encode_batch(vae, batch, device, dtype)
-        for (index, sample, last), m in zip(batch, moments):
-            if not np.isfinite(m).all():
-                skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
-            else:
-                if writer is None:
-                    writer = ShardWriter(out, len(manifest["shards"]))
-                writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
-            if last and writer is not None and writer.bytes >= limit:
-                _commit(out, manifest, writer, index + 1, skips)
-                writer = None
-
+    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype))
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
     try:
@@ -349,29 +229,122 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
             if "skip" in prepared:
                 skips.append(Skip(item.index, item.rel, prepared["skip"]))
             else:
-                samples = prepared["samples"]
-                pending.extend((item.index, s, j == len(samples) - 1) for j, s in enumerate(samples))
-                if len(pending) >= cfg.batch_size:
-                    flush()
+                sink.add(item.index, prepared["samples"], cfg.batch_size)
             bar.update(1)
-        if pending:
-            flush()
-        final_writer = writer
-        writer = None
-        if final_writer is not None and final_writer.samples:
-            _commit(out, manifest, final_writer, len(items), skips)
-        elif final_writer is not None:
-            final_writer.abort()
-        manifest["complete"] = True
-        manifest["next_input"] = len(items)
-        _write_state(out, manifest, skips)
+        sink.finish(len(items))
     finally:
         bar.close()
-        if writer is not None:
-            writer.abort()
+        sink.abort()
     elapsed = time.perf_counter() - t0
     log.info("encoded %d inputs in %.1f s (%.1f img/s)", len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
     return _result(out, manifest, skips)
+
+
+def _inputs(cfg: EncodeConfig) -> tuple[list[InputItem], list[Skip], dict[str, str] | None]:
+    """(inputs, file-list entries that are no input, depth index or None), checking what needs no VAE."""
+    if cfg.resolution < 8:
+        raise EncodeError(f"--resolution {cfg.resolution} must be at least 8")  # the VAE's own factor: _encoder_vae
+    if cfg.resize is not None and cfg.resize < cfg.resolution:
+        raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
+    items, list_skips = discover_inputs(cfg.src)
+    depth_index = index_depth_maps(cfg.depth_dir) if cfg.depth_dir else None
+    if depth_index is not None:
+        check_unique_stems(items)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise EncodeError(f"OUT {cfg.out} exists and is not a folder")
+    return items, list_skips, depth_index
+
+
+def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
+    """The VAE and its manifest record (source, fingerprint, channels, factors), refused when it cannot encode
+    these inputs at this resolution."""
+    vae = load_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor)
+    info = vae_summary(vae)
+    expected_in = 4 if depth else 3
+    if info["in_channels"] != expected_in:
+        hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
+        raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
+    if cfg.resolution % info["downsample_factor"]:
+        raise EncodeError(
+            f"--resolution {cfg.resolution} must be a multiple of the VAE's downsampling factor {info['downsample_factor']}"
+        )
+    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
+    source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
+    return vae, {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
+
+
+def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """OUT's manifest to continue (a new one for a fresh or overwritten OUT), refusing OUT of other settings."""
+    manifest = None
+    if overwrite:
+        _clear_out(out)
+    elif (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        changed = _diff(manifest["settings"], settings)
+        if changed:
+            raise EncodeError(
+                f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
+                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
+            )
+    elif any(out.glob("shard-*.tar")):
+        raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
+    for stale in out.glob(".shard-*.partial"):
+        stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
+    if manifest is None:
+        manifest = new_manifest(settings)
+        # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
+        # must leave a folder this command resumes, not "shard files but no manifest.json".
+        write_manifest(out, manifest)
+    return manifest
+
+
+class _ShardSink:
+    """Encodes prepared samples in batches and writes them into shards. A shard is committed (then the manifest
+    updated) only at the end of an input, once it holds `limit` bytes: an input's samples never span two shards,
+    so a resumed encode restarts at an input boundary."""
+
+    def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any):
+        self.out, self.manifest, self.skips, self.limit, self.encode_batch = out, manifest, skips, limit, encode_batch
+        self.writer: ShardWriter | None = None
+        self.pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
+
+    def add(self, index: int, samples: list[PreparedSample], batch_size: int) -> None:
+        """Queue one input's samples; encode once a batch is full."""
+        self.pending.extend((index, s, j == len(samples) - 1) for j, s in enumerate(samples))
+        if len(self.pending) >= batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Encode the queued samples; a non-finite one is skipped, not stored."""
+        batch, self.pending = self.pending, []
+        for (index, sample, last), m in zip(batch, self.encode_batch(batch)):
+            if not np.isfinite(m).all():
+                self.skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
+            else:
+                if self.writer is None:
+                    self.writer = ShardWriter(self.out, len(self.manifest["shards"]))
+                self.writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
+            if last and self.writer is not None and self.writer.bytes >= self.limit:
+                _commit(self.out, self.manifest, self.writer, index + 1, self.skips)
+                self.writer = None
+
+    def finish(self, n_inputs: int) -> None:
+        """Encode what is queued, commit the last shard and mark the manifest complete."""
+        if self.pending:
+            self.flush()
+        writer, self.writer = self.writer, None
+        if writer is not None and writer.samples:
+            _commit(self.out, self.manifest, writer, n_inputs, self.skips)
+        elif writer is not None:
+            writer.abort()
+        self.manifest["complete"] = True
+        self.manifest["next_input"] = n_inputs
+        _write_state(self.out, self.manifest, self.skips)
+
+    def abort(self) -> None:
+        """Drop an unfinished shard (after an error; a no-op after finish)."""
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtype) -> list[np.ndarray]:
@@ -379,31 +352,11 @@ def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtyp
     pixels = torch.from_numpy(np.stack([s.pixels for _, s, _ in batch])).permute(0, 3, 1, 2)  # (B, 3, H, W)
     x = to_model_range(pixels)
     if batch[0][1].depth is not None:
-        depth = torch.from_numpy(np.stack([s.depth.astype(np.float32) for _, s, _ in batch]))[:, None]
-        x = torch.cat([x, depth / 65535.0 * 2.0 - 1.0], dim=1)  # diffusers' LDM3D depth scaling
+        depth = torch.from_numpy(np.stack([s.depth.astype(np.int32) for _, s, _ in batch]))[:, None]  # (B, 1, H, W)
+        x = torch.cat([x, depth_to_model_range(depth)], dim=1)
     moments = encode_moments(vae, x.to(device=device, dtype=dtype))
     # fp16 storage: values beyond its range become inf and are caught as non-finite, not silently clipped.
     return list(moments.to(torch.float16).float().cpu().numpy())
-
-
-def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
-    """An empty manifest for a fresh OUT."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "vaedec_version": __version__,
-        "complete": False,
-        "settings": settings,
-        "sample": {
-            "moments.npy": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]",
-            "image.png": "uint8 RGB (H, W, 3): the exact pixels encoded",
-            "depth.png": "uint16 (H, W), RGB+depth only",
-            "json": "source, orig_size, crop_box, crop_index, flip, upscaled",
-        },
-        "shards": [],
-        "next_input": 0,
-        "totals": {"samples": 0, "inputs_skipped": 0, "samples_skipped": 0, "list_entries_skipped": 0},
-    }
 
 
 def _commit(out: Path, manifest: dict, writer: ShardWriter, next_input: int, skips: list[Skip]) -> None:
@@ -424,11 +377,8 @@ def _write_state(out: Path, manifest: dict, skips: list[Skip]) -> None:
         "samples_skipped": sum(1 for s in done if s.key is not None),
         "list_entries_skipped": sum(1 for s in done if s.index < 0),  # missing/duplicate list lines, broken links
     }
-    lines = [
-        json.dumps({"input_index": s.index, "source": s.rel, "reason": s.reason, "key": s.key}) for s in done
-    ]
-    atomic_write_bytes(out / SKIPPED, ("\n".join(lines) + "\n" if lines else "").encode())
-    atomic_write_json(out / MANIFEST, manifest)
+    write_skipped(out, [{"input_index": s.index, "source": s.rel, "reason": s.reason, "key": s.key} for s in done])
+    write_manifest(out, manifest)
 
 
 def _result(out: Path, manifest: dict, skips: list[Skip], already_complete: bool = False) -> EncodeResult:

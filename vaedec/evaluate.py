@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from vaedec.config import EncodeConfig, EvalConfig, config_to_dict
 from vaedec.images import batch_to_model
+from vaedec.io import atomic_write_bytes, atomic_write_json
 from vaedec.latents import split_moments
 from vaedec.metrics import (
     FID_FEATURES,
@@ -43,8 +44,6 @@ from vaedec.metrics import (
 )
 from vaedec.shards import (
     MANIFEST,
-    atomic_write_bytes,
-    atomic_write_json,
     collate,
     read_manifest,
     read_samples,
@@ -133,8 +132,7 @@ def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
     if spec.run is not None:
         from vaedec.checkpoint import run_vae_source
 
-        source, subfolder, scaling, _ = run_vae_source(spec.run, spec.ckpt)
-        return source, subfolder, scaling
+        return run_vae_source(spec.run, spec.ckpt)
     return spec.source, None, None
 
 

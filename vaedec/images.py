@@ -1,4 +1,4 @@
-"""Finding images, decoding them by one documented rule, cropping, and the uint8 <-> [-1, 1] convention.
+"""Finding images, decoding them by one documented rule, cropping, depth maps, and the pixel <-> [-1, 1] convention.
 
 Conversion rule (applied after EXIF orientation), so every input becomes 8-bit RGB:
 - RGB as is; L and 1 (grey, bilevel) replicated to three channels.
@@ -7,6 +7,9 @@ Conversion rule (applied after EXIF orientation), so every input becomes 8-bit R
 - Palette without transparency: expanded to its RGB colours.
 - CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB (ICC profiles are not applied).
 - Float images (mode F) and files Pillow cannot fully decode are skipped with the reason.
+
+RGB+depth (ldm3d-4c): a 16-bit grey PNG per image, paired by file stem, cropped with the image's boxes, and fed to
+the model as depth / 65535 * 2 - 1 (diffusers' LDM3D image processor), the one place that scaling is written.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking; the same filter diffusers' image processor uses
+GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit grey images (and depth maps)
 
 
 class InputError(ValueError):
-    """SRC itself is unusable (missing, empty): the whole command stops with this message."""
+    """SRC or --depth-dir itself is unusable (missing, empty, ambiguous): the whole command stops with this message."""
 
 
 class SkipImage(Exception):
@@ -126,7 +130,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if mode in GREY16_MODES:
         a = np.asarray(im).astype(np.float64)
         return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
@@ -190,9 +194,80 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# depth maps (RGB+depth VAEs)
+
+
+def index_depth_maps(depth_dir: str) -> dict[str, str]:
+    """{file stem: path} of the 16-bit depth PNGs under depth_dir; a stem found twice is an error."""
+    root = Path(depth_dir)
+    if not root.is_dir():
+        raise InputError(f"--depth-dir {depth_dir} is not a folder")
+    index: dict[str, str] = {}
+    for p in sorted(q for q in root.rglob("*") if q.suffix.lower() == ".png" and q.is_file()):
+        if p.stem in index:
+            raise InputError(f"two depth maps share the stem {p.stem!r}: {index[p.stem]} and {p}; rename one")
+        index[p.stem] = str(p)
+    if not index:
+        raise InputError(f"no .png depth maps under --depth-dir {depth_dir}")
+    return index
+
+
+def check_unique_stems(items: list[InputItem]) -> None:
+    """Refuse inputs that share a file stem: depth maps are matched by stem, so they would share one silently."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for item in items:
+        stem = Path(item.rel).stem
+        if stem in seen:
+            clashes.append(f"{seen[stem]} and {item.rel}")
+        seen.setdefault(stem, item.rel)
+    if clashes:
+        raise InputError(
+            "with --depth-dir, images are paired with depth maps by file stem, and these images share a stem: "
+            + "; ".join(clashes[:5]) + (f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else "")
+            + ". Rename them so every stem is unique."
+        )
+
+
+def load_depth(item: InputItem, depth_index: dict[str, str], size: tuple[int, int]) -> Image.Image:
+    """The 16-bit depth map paired with `item` by file stem, as a float image the same size as the RGB.
+
+    The depth map must match the image as displayed, i.e. after the image's EXIF orientation is applied.
+    """
+    stem = Path(item.rel).stem
+    path = depth_index.get(stem)
+    if path is None:
+        raise SkipImage(f"no depth map named {stem}.png in --depth-dir")
+    try:
+        with Image.open(path) as d:
+            d.load()
+            mode, dsize = d.mode, d.size
+            if mode not in GREY16_MODES:
+                raise SkipImage(f"depth map {path} is {mode}, not a 16-bit grey PNG")
+            arr = np.asarray(d).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise SkipImage(f"cannot decode depth map {path}: {e}") from None
+    if dsize != size:
+        raise SkipImage(f"depth map {path} is {dsize[0]}x{dsize[1]} but the image is {size[0]}x{size[1]}")
+    return Image.fromarray(arr, "F")
+
+
+def resize_depth(depth: Image.Image, box: tuple[float, float, float, float], resolution: int) -> np.ndarray:
+    """The pixels of `box` of a float depth map resampled to resolution², as uint16 (H, W)."""
+    # Bilinear, not Lanczos: depth is a measurement, and Lanczos would ring past the measured range at edges.
+    out = np.asarray(depth.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box))
+    return np.clip(np.round(out), 0, 65535).astype(np.uint16)
+
+
+def depth_to_model_range(depth: torch.Tensor) -> torch.Tensor:
+    """Raw 16-bit depth (B, 1, H, W), any integer or float dtype -> float in [-1, 1] (diffusers' LDM3D scaling)."""
+    return depth.float() / 65535.0 * 2.0 - 1.0
+
+
 def batch_to_model(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     """Stored pixels (uint8 RGB, optional 16-bit depth) -> the decoder's target (B, C_out, H, W) in [-1, 1]."""
     x = to_model_range(batch["pixels"].to(device))
     if "depth" in batch:
-        x = torch.cat([x, batch["depth"].to(device).float() / 65535.0 * 2.0 - 1.0], dim=1)  # LDM3D scaling
+        x = torch.cat([x, depth_to_model_range(batch["depth"].to(device))], dim=1)
     return x

@@ -1,19 +1,21 @@
 """Reconstruction metrics (PSNR and SSIM from torchmetrics, LPIPS, colour shift, rFID from torchmetrics +
-torch-fidelity's InceptionV3), paired confidence intervals, and the PNG comparison grids."""
+torch-fidelity's InceptionV3), paired confidence intervals, the PNG comparison grids, and a run's `Evaluator`."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from vaedec.images import to_uint8
+from vaedec.images import batch_to_model, to_uint8
+from vaedec.io import atomic_write_bytes, png_bytes
+from vaedec.latents import sample_latent
 from vaedec.losses import perceptual_distance
-from vaedec.shards import atomic_write_bytes, png_bytes
+from vaedec.shards import collate, read_samples
 
 CHANNEL_NAMES = ("r", "g", "b")  # further channels (depth) are c3, c4, ...
 
@@ -166,7 +168,77 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, pad: int = 2) -> No
     atomic_write_bytes(path, png_bytes(grid))
 
 
-def load_grid(path: str | Path) -> np.ndarray:
-    """A saved grid as uint8 (H, W, 3) (tests, notebooks)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+# ----------------------------------------------------------------------------------------------------------------
+# a run's grids and validation
+
+
+@torch.no_grad()
+def decode_mean(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+    """Decode z = mean (deterministic) for grids and validation: fp32 (B, C_out, H, W) on the CPU."""
+    z = sample_latent(batch["moments"], "mode").to(device)
+    was_training = model.training
+    model.eval()
+    x_rec, _ = model(z)
+    model.train(was_training)
+    return x_rec.float().cpu()
+
+
+def grid_batch(shards: list[str], n: int) -> dict[str, Any]:
+    """n samples spread evenly over the first shards, so a grid is not n crops of one image."""
+    pool = list(read_samples(shards, max(8 * n, 64)))
+    picks = sorted({round(i * (len(pool) - 1) / max(n - 1, 1)) for i in range(min(n, len(pool)))})
+    return collate([pool[i] for i in picks])
+
+
+def val_batches(shards: list[str], max_samples: int, batch_size: int) -> list[dict[str, Any]]:
+    """The first `max_samples` samples of the validation shards, in batches."""
+    samples = list(read_samples(shards, max_samples))
+    return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+class Evaluator:
+    """A run's fixed grid batch and validation batches, and the original decoder's outputs on them, computed once
+    at construction (before any update or resume). Remembers the step each was last done at, so the final
+    evaluation does only what is left."""
+
+    def __init__(
+        self,
+        original: torch.nn.Module,
+        grid: dict[str, Any],
+        val: list[dict[str, Any]],
+        lpips_model: torch.nn.Module | None,
+        device: torch.device,
+    ):
+        self.grid, self.val, self.lpips_model, self.device = grid, val, lpips_model, device
+        self.original_grid = decode_mean(original, grid, device)  # (B, C_out, H, W)
+        self.original_metrics = self.metrics(original) if val else {}
+        self.done = {"grid": -1, "val": -1}
+
+    def pending(self, step: int, grid: bool = True, val: bool = True) -> tuple[bool, bool]:
+        """Which of (grid, validation) is asked for and not yet done at `step`."""
+        return grid and self.done["grid"] != step, val and bool(self.val) and self.done["val"] != step
+
+    def mark_done(self, step: int) -> None:
+        """Count both as done at `step` (a finished run, rerun: they are already there)."""
+        self.done.update(grid=step, val=step)
+
+    def write_grid(self, path: str | Path, step: int, models: list[torch.nn.Module]) -> None:
+        """original | original decoder | each of `models`, one row a grid sample."""
+        columns = [batch_to_model(self.grid, torch.device("cpu")), self.original_grid]
+        columns += [decode_mean(m, self.grid, self.device) for m in models]
+        save_grid(columns, path)
+        self.done["grid"] = step
+
+    def validate(self, step: int, models: dict[str, torch.nn.Module]) -> dict[str, float]:
+        """val/{psnr,ssim,lpips}{suffix} of each model by suffix, next to val/..._orig of the original decoder."""
+        self.done["val"] = step
+        out = {f"val/{k}_orig": v for k, v in self.original_metrics.items()}
+        for suffix, model in models.items():
+            out.update({f"val/{k}{suffix}": v for k, v in self.metrics(model).items()})
+        return out
+
+    def metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        """PSNR, SSIM (and LPIPS) of `model` over the validation batches."""
+        rec = torch.cat([decode_mean(model, b, self.device) for b in self.val])
+        x = torch.cat([batch_to_model(b, torch.device("cpu")) for b in self.val])
+        return reconstruction_metrics(x.to(self.device), rec.to(self.device), self.lpips_model)

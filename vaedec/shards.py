@@ -1,8 +1,8 @@
-"""The shard format, in one place: schema, atomic writer, manifest, and the training reader pipeline.
+"""The shard format, in one place: schema, shard writer, manifest, and the training reader pipeline.
 
 A shard folder holds
     shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete
-    manifest.json          what was encoded, how, with which encoder (see `new_manifest`); replaced atomically
+    manifest.json          what was encoded, how, with which encoder (`new_manifest`); replaced atomically
     skipped.jsonl          one JSON line per input or sample that was not encoded, with the reason
 
 Each sample in a tar is three (four) members sharing a dot-free key:
@@ -21,7 +21,6 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+from vaedec import __version__
+from vaedec.images import GREY16_MODES
+from vaedec.io import atomic_write_bytes, atomic_write_json, npy_bytes, png_bytes
 
 FORMAT = "vaedec-latent-shards"
 FORMAT_VERSION = 1
@@ -43,52 +46,7 @@ class ShardError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# atomic files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename: readers see the old or the new file, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """JSON, pretty-printed, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # encoding one sample
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    """An .npy file in memory (no pickle)."""
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    """Lossless PNG of uint8 (H, W, 3) or uint16 (H, W)."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)  # fast; PNG is lossless at any level
-    return buf.getvalue()
 
 
 def sample_members(
@@ -148,6 +106,37 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------------------------------------------
 # manifest
+
+
+def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
+    """An empty manifest for a fresh OUT."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vaedec_version": __version__,
+        "complete": False,
+        "settings": settings,
+        "sample": {
+            "moments.npy": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]",
+            "image.png": "uint8 RGB (H, W, 3): the exact pixels encoded",
+            "depth.png": "uint16 (H, W), RGB+depth only",
+            "json": "source, orig_size, crop_box, crop_index, flip, upscaled",
+        },
+        "shards": [],
+        "next_input": 0,
+        "totals": {"samples": 0, "inputs_skipped": 0, "samples_skipped": 0, "list_entries_skipped": 0},
+    }
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> None:
+    """Replace OUT/manifest.json atomically: readers see the old manifest or the new one."""
+    atomic_write_json(Path(folder) / MANIFEST, manifest)
+
+
+def write_skipped(folder: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace OUT/skipped.jsonl atomically, one JSON line per record."""
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write_bytes(Path(folder) / SKIPPED, lines.encode())
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -235,7 +224,7 @@ def decode_moments(data: bytes) -> np.ndarray:
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> uint8 (H, W, 3) or uint16 (H, W) as stored."""
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if im.mode in GREY16_MODES:
             return np.asarray(im).astype(np.uint16)
         return np.asarray(im.convert("RGB") if im.mode != "RGB" else im).copy()
 

@@ -1,5 +1,6 @@
-"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the frozen encoder path, the
-encoder fingerprint, and the trainable decoder (post_quant_conv + decoder) that training sees."""
+"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading the
+VAE a shard manifest names with that fingerprint checked (train and export), and the trainable decoder
+(post_quant_conv + decoder) that training sees."""
 
 from __future__ import annotations
 
@@ -111,6 +112,36 @@ def encoder_fingerprint(vae: AutoencoderKL) -> str:
     return h.hexdigest()
 
 
+class EncoderMismatchError(VAELoadError):
+    """The VAE loads, but its encoder is not the one that made the latents."""
+
+
+def manifest_vae_source(
+    vae_info: dict, vae: str | None = None, subfolder: str | None = None
+) -> tuple[str, str | None, float]:
+    """(source, subfolder, scaling_factor) to load for a manifest's `settings.vae`, or `vae` in its place."""
+    if vae:
+        return vae, subfolder, vae_info["scaling_factor"]
+    return vae_info["source"], vae_info.get("subfolder"), vae_info["scaling_factor"]
+
+
+def load_manifest_vae(
+    vae_info: dict, vae: str | None = None, subfolder: str | None = None, latents: str = "these latents"
+) -> AutoencoderKL:
+    """The VAE a shard manifest's `settings.vae` names (or `vae`, with `subfolder`, in its place), with the
+    manifest's scaling_factor, refused unless its encoder fingerprint is the manifest's. `latents` names the
+    latents in the message (a shard folder)."""
+    source, subfolder, scaling_factor = manifest_vae_source(vae_info, vae, subfolder)
+    model = load_vae(source, subfolder, scaling_factor)
+    if encoder_fingerprint(model) != vae_info["encoder_sha256"]:
+        raise EncoderMismatchError(
+            f"the encoder of {source} is not the one that made {latents} (sha256 differs from the manifest's): "
+            "these latents would be decoded by a decoder trained for another latent space. "
+            "Use the manifest's VAE, or re-encode the images with this one."
+        )
+    return model
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """eval mode and no gradients: the frozen half of the model."""
     return module.eval().requires_grad_(False)
@@ -145,11 +176,6 @@ class TrainableDecoder(nn.Module):
         x_rec = self.decoder(z)
         h, self._h = self._h, None
         return x_rec, h
-
-
-def decoder_state_dict(decoder: TrainableDecoder) -> dict[str, torch.Tensor]:
-    """The trained weights under their AutoencoderKL names (decoder.*, post_quant_conv.*)."""
-    return {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
 
 
 def vae_summary(vae: AutoencoderKL) -> dict:
