@@ -4,8 +4,9 @@ A run folder RUN/ holds the files named by the RUN_* constants below: config.yam
 metrics.jsonl, TensorBoard events, images/, checkpoints/ and export/.
 
 A checkpoint is `RUN/checkpoints/step-%08d/`, the state_dict() of a `TrainState`:
-    decoder.safetensors   trained post_quant_conv + decoder (AutoencoderKL names)
-    ema.safetensors       EMA of the same weights (when EMA is on)
+    decoder.safetensors   the post_quant_conv + decoder parameters that train (AutoencoderKL names); frozen ones
+                          (model.trainable, model.train_post_quant_conv) are the original VAE's and not stored
+    ema.safetensors       EMA of the same parameters (when EMA is on)
     disc.safetensors      the PatchGAN, BatchNorm buffers included
     extra.safetensors     logvar and the latent-noise generator state
     optim.pt              both optimizers' and the grad scaler's state dicts (tensors and numbers only;
@@ -29,7 +30,9 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vaedec.config import TrainConfig, config_to_dict
 from vaedec.io import atomic_folder, atomic_write_json
+from vaedec.vae import select_trainable, trainable_parameters
 
 # The run folder's names (train writes them, export and eval read them).
 RUN_CONFIG = "config.yaml"  # the resolved config
@@ -129,7 +132,11 @@ RESUME_FIELDS = (
     ("loss", "disc_ndf"),
     ("loss", "disc_norm"),
     ("loss", "learn_logvar"),  # adds a parameter group to the decoder's optimizer
+    ("model", "trainable"),  # which parameters the optimizer, EMA and checkpoint hold
 )
+
+
+_DEFAULTS = config_to_dict(TrainConfig())
 
 
 def checkpoint_config(ckpt: str | Path) -> dict[str, Any]:
@@ -151,8 +158,9 @@ def resume_conflicts(
     if saved_encoder is not None and saved_encoder != encoder:
         problems.append("the shards come from another encoder (the manifest's encoder sha256 differs)")
     for section, key in RESUME_FIELDS:
-        if saved[section][key] != now[section][key]:
-            problems.append(f"{section}.{key} was {saved[section][key]!r}, now {now[section][key]!r}")
+        before = saved[section].get(key, _DEFAULTS[section][key])  # a field newer than the checkpoint: its default
+        if before != now[section][key]:
+            problems.append(f"{section}.{key} was {before!r}, now {now[section][key]!r}")
     if (saved["optim"]["ema_decay"] > 0) != (now["optim"]["ema_decay"] > 0):
         problems.append(f"optim.ema_decay was {saved['optim']['ema_decay']}, now {now['optim']['ema_decay']} "
                         "(EMA switched on or off)")
@@ -185,13 +193,15 @@ class TrainState:
         rank must call it (the noise states are gathered); only the main process's result is whole."""
         acc = self.accelerator
         raw = acc.unwrap_model(self.decoder)
+        trained = trainable_parameters(raw)
+        frozen = {n for n, p in raw.named_parameters() if not p.requires_grad}
         tensors = {
-            "decoder": raw.state_dict(),
+            "decoder": {k: v for k, v in raw.state_dict().items() if k not in frozen},  # buffers stay
             "disc": acc.unwrap_model(self.disc).state_dict(),
             "extra": {"logvar": self.logvar.detach().reshape(()), **_noise_states(self.noise, acc)},
         }
         if self.ema is not None:
-            tensors["ema"] = {n: p for (n, _), p in zip(raw.named_parameters(), self.ema.shadow_params)}
+            tensors["ema"] = {n: p for (n, _), p in zip(trained, self.ema.shadow_params, strict=True)}
         optim = {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
         if acc.scaler is not None:
             optim["scaler"] = acc.scaler.state_dict()
@@ -209,7 +219,14 @@ class TrainState:
         when the weights do not fit these modules."""
         acc, tensors, optim, state = self.accelerator, sd["tensors"], sd["optim"], sd["state"]
         raw = acc.unwrap_model(self.decoder)
-        raw.load_state_dict(tensors["decoder"])
+        names = [n for n, _ in trainable_parameters(raw)]
+        for stem in ("decoder", "ema") if self.ema is not None else ("decoder",):
+            absent = [n for n in names if n not in tensors.get(stem, {})]
+            if absent:  # another model.trainable / train_post_quant_conv: these would restart from the original
+                raise ValueError(f"its {stem} weights lack {len(absent)} parameter(s) this run trains, e.g. {absent[0]}")
+        _, unexpected = raw.load_state_dict(tensors["decoder"], strict=False)  # frozen ones: the original's
+        if unexpected:
+            raise ValueError(f"unexpected decoder keys {unexpected[:3]}")
         acc.unwrap_model(self.disc).load_state_dict(tensors["disc"])
         self.opt_g.load_state_dict(optim["opt_g"])
         self.opt_d.load_state_dict(optim["opt_d"])
@@ -218,7 +235,6 @@ class TrainState:
         if acc.scaler is not None and "scaler" in optim:
             acc.scaler.load_state_dict(optim["scaler"])
         if self.ema is not None:
-            names = [n for n, _ in raw.named_parameters()]
             self.ema.shadow_params = [tensors["ema"][n].to(acc.device) for n in names]
             self.ema.optimization_step = state["ema_step"]
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
@@ -333,7 +349,13 @@ def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | 
                             f"the shards of run {run_dir}")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
     missing, unexpected = vae.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k.startswith(("decoder.", "post_quant_conv."))]
+    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's; the ones it trained
+    # must all be there.
+    decoder_names = [n for n, _ in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    trained, _ = select_trainable(decoder_names, tuple(model.get("trainable") or ()))
+    if not model["train_post_quant_conv"]:
+        trained = [n for n in trained if not n.startswith("post_quant_conv.")]
+    missing = [k for k in missing if k in trained]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit the VAE: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return vae

@@ -107,6 +107,10 @@ class ModelConfig:
     subfolder: str | None = None  # with a hub id or pipeline folder: "vae"; None = the manifest's choice
     train_post_quant_conv: bool = True  # also train the 1x1 conv in front of the decoder
     latent_sample: Literal["sample", "mode"] = "sample"  # z = mean + std*eps drawn each step, or z = mean
+    # Train only the parameters whose names (AutoencoderKL names: decoder.up_blocks.3.resnets.0.conv1.weight,
+    # post_quant_conv.weight) match one of these fnmatch patterns, e.g. [decoder.up_blocks.3.*, decoder.conv_out.*];
+    # the rest stays frozen at the original weights. () = the whole decoder (and post_quant_conv, see above).
+    trainable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,16 @@ class LossConfig:
     disc_loss: Literal["hinge", "vanilla"] = "hinge"  # discriminator loss
     disc_num_layers: int = 3  # PatchGAN depth (LDM: 3)
     disc_ndf: int = 64  # PatchGAN width of the first layer (LDM: 64)
-    disc_norm: Literal["batch", "group", "none"] = "batch"  # "batch" = LDM; "group" also works at batch size 1
+    # "batch" = LDM; "group" also works at batch size 1; "spectral" = spectral norm on every conv, no norm layers
+    disc_norm: Literal["batch", "group", "none", "spectral"] = "batch"
+    # Steadier GAN, each off by default (LDM semantics); README "A steadier GAN" says when to use which.
+    disc_r1_weight: float = 0.0  # γ of the R1 penalty γ/2·E‖∇_x D(x)‖² on real images; 0 = off
+    disc_r1_every: int = 16  # lazy R1: applied every N optimizer steps, scaled by N (StyleGAN2); 1 = every step
+    disc_lecam_weight: float = 0.0  # weight of LeCAM regularisation (Tseng et al. 2021) in L_D; 0 = off
+    disc_lecam_decay: float = 0.99  # EMA decay of LeCAM's anchors (mean real and fake logits), per D step
+    # Optimizer steps from disc_start_step during which only D trains; the GAN term reaches the decoder at
+    # disc_start_step + disc_warmup_steps. 0 = both at disc_start_step (LDM).
+    disc_warmup_steps: int = 0
     lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
     lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS is then meaningless; warns)
 
@@ -192,6 +205,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: a list of any length
+        if isinstance(value, str):
+            value = [value]  # `model.trainable=decoder.conv_out.*` on the command line: one pattern
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
@@ -354,6 +373,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0"),
         (cfg.loss.disc_weight >= 0, "loss.disc_weight must be >= 0"),
         (cfg.loss.disc_num_layers >= 1, "loss.disc_num_layers must be >= 1"),
+        (cfg.loss.disc_r1_weight >= 0, "loss.disc_r1_weight must be >= 0"),
+        (cfg.loss.disc_r1_every >= 1, "loss.disc_r1_every must be >= 1"),
+        (cfg.loss.disc_lecam_weight >= 0, "loss.disc_lecam_weight must be >= 0"),
+        (0.0 <= cfg.loss.disc_lecam_decay < 1.0, "loss.disc_lecam_decay must be in [0, 1)"),
+        (cfg.loss.disc_warmup_steps >= 0, "loss.disc_warmup_steps must be >= 0"),
         (cfg.run.max_steps >= 1, "run.max_steps must be >= 1"),
         (cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0"),
         (cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0"),

@@ -13,7 +13,7 @@ from torch import nn
 
 from vaedec.config import LossConfig
 
-Norm = Literal["batch", "group", "none"]
+Norm = Literal["batch", "group", "none", "spectral"]
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -28,10 +28,10 @@ def norm_layer(norm: Norm, channels: int) -> nn.Module:
     if norm == "group":
         # GroupNorm has no batch statistics, so it also trains at batch size 1.
         return nn.GroupNorm(group_count(channels), channels)
-    if norm == "none":
+    if norm in ("none", "spectral"):  # spectral: the convs are normalised instead (NLayerDiscriminator)
         # Identity keeps the layer indices (and so the state-dict keys) of the normalised variants.
         return nn.Identity()
-    raise ValueError(f"disc_norm must be 'batch', 'group' or 'none', got {norm!r}")
+    raise ValueError(f"disc_norm must be 'batch', 'group', 'none' or 'spectral', got {norm!r}")
 
 
 def weights_init(module: nn.Module) -> None:
@@ -72,14 +72,45 @@ class NLayerDiscriminator(nn.Module):
         ]
         self.main = nn.Sequential(*layers)
         self.apply(weights_init)
+        if norm == "spectral":
+            # Miyato et al. 2018: each conv's weight divided by its largest singular value (one power iteration per
+            # training forward), so D is 1-Lipschitz per layer; taming's init first, then the parametrization.
+            for i, layer in enumerate(self.main):
+                if isinstance(layer, nn.Conv2d):
+                    self.main[i] = nn.utils.parametrizations.spectral_norm(layer)
+        # LeCAM's anchors (EMAs of D's mean real and fake logits) live here so checkpoints and resume carry them;
+        # only when LeCAM is on, so the state dict keeps taming's keys otherwise.
+        self.lecam: LeCAMAnchors | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images in [-1, 1] -> (B, 1, H', W') logits (256 -> 30 at n_layers=3)."""
         return self.main(x)
 
 
+class LeCAMAnchors(nn.Module):
+    """α_real, α_fake of LeCAM: EMAs of the mean discriminator logit on real and on reconstructed images."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # 0 = not yet set: the first value is taken
+
+    @torch.no_grad()
+    def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
+        """α ← decay·α + (1 − decay)·mean(logits); the first call sets α to the means (no bias toward 0)."""
+        d = self.decay if int(self.count) > 0 else 0.0
+        self.real.mul_(d).add_((1 - d) * logits_real.detach().float().mean())
+        self.fake.mul_(d).add_((1 - d) * logits_fake.detach().float().mean())
+        self.count += 1
+
+
 def build_discriminator(cfg: LossConfig, in_channels: int) -> NLayerDiscriminator:
     """The discriminator the loss config describes, for images with `in_channels` channels."""
-    return NLayerDiscriminator(
+    disc = NLayerDiscriminator(
         in_channels=in_channels, ndf=cfg.disc_ndf, n_layers=cfg.disc_num_layers, norm=cfg.disc_norm
     )
+    if cfg.disc_lecam_weight > 0:
+        disc.lecam = LeCAMAnchors(cfg.disc_lecam_decay)
+    return disc

@@ -9,8 +9,10 @@ D: PatchGAN; W = decoder.conv_out.weight (LDM's `last_layer`); t: optimizer step
     g   = -mean(D(x̂))
     λ   = clamp(‖∇_W nll‖ / (‖∇_W g‖ + 1e-4), 0, 1e4) * disc_weight      # detached
     f_t = disc_factor if t >= disc_start_step else 0                      # adopt_weight
+          (in L_G from disc_start_step + disc_warmup_steps on: generator_gan_factor)
     L_G = nll + λ f_t g
     L_D = f_t * hinge(D(x), D(x̂.detach()))      (disc_loss=hinge, or vanilla)
+          (+ disc_lecam_weight * LeCAM, + lazily γ/2 * R1 on real images: `lecam_reg`, `r1_penalty`)
           hinge   = 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))
           vanilla = 0.5 (mean softplus(-D(x)) + mean softplus(D(x̂)))
 
@@ -105,6 +107,12 @@ def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 def adopt_weight(weight: float, step: int, threshold: int) -> float:
     """`weight` from optimizer step `threshold` on, 0 before it (LDM adopt_weight)."""
     return weight if step >= threshold else 0.0
+
+
+def generator_gan_factor(cfg: LossConfig, step: int) -> float:
+    """f_t of the decoder's GAN term: disc_factor from disc_start_step + disc_warmup_steps on (D alone trains for
+    the warm-up steps before it, so the decoder first meets a discriminator that already tells real from fake)."""
+    return adopt_weight(cfg.disc_factor, step, cfg.disc_start_step + cfg.disc_warmup_steps)
 
 
 def adaptive_weight(nll_grad: Tensor, g_grad: Tensor, disc_weight: float) -> Tensor:
@@ -322,7 +330,7 @@ def generator_grads(
     loss_scale: float = 1.0,
 ) -> GeneratorGrads:
     """∇_x̂ of L_G = nll + λ f_t g with no double backward; x_rec must be conv_out(h)."""
-    f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
+    f = generator_gan_factor(cfg, step)
     # A leaf copy of x̂ cuts the graph at the decoder output: nothing here backprops into the decoder, which
     # is traversed once, by the caller's backward of grad_output. fp32 at least, so the losses are not fp16.
     dtype = torch.promote_types(x_rec.dtype, torch.float32)
@@ -378,7 +386,7 @@ def ldm_generator_loss(
     step: int,
 ) -> tuple[Tensor, dict[str, float]]:
     """LDM's L_G with λ from autograd on W (the naive double backward); the caller backprops the loss."""
-    f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
+    f = generator_gan_factor(cfg, step)
     rec, pix, p = _rec_terms(x, x_rec, lpips_model, cfg)
     nll = nll_loss(rec, logvar)
     if _gan_on(cfg, f):
@@ -400,10 +408,29 @@ def ldm_generator_loss(
 # discriminator side
 
 
+def r1_penalty(disc: nn.Module, x: Tensor) -> Tensor:
+    """E_b ‖∇_x D(x)‖² on real images (Mescheder et al. 2018; StyleGAN2's lazy form scales it by the interval), with
+    D(x) a sample's patch logits summed, as StyleGAN2 sums its logits; the caller multiplies by γ/2. In fp32: the
+    gradient of a gradient underflows in fp16."""
+    with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
+        x = x.detach().float().requires_grad_(True)
+        logits = disc(x)  # (B, 1, H', W')
+        (grad,) = torch.autograd.grad(logits.sum(), [x], create_graph=True)  # create_graph: the penalty trains D
+    return grad.square().sum(dim=(1, 2, 3)).mean()
+
+
+def lecam_reg(logits_real: Tensor, logits_fake: Tensor, anchor_real: Tensor, anchor_fake: Tensor) -> Tensor:
+    """LeCAM (Tseng et al. 2021, "Regularizing GANs under limited data", eq. 3 as in their code):
+    E[relu(D(x) − α_fake)²] + E[relu(α_real − D(x̂))²], α the EMAs of D's mean logits on real and fake images;
+    it keeps real and fake logits from drifting apart, which is how a discriminator overfits."""
+    return torch.mean(F.relu(logits_real - anchor_fake).square()) + torch.mean(F.relu(anchor_real - logits_fake).square())
+
+
 def discriminator_loss(
-    disc: nn.Module, x: Tensor, x_rec: Tensor, cfg: LossConfig, step: int
+    disc: nn.Module, x: Tensor, x_rec: Tensor, cfg: LossConfig, step: int, lecam: nn.Module | None = None
 ) -> tuple[Tensor, dict[str, float]]:
-    """L_D = f_t * d_loss(D(x), D(x̂)) with x̂ detached, so no gradient reaches the decoder."""
+    """L_D = f_t * (d_loss(D(x), D(x̂)) + disc_lecam_weight * LeCAM) with x̂ detached, so no gradient reaches the
+    decoder. `lecam`: the discriminator's LeCAMAnchors (updated here from this batch, then used), or None."""
     f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
     # Two calls, as LDM: with BatchNorm, real and fake batches are normalised by their own statistics.
     logits_real = disc(x.detach())  # (B, 1, H', W')
@@ -414,8 +441,15 @@ def discriminator_loss(
         d = vanilla_d_loss(logits_real, logits_fake)
     else:
         raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {cfg.disc_loss!r}")
+    extra = {}
+    if lecam is not None and cfg.disc_lecam_weight > 0:
+        lecam.update(logits_real, logits_fake)
+        reg = lecam_reg(logits_real.float(), logits_fake.float(), lecam.real, lecam.fake)
+        d = d + cfg.disc_lecam_weight * reg
+        extra = {"disc/lecam": float(reg.detach()), "disc/lecam_anchor_real": float(lecam.real),
+                 "disc/lecam_anchor_fake": float(lecam.fake)}
     loss = f * d
     values = torch.stack(
         [t.detach().to(torch.float64).mean() for t in (loss, logits_real, logits_fake)]
     ).tolist()
-    return loss, dict(zip(("disc/loss", "disc/logits_real", "disc/logits_fake"), values))
+    return loss, dict(zip(("disc/loss", "disc/logits_real", "disc/logits_fake"), values)) | extra

@@ -32,6 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
+from torch import nn
 from tqdm.auto import tqdm
 
 from vaedec.checkpoint import (
@@ -46,7 +47,7 @@ from vaedec.checkpoint import (
     load_train_state,
     save_train_state,
 )
-from vaedec.config import OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
+from vaedec.config import LossConfig, OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
 from vaedec.discriminator import build_discriminator
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
@@ -57,11 +58,12 @@ from vaedec.losses import (
     discriminator_loss,
     generator_grads,
     load_lpips,
+    r1_penalty,
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
 from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
-from vaedec.vae import TrainableDecoder, freeze, load_manifest_vae
+from vaedec.vae import TrainableDecoder, freeze, load_manifest_vae, select_trainable, trainable_parameters
 
 log = logging.getLogger("vaedec")
 
@@ -241,7 +243,7 @@ def train_step(
     stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches, *args)
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
     if state.ema is not None:
-        state.ema.step(state.decoder.parameters())
+        state.ema.step([p for _, p in trainable_parameters(state.decoder)])
     state.step += 1
     state.batches_consumed += k
     return logs
@@ -308,13 +310,20 @@ def discriminator_step(
     nothing on zero gradients) except that Adam's step count, and so its bias correction, starts at
     disc_start_step.
     """
-    if adopt_weight(cfg.loss.disc_factor, step, cfg.loss.disc_start_step) <= 0:
+    f = adopt_weight(cfg.loss.disc_factor, step, cfg.loss.disc_start_step)
+    if f <= 0:
         return {}
     k, logs = len(stored), {}
+    lecam = accelerator.unwrap_model(disc).lecam  # a buffer holder, never called: DDP is not bypassed
     for i, (x, x_rec) in enumerate(stored):
         sync = contextlib.nullcontext() if i == k - 1 else accelerator.no_sync(disc)
         with sync, accelerator.autocast():
-            d_loss, d_logs = discriminator_loss(disc, x, x_rec, cfg.loss, step)
+            d_loss, d_logs = discriminator_loss(disc, x, x_rec, cfg.loss, step, lecam)
+            if r1_due(cfg.loss, step):
+                # Lazy R1 (StyleGAN2): every disc_r1_every steps, times disc_r1_every, so its mean strength is γ/2·R1.
+                r1 = r1_penalty(disc, x)
+                d_loss = d_loss + f * cfg.loss.disc_r1_weight / 2 * cfg.loss.disc_r1_every * r1
+                d_logs["disc/r1"] = float(r1.detach())
             accelerator.backward(d_loss / k)
         _accumulate(logs, d_logs, k)
     if cfg.optim.grad_clip_norm:
@@ -322,6 +331,11 @@ def discriminator_step(
     opt_d.step()
     opt_d.zero_grad(set_to_none=True)
     return logs
+
+
+def r1_due(cfg: LossConfig, step: int) -> bool:
+    """Whether this optimizer step's discriminator phase adds the lazy R1 penalty."""
+    return cfg.disc_r1_weight > 0 and step % cfg.disc_r1_every == 0
 
 
 def build_optimizers(
@@ -394,7 +408,30 @@ def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableD
     del vae
     if decoder.post_quant_conv is not None and not cfg.model.train_post_quant_conv:
         freeze(decoder.post_quant_conv)
+    freeze_all_but(decoder, cfg.model.trainable)
     return decoder
+
+
+def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
+    """model.trainable: freeze every parameter no pattern matches; a pattern that matches nothing, or a selection
+    that leaves nothing to train, is a TrainError naming the decoder's parts."""
+    if not patterns:
+        return
+    names = [n for n, _ in decoder.named_parameters()]
+    chosen, unmatched = select_trainable(names, patterns)
+    if unmatched:
+        parts = sorted({".".join(n.split(".")[:3 if n.split(".")[1] in ("up_blocks", "mid_block") else 2]) for n in names})
+        raise TrainError(
+            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
+            f"fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: {', '.join(parts)}"
+        )
+    chosen_set = set(chosen)
+    for name, p in decoder.named_parameters():
+        if name not in chosen_set:
+            p.requires_grad_(False)
+    if not trainable_parameters(decoder):
+        raise TrainError(f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
+                         "is false, so post_quant_conv stays frozen)")
 
 
 def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
@@ -414,7 +451,8 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
         return None, None
     # diffusers' EMAModel: decay = min(ema_decay, (1 + t) / (10 + t)) after ema_start_step, a warmup that keeps
     # early averages from being dominated by the initial weights.
-    ema = EMAModel(decoder.parameters(), decay=cfg.optim.ema_decay, update_after_step=cfg.optim.ema_start_step)
+    # Only what trains: EMAModel.step copies frozen parameters instead of averaging them, which would cost memory.
+    ema = EMAModel([p for _, p in trainable_parameters(decoder)], decay=cfg.optim.ema_decay, update_after_step=cfg.optim.ema_start_step)
     ema.to(device)
     return ema, freeze(copy.deepcopy(decoder)).to(device)
 
@@ -458,7 +496,8 @@ def _evaluate(
         return
     models = {"": accelerator.unwrap_model(state.decoder)}
     if state.ema is not None:
-        state.ema.copy_to(ema_decoder.parameters())
+        params = dict(ema_decoder.named_parameters())  # frozen copy: its frozen parts are the decoder's already
+        state.ema.copy_to([params[n] for n, _ in trainable_parameters(models[""])])
         models["_ema"] = ema_decoder
     if grid:
         evaluator.write_grid(run_dir / RUN_IMAGES / f"step-{at:08d}.png", at, list(models.values()))

@@ -4,6 +4,7 @@ VAE a shard manifest names with that fingerprint checked (train and export), and
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 from pathlib import Path
@@ -145,6 +146,20 @@ def load_manifest_vae(
 def freeze(module: nn.Module) -> nn.Module:
     """eval mode and no gradients: the frozen half of the model."""
     return module.eval().requires_grad_(False)
+
+
+def select_trainable(names: list[str], patterns: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """(names matching any fnmatch pattern, patterns that match no name); no patterns = every name."""
+    if not patterns:
+        return list(names), []
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    return chosen, unmatched
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter that trains, in module order: what optimizer, EMA and checkpoints hold."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 class TrainableDecoder(nn.Module):
