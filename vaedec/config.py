@@ -107,6 +107,9 @@ class ModelConfig:
     subfolder: str | None = None  # with a hub id or pipeline folder: "vae"; None = the manifest's choice
     train_post_quant_conv: bool = True  # also train the 1x1 conv in front of the decoder
     latent_sample: Literal["sample", "mode"] = "sample"  # z = mean + std*eps drawn each step, or z = mean
+    # Extra Gaussian noise added to z in training, std in the units a diffusion model sees ((z - shift) * scale, about
+    # unit variance), so the decoder tolerates the small errors of generated latents; 0 = off. Typical: 0.05-0.2.
+    latent_noise_std: float = 0.0
     # Train only the parameters whose names (AutoencoderKL names: decoder.up_blocks.3.resnets.0.conv1.weight,
     # post_quant_conv.weight) match one of these fnmatch patterns, e.g. [decoder.up_blocks.3.*, decoder.conv_out.*];
     # the rest stays frozen at the original weights. () = the whole decoder (and post_quant_conv, see above).
@@ -364,6 +367,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
         (cfg.data.val_shards >= 0, "data.val_shards must be >= 0"),
+        (cfg.model.latent_noise_std >= 0, "model.latent_noise_std must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.disc_lr is None or cfg.optim.disc_lr > 0, "optim.disc_lr must be > 0"),
         (cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps must be >= 1"),

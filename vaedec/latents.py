@@ -46,6 +46,14 @@ def sample_latent(
     return mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
 
 
+def add_latent_noise(z: torch.Tensor, std_raw: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated latents."""
+    if std_raw <= 0:
+        return z  # draws nothing, so runs without it keep their random stream
+    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu")
+    return z + std_raw * eps.to(z.device)
+
+
 def scale_latents(z: torch.Tensor, scaling_factor: float, shift_factor: float | None = None) -> torch.Tensor:
     """Raw z -> the latents a diffusion UNet sees: (z - shift) * scale."""
     return (z - (shift_factor or 0.0)) * scaling_factor

@@ -51,7 +51,7 @@ from vaedec.config import LossConfig, OptimConfig, TrainConfig, config_to_dict, 
 from vaedec.discriminator import build_discriminator
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
-from vaedec.latents import sample_latent
+from vaedec.latents import add_latent_noise, sample_latent
 from vaedec.losses import (
     LPIPSWeightsMissing,
     adopt_weight,
@@ -177,12 +177,15 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     if is_main:
         accelerator.init_trackers("tensorboard")
 
+    # model.latent_noise_std is in scaled units (what a diffusion model sees); z is raw, so divide by the scale.
+    latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
+
     # 7. the loop ----------------------------------------------------------------------------------------------
     bar = tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", disable=not is_main,
                dynamic_ncols=True)
     saved_at, t_last, steps_since = state.step, time.perf_counter(), 0
     while state.step < cfg.run.max_steps:
-        logs = train_step(state, batches, lpips_model, cfg, lrs)
+        logs = train_step(state, batches, lpips_model, cfg, lrs, latent_noise_raw)
         step, steps_since = state.step, steps_since + 1
         bar.update(1)
         if step % cfg.run.log_every_steps == 0 or step == cfg.run.max_steps:
@@ -224,9 +227,11 @@ def train_step(
     lpips_model: torch.nn.Module | None,
     cfg: TrainConfig,
     lrs: tuple[float, float],
+    latent_noise_raw: float = 0.0,
 ) -> dict[str, float]:
     """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
-    then EMA; advances `state.step` and the data position. Returns the step's logs."""
+    then EMA; advances `state.step` and the data position. `latent_noise_raw`: std of the extra noise on z, in raw
+    latent units (model.latent_noise_std / scaling_factor). Returns the step's logs."""
     state.decoder.train()
     state.disc.train()
     # The LR is a pure function of the optimizer step (no scheduler state to save or to desynchronise).
@@ -237,7 +242,8 @@ def train_step(
     micro_batches = []
     for _ in range(k):
         batch = next(batches)
-        z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise).to(device)  # (B, C, h, w)
+        z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
+        z = add_latent_noise(z, latent_noise_raw, state.noise).to(device)
         micro_batches.append((batch_to_model(batch, device), z))
     acc, args = state.accelerator, (cfg, state.step)
     stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches, *args)
