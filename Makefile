@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/encode.py
 	$(PY) bench/train_step.py
+	$(PY) bench/memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

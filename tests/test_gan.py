@@ -124,3 +124,17 @@ def test_steady_gan_run_logs_each_term_and_resumes_exactly(tmp_path, shards) -> 
     for stem in ("decoder", "disc", "ema", "extra"):
         assert_same_tensors(load_file(str(c / f"checkpoints/step-00000004/{stem}.safetensors")),
                             load_file(str(a / f"checkpoints/step-00000004/{stem}.safetensors")), stem)
+
+
+def test_resume_refuses_lecam_switched_and_takes_checkpoints_older_than_the_new_fields() -> None:
+    from vaedec.checkpoint import resume_conflicts
+    from vaedec.config import TrainConfig, config_to_dict
+
+    cfg = config_to_dict(TrainConfig())
+    on = {**cfg, "loss": {**cfg["loss"], "disc_lecam_weight": 0.3}}
+    assert any("LeCAM switched on or off" in p for p in resume_conflicts(cfg, on, None, "a", 1, 1))
+    assert resume_conflicts(on, {**on, "loss": {**on["loss"], "disc_lecam_weight": 0.5}}, None, "a", 1, 1) == []
+    # a checkpoint written before model.trainable and the GAN fields existed: their defaults, so it resumes
+    old = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k != "trainable"},
+           "loss": {k: v for k, v in cfg["loss"].items() if not k.startswith(("disc_lecam", "disc_r1", "disc_warmup"))}}
+    assert resume_conflicts(old, cfg, None, "a", 1, 1) == []

@@ -161,6 +161,10 @@ def resume_conflicts(
         before = saved[section].get(key, _DEFAULTS[section][key])  # a field newer than the checkpoint: its default
         if before != now[section][key]:
             problems.append(f"{section}.{key} was {before!r}, now {now[section][key]!r}")
+    lecam_before = saved["loss"].get("disc_lecam_weight", 0.0)
+    if (lecam_before > 0) != (now["loss"]["disc_lecam_weight"] > 0):  # the PatchGAN gains or loses LeCAM's anchors
+        problems.append(f"loss.disc_lecam_weight was {lecam_before}, now {now['loss']['disc_lecam_weight']} "
+                        "(LeCAM switched on or off)")
     if (saved["optim"]["ema_decay"] > 0) != (now["optim"]["ema_decay"] > 0):
         problems.append(f"optim.ema_decay was {saved['optim']['ema_decay']}, now {now['optim']['ema_decay']} "
                         "(EMA switched on or off)")

@@ -110,6 +110,10 @@ class ModelConfig:
     # Extra Gaussian noise added to z in training, std in the units a diffusion model sees ((z - shift) * scale, about
     # unit variance), so the decoder tolerates the small errors of generated latents; 0 = off. Typical: 0.05-0.2.
     latent_noise_std: float = 0.0
+    # Memory for 512-1024 px on one GPU: diffusers' own checkpointing of the decoder's mid and up blocks (recomputed
+    # in the backward, non-reentrant); False = keep every activation.
+    gradient_checkpointing: bool = False
+    channels_last: bool = False  # decoder, PatchGAN and z in channels-last memory format (faster convs on GPUs)
     # Train only the parameters whose names (AutoencoderKL names: decoder.up_blocks.3.resnets.0.conv1.weight,
     # post_quant_conv.weight) match one of these fnmatch patterns, e.g. [decoder.up_blocks.3.*, decoder.conv_out.*];
     # the rest stays frozen at the original weights. () = the whole decoder (and post_quant_conv, see above).
@@ -173,6 +177,7 @@ class RunConfig:
     val_every_steps: int = 1000  # PSNR/SSIM/LPIPS on held-out shards; 0 = only at the end
     grid_samples: int = 4  # rows in the image grids
     export_ema: bool = True  # the final export uses the EMA weights (when EMA is on)
+    compile: bool = False  # torch.compile the decoder (its forward and, through AOTAutograd, its backward); False = eager
 
 
 @dataclass(frozen=True)

@@ -138,12 +138,16 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         lpips_model = load_lpips(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_random_backbone).to(device)
     val_lpips = lpips_model if lpips_model is not None else _validation_only_lpips(cfg, device)
     disc = build_discriminator(cfg.loss, decoder.conv_out.out_channels)
+    if cfg.model.channels_last:
+        disc.to(memory_format=torch.channels_last)
     # LDM's scalar log-variance s; LDM never gives it to an optimizer, so by default it stays at logvar_init.
     logvar = torch.nn.Parameter(torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar)
 
     # 4. optimizers, EMA, prepare ------------------------------------------------------------------------------------
     opt_g, opt_d, lrs = build_optimizers(cfg, decoder, disc, logvar, accelerator.num_processes)
     ema, ema_decoder = _ema(cfg, decoder, device)
+    if cfg.run.compile:  # after the EMA's deep copy: a copy of a compiled module would call the original's forward
+        compile_decoder(decoder)
     # The shard stream is NOT passed to accelerator.prepare: prepare would re-shard or dispatch an
     # IterableDataset and cut the stream at its end, while TrainStream already splits by rank and worker,
     # never ends (every rank runs exactly max_steps, no uneven-batch hang) and can skip to an exact position.
@@ -244,6 +248,8 @@ def train_step(
         batch = next(batches)
         z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
         z = add_latent_noise(z, latent_noise_raw, state.noise).to(device)
+        if cfg.model.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
         micro_batches.append((batch_to_model(batch, device), z))
     acc, args = state.accelerator, (cfg, state.step)
     stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches, *args)
@@ -410,12 +416,29 @@ def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableD
     """post_quant_conv + decoder of the manifest's VAE (or model.vae with the same encoder); the encoder and
     quant_conv are freed here and never reach the device."""
     vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards)
+    if cfg.model.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()  # diffusers' Decoder: mid and up blocks under non-reentrant checkpoint
     decoder = TrainableDecoder(vae)
     del vae
     if decoder.post_quant_conv is not None and not cfg.model.train_post_quant_conv:
         freeze(decoder.post_quant_conv)
     freeze_all_but(decoder, cfg.model.trainable)
+    if cfg.model.channels_last:
+        decoder.to(memory_format=torch.channels_last)
     return decoder
+
+
+def _part(name: str) -> str:
+    """A parameter's block, for messages: decoder.up_blocks.3, decoder.conv_out, post_quant_conv."""
+    bits = name.split(".")
+    if bits[0] != "decoder":
+        return bits[0]
+    return ".".join(bits[:3] if bits[1] in ("up_blocks", "mid_block") else bits[:2])
+
+
+def compile_decoder(decoder: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile the decoder in place (nn.Module.compile keeps its state-dict names); the first steps are slow."""
+    decoder.compile(backend=backend)
 
 
 def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
@@ -426,7 +449,7 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
     names = [n for n, _ in decoder.named_parameters()]
     chosen, unmatched = select_trainable(names, patterns)
     if unmatched:
-        parts = sorted({".".join(n.split(".")[:3 if n.split(".")[1] in ("up_blocks", "mid_block") else 2]) for n in names})
+        parts = sorted({_part(n) + ".*" for n in names})
         raise TrainError(
             f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
             f"fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: {', '.join(parts)}"

@@ -1,0 +1,95 @@
+"""Training at 512-1024 px: gradient checkpointing, channels-last and torch.compile give the plain step's gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST_TRAIN
+
+import vaedec.train as train_mod
+from vaedec.config import load_train_config
+from vaedec.discriminator import build_discriminator
+from vaedec.images import batch_to_model
+from vaedec.latents import sample_latent
+from vaedec.shards import collate, read_manifest, read_samples, shard_paths
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def step_grads(shards, overrides: list[str], backend: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The decoder's gradients of one real generator step (GAN term on), taken when its optimizer steps."""
+    from accelerate import Accelerator
+
+    manifest = read_manifest(shards)
+    cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", *overrides])
+    torch.manual_seed(0)
+    decoder = train_mod._trainable_decoder(cfg, manifest)
+    if backend:
+        train_mod.compile_decoder(decoder, backend)
+    disc = build_discriminator(cfg.loss, 3)
+    if cfg.model.channels_last:
+        disc.to(memory_format=torch.channels_last)
+    logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+    opt_g, _, _ = train_mod.build_optimizers(cfg, decoder, disc, logvar, 1)
+    grads: dict[str, torch.Tensor] = {}
+    real_step = opt_g.step
+
+    def spy_step(*a, **k):
+        grads.update({n: p.grad.clone() for n, p in decoder.named_parameters() if p.grad is not None})
+        return real_step(*a, **k)
+
+    opt_g.step = spy_step
+    batch = collate(list(read_samples(shard_paths(shards, manifest), 2)))
+    z = sample_latent(batch["moments"], "mode")
+    if cfg.model.channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    micro = [(batch_to_model(batch, torch.device("cpu")), z)]
+    _, logs = train_mod.generator_step(Accelerator(), decoder, disc, opt_g, logvar, None, micro, cfg, 0)
+    return grads, logs
+
+
+@pytest.fixture(scope="module")
+def plain(shards):
+    return step_grads(shards, [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "backend", "tol"),
+    [
+        (["model.gradient_checkpointing=true"], None, 0.0),  # the same ops recomputed: bit for bit on CPU
+        (["model.gradient_checkpointing=true", "model.trainable=[decoder.up_blocks.1.*]"], None, 0.0),
+        (["model.channels_last=true"], None, 1e-5),  # other conv kernels: other summation order
+        ([], "aot_eager", 1e-5),  # dynamo + AOTAutograd; inductor's codegen is the same graph, see README
+    ],
+    ids=["checkpointing", "checkpointing-partial", "channels-last", "compile"],
+)
+def test_memory_and_speed_options_give_the_plain_gradients(shards, plain, overrides, backend, tol) -> None:
+    ref, ref_logs = plain
+    grads, logs = step_grads(shards, overrides, backend)
+    assert logs["loss/d_weight"] == pytest.approx(ref_logs["loss/d_weight"], rel=max(tol * 10, 1e-6))
+    expected = {k: v for k, v in ref.items() if k in grads}
+    assert grads.keys() == expected.keys() and len(grads) > 2
+    # Relative to the largest gradient of the model: a conv bias in front of a GroupNorm has an exact gradient of 0,
+    # so its float noise cannot be judged relative to itself.
+    scale = max(v.abs().max().item() for v in expected.values())
+    for k, g in grads.items():
+        torch.testing.assert_close(g, expected[k], rtol=tol, atol=tol * scale, msg=k)
+
+
+def test_gradient_checkpointing_is_really_on(shards) -> None:
+    cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", "model.gradient_checkpointing=true"])
+    decoder = train_mod._trainable_decoder(cfg, read_manifest(shards))
+    assert decoder.decoder.gradient_checkpointing
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def spy(*a, **k):
+        calls.append(k.get("use_reentrant"))
+        return real(*a, **k)
+
+    torch.utils.checkpoint.checkpoint = spy
+    try:
+        decoder(torch.randn(1, 4, 8, 8))[0].sum().backward()
+    finally:
+        torch.utils.checkpoint.checkpoint = real
+    assert calls and set(calls) == {False}  # non-reentrant: frozen blocks before it do not cut the gradient
