@@ -91,7 +91,9 @@ def run_variant(resolution: int, batch: int, device: str, flags: list[str], step
 @click.option("--steps", type=int, default=2, show_default=True, help="Timed steps per variant (median).")
 @click.option("--find-max-batch", is_flag=True, help="CUDA: double the batch until a variant runs out of memory.")
 @click.option("--child", "child_flags", default=None, hidden=True)
-def cli(resolution: int, batch_size: int, device: str, steps: int, find_max_batch: bool, child_flags: str | None) -> None:
+def cli(
+    resolution: int, batch_size: int, device: str, steps: int, find_max_batch: bool, child_flags: str | None
+) -> None:
     """Peak memory and step time of one decoder training step, per variant (each in a fresh process)."""
     if child_flags is not None:
         flags = [] if child_flags == "none" else child_flags.split(",")

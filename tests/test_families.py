@@ -107,8 +107,8 @@ def test_flux_ae_safetensors_in_bfl_layout_is_read_directly(tmp_path, images) ->
     x = torch.rand(2, 3, RES, RES) * 2 - 1
     assert_same_tensors(loaded.state_dict(), folder_vae.state_dict(), "ae.safetensors read directly")
     with torch.no_grad():  # same weights; the attention weights' memory layout may pick another kernel order
-        torch.testing.assert_close(loaded(x, sample_posterior=False).sample, folder_vae(x, sample_posterior=False).sample,
-                                   rtol=1e-5, atol=1e-5)
+        a, b = loaded(x, sample_posterior=False).sample, folder_vae(x, sample_posterior=False).sample
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     a, b = tmp_path / "from-file", tmp_path / "from-folder"
     common = ["--resolution", RES, "--num-workers", 0]

@@ -41,7 +41,8 @@ def test_spectral_norm_bounds_every_conv_to_unit_spectral_norm() -> None:
         sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), ord=2)
         assert sigma.item() == pytest.approx(1.0, abs=5e-3)
         raw = c.parametrizations.weight.original
-        assert torch.allclose(w.detach(), raw.detach() / torch.linalg.matrix_norm(raw.reshape(raw.shape[0], -1), ord=2), rtol=5e-3, atol=1e-5)
+        exact = raw.detach() / torch.linalg.matrix_norm(raw.reshape(raw.shape[0], -1), ord=2)
+        assert torch.allclose(w.detach(), exact, rtol=5e-3, atol=1e-5)
 
 
 def test_r1_penalty_matches_a_per_sample_reference() -> None:
@@ -73,8 +74,10 @@ def test_lecam_matches_its_formula_and_anchors_are_emas() -> None:
     anchors.update(*means[0])
     for r, f in means[1:]:
         anchors.update(r, f)
-        expect_r, expect_f = decay * expect_r + (1 - decay) * r.mean().item(), decay * expect_f + (1 - decay) * f.mean().item()
-    assert anchors.real.item() == pytest.approx(expect_r, rel=1e-6) and anchors.fake.item() == pytest.approx(expect_f, rel=1e-6)
+        expect_r = decay * expect_r + (1 - decay) * r.mean().item()
+        expect_f = decay * expect_f + (1 - decay) * f.mean().item()
+    assert anchors.real.item() == pytest.approx(expect_r, rel=1e-6)
+    assert anchors.fake.item() == pytest.approx(expect_f, rel=1e-6)
 
     # in L_D: hinge + weight * LeCAM, times f_t
     torch.manual_seed(0)

@@ -21,7 +21,8 @@ def test_add_latent_noise_formula_and_off_draws_nothing() -> None:
     out = add_latent_noise(z, 0.5, g)
     assert torch.equal(out, z + 0.5 * torch.randn(z.shape, generator=torch.Generator().manual_seed(3)))
     g0 = torch.Generator().manual_seed(3)
-    assert add_latent_noise(z, 0.0, g0) is z and torch.equal(g0.get_state(), torch.Generator().manual_seed(3).get_state())
+    assert add_latent_noise(z, 0.0, g0) is z
+    assert torch.equal(g0.get_state(), torch.Generator().manual_seed(3).get_state())  # nothing drawn
 
 
 def test_training_decodes_noisy_latents_at_the_scaled_std(tmp_path, shards, monkeypatch) -> None:
@@ -30,7 +31,8 @@ def test_training_decodes_noisy_latents_at_the_scaled_std(tmp_path, shards, monk
 
     def spy(vae):
         decoder = real(vae)
-        decoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()) if _m.training else None)
+        decoder.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
         return decoder
 
     monkeypatch.setattr(train_mod, "TrainableDecoder", spy)

@@ -56,7 +56,8 @@ def test_partial_decoder_trains_only_its_parts(tmp_path, shards, vae_dir) -> Non
     exported = AutoencoderKL.from_pretrained(run / "export").state_dict()
     assert exported.keys() == source.keys()
     assert_same_tensors(frozen_part(exported), frozen_part(source), "encoder")
-    frozen_decoder = {k: v for k, v in exported.items() if k.startswith(("decoder.", "post_quant_conv.")) and not is_trained(k)}
+    frozen_decoder = {k: v for k, v in exported.items()
+                      if k.startswith(("decoder.", "post_quant_conv.")) and not is_trained(k)}
     assert frozen_decoder and all(torch.equal(v, source[k]) for k, v in frozen_decoder.items())
     assert all(not torch.equal(exported[k], source[k]) for k in trained_names if k.endswith("weight"))
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from vaedec.config import TrainConfig, config_to_dict
 from vaedec.io import atomic_folder, atomic_write_json
-from vaedec.vae import select_trainable, trainable_parameters
+from vaedec.vae import named_trainable_parameters, select_trainable
 
 # The run folder's names (train writes them, export and eval read them).
 RUN_CONFIG = "config.yaml"  # the resolved config
@@ -197,7 +197,7 @@ class TrainState:
         rank must call it (the noise states are gathered); only the main process's result is whole."""
         acc = self.accelerator
         raw = acc.unwrap_model(self.decoder)
-        trained = trainable_parameters(raw)
+        trained = named_trainable_parameters(raw)
         frozen = {n for n, p in raw.named_parameters() if not p.requires_grad}
         tensors = {
             "decoder": {k: v for k, v in raw.state_dict().items() if k not in frozen},  # buffers stay
@@ -223,11 +223,12 @@ class TrainState:
         when the weights do not fit these modules."""
         acc, tensors, optim, state = self.accelerator, sd["tensors"], sd["optim"], sd["state"]
         raw = acc.unwrap_model(self.decoder)
-        names = [n for n, _ in trainable_parameters(raw)]
+        names = [n for n, _ in named_trainable_parameters(raw)]
         for stem in ("decoder", "ema") if self.ema is not None else ("decoder",):
             absent = [n for n in names if n not in tensors.get(stem, {})]
             if absent:  # another model.trainable / train_post_quant_conv: these would restart from the original
-                raise ValueError(f"its {stem} weights lack {len(absent)} parameter(s) this run trains, e.g. {absent[0]}")
+                raise ValueError(f"its {stem} weights lack {len(absent)} parameter(s) this run trains, "
+                                 f"e.g. {absent[0]}")
         _, unexpected = raw.load_state_dict(tensors["decoder"], strict=False)  # frozen ones: the original's
         if unexpected:
             raise ValueError(f"unexpected decoder keys {unexpected[:3]}")

@@ -423,7 +423,9 @@ def lecam_reg(logits_real: Tensor, logits_fake: Tensor, anchor_real: Tensor, anc
     """LeCAM (Tseng et al. 2021, "Regularizing GANs under limited data", eq. 3 as in their code):
     E[relu(D(x) − α_fake)²] + E[relu(α_real − D(x̂))²], α the EMAs of D's mean logits on real and fake images;
     it keeps real and fake logits from drifting apart, which is how a discriminator overfits."""
-    return torch.mean(F.relu(logits_real - anchor_fake).square()) + torch.mean(F.relu(anchor_real - logits_fake).square())
+    real_term = torch.mean(F.relu(logits_real - anchor_fake).square())
+    fake_term = torch.mean(F.relu(anchor_real - logits_fake).square())
+    return real_term + fake_term
 
 
 def discriminator_loss(

@@ -63,7 +63,13 @@ from vaedec.losses import (
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
 from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
-from vaedec.vae import TrainableDecoder, freeze, load_manifest_vae, select_trainable, trainable_parameters
+from vaedec.vae import (
+    TrainableDecoder,
+    freeze,
+    load_manifest_vae,
+    named_trainable_parameters,
+    select_trainable,
+)
 
 log = logging.getLogger("vaedec")
 
@@ -255,7 +261,7 @@ def train_step(
     stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches, *args)
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
     if state.ema is not None:
-        state.ema.step([p for _, p in trainable_parameters(state.decoder)])
+        state.ema.step([p for _, p in named_trainable_parameters(state.decoder)])
     state.step += 1
     state.batches_consumed += k
     return logs
@@ -458,7 +464,7 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
     for name, p in decoder.named_parameters():
         if name not in chosen_set:
             p.requires_grad_(False)
-    if not trainable_parameters(decoder):
+    if not named_trainable_parameters(decoder):
         raise TrainError(f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
                          "is false, so post_quant_conv stays frozen)")
 
@@ -481,7 +487,8 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
     # diffusers' EMAModel: decay = min(ema_decay, (1 + t) / (10 + t)) after ema_start_step, a warmup that keeps
     # early averages from being dominated by the initial weights.
     # Only what trains: EMAModel.step copies frozen parameters instead of averaging them, which would cost memory.
-    ema = EMAModel([p for _, p in trainable_parameters(decoder)], decay=cfg.optim.ema_decay, update_after_step=cfg.optim.ema_start_step)
+    ema = EMAModel([p for _, p in named_trainable_parameters(decoder)], decay=cfg.optim.ema_decay,
+                   update_after_step=cfg.optim.ema_start_step)
     ema.to(device)
     return ema, freeze(copy.deepcopy(decoder)).to(device)
 
@@ -526,7 +533,7 @@ def _evaluate(
     models = {"": accelerator.unwrap_model(state.decoder)}
     if state.ema is not None:
         params = dict(ema_decoder.named_parameters())  # frozen copy: its frozen parts are the decoder's already
-        state.ema.copy_to([params[n] for n, _ in trainable_parameters(models[""])])
+        state.ema.copy_to([params[n] for n, _ in named_trainable_parameters(models[""])])
         models["_ema"] = ema_decoder
     if grid:
         evaluator.write_grid(run_dir / RUN_IMAGES / f"step-{at:08d}.png", at, list(models.values()))

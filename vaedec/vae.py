@@ -157,7 +157,7 @@ def select_trainable(names: list[str], patterns: tuple[str, ...] | list[str]) ->
     return chosen, unmatched
 
 
-def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def named_trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every parameter that trains, in module order: what optimizer, EMA and checkpoints hold."""
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
