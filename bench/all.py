@@ -107,7 +107,10 @@ def document(
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench` (bench/all.py); every figure below is pasted by that run from its own output.",
+        (
+            "Written by `make bench` (bench/all.py); every figure below is pasted by that run from its own "
+            "output."
+        ),
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC; the run took {wall_s / 60:.1f} min"
         + (" (`--quick`: fewer rounds and samples)" if quick else ""),
@@ -126,9 +129,10 @@ def document(
         *[f"- {n}" for n in notes],
         "",
         (
-            "Reading the ratios: encode, end to end / forward (1.00 = the encoder is the only cost); train step, "
-            "images/s / (a)'s (> 1 = faster than this trainer); shard read, 1 worker / the main process alone; "
-            "bytes, on disk / raw uint8 pixels; train memory, large data set / small (1.00 = memory does not grow "
+            "Reading the ratios: encode, end to end / forward (1.00 = the encoder is the only cost); "
+            "train step, images/s / (a)'s (> 1 = faster than this trainer); shard read, 1 worker / the main "
+            "process alone; bytes, on disk / raw uint8 pixels; train memory, large data set / small (1.00 = "
+            "memory does not grow "
             "with the data: `train` streams, and holds at most data.shuffle_buffer samples per reader)."
         ),
         "",

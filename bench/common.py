@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: one row of the combined table, the machine line, photographs to encode."""
+"""What the benchmark scripts share: a row of the combined table, the machine line, photographs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 @dataclass(frozen=True)
 class Row:
-    """One figure of `bench/all.py`'s table; `ratio` is figure / the section's reference figure (None: no ratio)."""
+    """One figure of bench/all.py's table; `ratio` = figure / the section's reference (None: no ratio)."""
 
     section: str
     name: str
@@ -58,7 +58,7 @@ def machine(device: torch.device) -> str:
     return f"{cpu}{gpu}; torch {torch.__version__}, python {platform.python_version()}"
 
 
-# scikit-image's colour photographs (the greyscale ones and the drawings would make PNGs unrealistically small).
+# scikit-image's colour photographs (greyscale ones and drawings would make PNGs unrealistically small).
 PHOTOS = (
     "astronaut.png",
     "chelsea.png",

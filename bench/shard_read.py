@@ -1,11 +1,11 @@
-"""`python bench/shard_read.py`: how fast training's reader turns shards into batches, and what a sample weighs.
+"""`python bench/shard_read.py`: how fast training's reader turns shards into batches; what a sample weighs.
 
-Encodes scikit-image's colour photographs (shorter side resized to 300 px, seeded random 256 px crops, plus the
-mirrored copies) through vaedec's real encode path (`vaedec.encode.encode`) with a small random VAE that
-downsamples by 8 like SD's, so a sample holds what an SD-family sample holds: (8, 32, 32) float16 moments and a
-256x256 RGB PNG of photographic pixels. Then, in one run:
+Encodes scikit-image's colour photographs (shorter side resized to 300 px, seeded random 256 px crops, plus
+the mirrored copies) through vaedec's real encode path (`vaedec.encode.encode`) with a small random VAE that
+downsamples by 8 like SD's, so a sample holds what an SD-family sample holds: (8, 32, 32) float16 moments and
+a 256x256 RGB PNG of photographic pixels. Then, in one run:
   - reads the shards as `train` does: `TrainStream` (decode of moments.npy + image.png, collate) inside a
-    DataLoader(batch_size=None, prefetch_factor 4), with 0 workers (the main process decodes) and with 1 worker,
+    DataLoader(batch_size=None, prefetch_factor 4), with 0 workers (the main process decodes) and 1 worker,
     interleaved; images/s per worker. The first batch of each read (worker start-up) is not timed. Each read
     checks that its first epoch holds every sample written, once;
   - bytes per sample on disk = shard bytes / samples, and the mean size of each member.
@@ -78,7 +78,7 @@ def write_shards(root: Path, resolution: int, crops_per_image: int) -> Path:
 
 
 def read_rate(shards: list[str], batch_size: int, workers: int, batches: int, expected: set[str]) -> float:
-    """images/s of `batches` batches from TrainStream in a DataLoader, as train builds it (first batch untimed);
+    """images/s of `batches` batches of TrainStream in a DataLoader as train builds it (first one untimed);
     fails unless the first len(expected) samples are exactly the samples written."""
     stream = TrainStream(shards, batch_size, seed=0, shuffle_buffer=0)  # no shuffle: the epoch check below
     loader = torch.utils.data.DataLoader(
@@ -192,8 +192,8 @@ def main(resolution: int, crops_per_image: int, batch_size: int, epochs: int, ro
     )
     members = ", ".join(f"{ext} {b:,.0f}" for ext, b in sorted(r.member_bytes.items()))
     print(
-        f"disk     {r.bytes_per_sample:,.0f} bytes/sample on disk (members, mean bytes: {members}; the rest is "
-        "tar headers and padding)"
+        f"disk     {r.bytes_per_sample:,.0f} bytes/sample on disk (members, mean bytes: {members}; "
+        "the rest is tar headers and padding)"
     )
 
 

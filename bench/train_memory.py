@@ -3,9 +3,9 @@
 `train` streams its shards, so its memory must not grow with the number of samples. This encodes two shard
 folders of small samples through `vaedec.encode.encode` with the tests' tiny random VAE (32 px, downsampling
 factor 2), e.g. 200 and 4000 samples in many small shards, then runs `python cli.py train SHARDS --config
-configs/demo.yaml KEY=VALUE...` on each as a subprocess, with the same steps, batch size and shuffle buffer, and
-reports each run's peak resident set size (the kernel's ru_maxrss of that process, from wait4). The batch size
-and steps are chosen so the large run reads its whole data set once (the small one loops over its data).
+configs/demo.yaml KEY=VALUE...` on each as a subprocess, with the same steps, batch size and shuffle buffer,
+and reports each run's peak resident set size (the kernel's ru_maxrss of that process, from wait4). The batch
+size and steps are chosen so the large run reads its whole data set once (the small one loops over its data).
 data.num_workers=0 keeps the reading inside the measured process: with workers, ru_maxrss would report only
 the largest single process, not their sum.
 """
@@ -152,7 +152,8 @@ def measure(
                 folder, root / f"run-{n}", steps, batch_size, shuffle_buffer, extra
             )
     setup = (
-        f"{steps} steps, batch size {batch_size}, shuffle buffer {shuffle_buffer}, data.num_workers=0, 1 torch thread, "
+        f"{steps} steps, batch size {batch_size}, shuffle buffer {shuffle_buffer}, data.num_workers=0, "
+        "1 torch thread, "
         f"dtype {dtype}; " + ", ".join(f"{n} samples in {s} shards" for n, (_, s) in folders.items())
     )
     return MemoryResult(peak, seconds, {n: s for n, (_, s) in folders.items()}, steps, batch_size, setup)

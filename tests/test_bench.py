@@ -1,5 +1,5 @@
-"""The shard-read benchmark counts what it reads: a first epoch through training's reader is exactly the samples
-written, with 0 and with 1 DataLoader worker. No timing is asserted (benchmarks are not tests)."""
+"""The shard-read benchmark counts what it reads: a first epoch through training's reader is exactly the
+samples written, with 0 and with 1 DataLoader worker. No timing is asserted (benchmarks are not tests)."""
 
 from __future__ import annotations
 
