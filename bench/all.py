@@ -57,12 +57,14 @@ def run_all(quick: bool, device: torch.device, dtype: str) -> tuple[list[Row], l
     log("train step: (a)-(d)")
     resolution, batch = (256, 4) if cuda else (64, 2)
     t = train_step.measure(
-        resolution, batch, steps=1 if quick else 4, warmup=1, device=str(device), dtype=dtype
+        resolution, batch, steps=1 if quick else 6, warmup=1, device=str(device), dtype=dtype
     )
     rows += train_step.rows(t)
+    spread = ", ".join(f"({k}) {min(v):.1f}-{max(v):.1f}" for k, v in t.times.items())
     notes.append(
         f"train step: {train_step.MODEL}; {resolution} px, batch size {batch}, dtype {dtype}, "
-        f"median of {t.steps} timed steps after {t.warmup} warm-up, variants interleaved; GAN term on"
+        f"median of {t.steps} timed steps after {t.warmup} warm-up, variants interleaved; GAN term on; "
+        f"min-max s/step {spread} (ratios inside these spreads are noise)"
     )
 
     log("shard read + bytes on disk (256 px)")

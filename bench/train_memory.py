@@ -89,25 +89,28 @@ def write_shards(root: Path, vae_dir: Path, samples: int) -> tuple[Path, int]:
     return out, result.shards
 
 
+# Runs argv[1:] and prints the child's peak RSS. A process's ru_maxrss survives exec and starts from its
+# parent's at fork, so `train` forked straight from this (big) benchmark process would report at least this
+# process's peak; forked from this small launcher instead, it reports its own.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(proc.pid, 0)
+print(f"peak_rss_kib {usage.ru_maxrss}", flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_train(
     shards: Path, run: Path, steps: int, batch_size: int, shuffle_buffer: int, extra: list[str]
 ) -> tuple[float, float]:
     """(peak RSS MiB, seconds) of one `python cli.py train` subprocess; its output goes to run/../NAME.log."""
     cmd = [
-        sys.executable,
-        str(ROOT / "cli.py"),
-        "train",
-        str(shards),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--output",
-        str(run),
-        *OVERRIDES,
-        f"run.max_steps={steps}",
-        f"data.batch_size_per_device={batch_size}",
-        f"data.shuffle_buffer={shuffle_buffer}",
-        *extra,
-    ]
+        sys.executable, "-c", LAUNCHER,
+        sys.executable, str(ROOT / "cli.py"), "train", str(shards),
+        "--config", str(ROOT / "configs" / "demo.yaml"), "--output", str(run), *OVERRIDES, f"run.max_steps={steps}", f"data.batch_size_per_device={batch_size}",
+        f"data.shuffle_buffer={shuffle_buffer}", *extra,
+    ]  # fmt: skip
     # One thread: on a busy shared machine two spinning OpenMP threads made a step of this tiny model take
     # seconds; the figure here is memory, which the thread count barely moves.
     env = {
@@ -120,13 +123,15 @@ def run_train(
     log = run.parent / f"{run.name}.log"
     t0 = time.perf_counter()
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code = subprocess.run(
+            cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        ).returncode
     elapsed = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"train exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss / 1024, elapsed  # Linux: ru_maxrss in KiB
+    text = log.read_text()
+    if code:
+        raise RuntimeError(f"train exited {code}:\n{text[-3000:]}")
+    peak_kib = int(text.rsplit("peak_rss_kib ", 1)[1].split()[0])  # Linux: ru_maxrss in KiB
+    return peak_kib / 1024, elapsed
 
 
 def measure(
