@@ -23,9 +23,9 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vaedec.demo --out demo
 
+# One table of every benchmark, also written to docs/benchmarks.md. `make bench BENCH_FLAGS=--quick` is faster.
 bench: $(STAMP)
-	$(PY) bench/encode.py
-	$(PY) bench/train_step.py
+	$(PY) bench/all.py --write docs/benchmarks.md $(BENCH_FLAGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
