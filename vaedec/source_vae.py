@@ -41,13 +41,14 @@ class SourceVAEConfig:
     latent_channels: int = 4  # SD's
     resolution: int = 64  # px, square training crops
     batch_size: int = 8  # crops per step
-    steps: int = 800  # optimizer steps: about 10 minutes on 2 CPU cores
+    steps: int = 600  # optimizer steps: about 9 CPU minutes
     lr: float = 1e-3  # Adam peak learning rate; cosine decay to 0 after warmup
     warmup_steps: int = 50  # linear warmup
     mse_weight: float = 0.5  # loss = L1 + mse_weight * MSE + kl_weight * KL; MSE pushes PSNR, L1 keeps edges
     kl_weight: float = 1e-6  # per element, like SD's: KL summed over latents vs reconstruction summed over pixels
     seed: int = 0  # weights, crops, flips and posterior noise
-    threads: int = 2  # torch.set_num_threads: results depend on it, so it is fixed and recorded
+    threads: int = 1  # torch.set_num_threads: results depend on it, so it is fixed and recorded. 1, not 2: on a
+    # shared 2-core machine two OpenMP threads spin-wait and cost 4x the CPU time per step (measured)
 
 
 def source_vae_config(cfg: SourceVAEConfig) -> dict:
@@ -113,7 +114,7 @@ def vae_loss(x: torch.Tensor, x_rec: torch.Tensor, mean: torch.Tensor, logvar: t
     mse = (x - x_rec).pow(2).mean()
     kl = kl_per_element(mean, logvar)
     loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl / x[0].numel()
-    return loss, {"l1": float(l1), "mse": float(mse), "kl": float(kl)}
+    return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
 
 
 def lr_at(step: int, cfg: SourceVAEConfig) -> float:
@@ -156,7 +157,7 @@ def train_source_vae(images: Path, cfg: SourceVAEConfig, progress: bool = True) 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(l1=f"{logs['l1']:.4f}", kl=f"{logs['kl']:.0f}")
     return vae.eval(), losses
