@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo source-vae bench lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -22,6 +22,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m vaedec.demo --out demo
+
+# Retrain the shipped stand-in pretrained VAE (assets/source-vae; about 10 CPU minutes). Its model card is kept.
+source-vae: $(STAMP)
+	$(PY) -m vaedec.source_vae --out assets/source-vae
 
 bench: $(STAMP)
 	$(PY) bench/encode.py

@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,18 +127,33 @@ def lr_at(step: int, cfg: SourceVAEConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def make_deterministic(cfg: SourceVAEConfig) -> None:
-    """Seed everything and fix the thread count: same config + same torch build = same weights."""
+@contextmanager
+def deterministic(cfg: SourceVAEConfig) -> Iterator[None]:
+    """Seed torch, fix the thread count and force deterministic kernels; restore the process's settings after.
+
+    Same config + same torch build = same weights. Restoring matters: these are process-wide switches, and a test
+    or a caller that trains a source VAE should not find its other work single-threaded afterwards.
+    """
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
 
 
 def train_source_vae(images: Path, cfg: SourceVAEConfig, progress: bool = True) -> tuple[AutoencoderKL, list[float]]:
     """Train encoder + decoder from scratch on random crops of the images in `images`; returns (vae, losses)."""
+    with deterministic(cfg):
+        return _train(images, cfg, progress)
+
+
+def _train(images: Path, cfg: SourceVAEConfig, progress: bool) -> tuple[AutoencoderKL, list[float]]:
     from tqdm import tqdm
 
-    make_deterministic(cfg)
     vae = AutoencoderKL(**source_vae_config(cfg)).train()
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     levels = load_pyramid(images, cfg.resolution)
@@ -246,7 +263,7 @@ def main(out: Path, steps: int, seed: int, threads: int) -> None:
     from vaedec.domains import photos, rendered_text
 
     cfg = SourceVAEConfig(steps=steps, seed=seed, threads=threads)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, deterministic(cfg):  # evaluation too runs on cfg.threads
         data = Path(d)
         photos(data / "train", "train")
         photos(data / "heldout", "heldout")
