@@ -54,7 +54,7 @@ def photos(out: Path, split: Literal["train", "heldout"]) -> int:
 _LETTERS = "eeeeeeetttttaaaaaoooooiiiiinnnnnssssshhhhrrrrddllcuumwfgypbvk"
 _INKS = ((20, 20, 25), (35, 30, 60), (10, 25, 60), (45, 35, 30))  # near-black, blue-black, navy, sepia
 _HEADING_INKS = ((160, 20, 30), (20, 70, 150), (20, 110, 60), (120, 40, 130))  # red, blue, green, purple
-_FONT_SIZES = (8, 10, 12, 14)  # px at size=128; headings are one step larger
+FONT_SIZES = (11, 13, 16, 20)  # body text px at size=128 (scaled with size); headings 4 px larger
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -72,7 +72,7 @@ def _word(rng: random.Random) -> str:
     return w.capitalize() if rng.random() < 0.2 else w
 
 
-def _page(rng: random.Random, size: int) -> Image.Image:
+def _page(rng: random.Random, size: int, font_sizes: tuple[int, ...]) -> Image.Image:
     """One page: tinted paper, an optional coloured heading, then lines of words in one ink and size."""
     s = size / 128  # every length below is in px at size 128
     base = rng.randint(225, 250)
@@ -80,7 +80,7 @@ def _page(rng: random.Random, size: int) -> Image.Image:
     img = Image.new("RGB", (size, size), paper)
     draw = ImageDraw.Draw(img)
     ink = rng.choice(_INKS)
-    text_size = rng.choice(_FONT_SIZES)
+    text_size = rng.choice(font_sizes)
     margin = int(rng.randint(2, 10) * s)
     y = int(rng.randint(-4, 6) * s)  # pages may start mid-line: a crop of a longer document
     if rng.random() < 0.5:
@@ -104,17 +104,21 @@ def _page(rng: random.Random, size: int) -> Image.Image:
     return img
 
 
-def rendered_text(out: Path, n: int, seed: int, size: int = 128) -> int:
+def rendered_text(
+    out: Path, n: int, seed: int, size: int = 128, font_sizes: tuple[int, ...] = FONT_SIZES
+) -> int:
     """Render `n` document-like pages (size x size RGB PNGs) into `out`; the same seed gives the same bytes.
 
     Why this domain: documents, screenshots, UI and comic lettering are where SD-class VAEs are known to fail.
     Their fine, high-contrast glyph edges (1-2 px strokes, dark ink on light paper) are what a VAE trained on
     photographs spends the least capacity on, so its decoder blurs and smears them; a decoder fine-tuned on text
     can sharpen them without touching the encoder. Use different seeds for train and held-out sets.
+
+    `font_sizes`: body text sizes in px at size=128 (a 64 px crop then holds 3 to 5 lines); one is drawn per page.
     """
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         # One RNG per page, seeded from (seed, i): page i is the same whatever n is.
         rng = random.Random(f"rendered_text:{seed}:{i}")
-        _page(rng, size).save(out / f"text-{seed}-{i:05d}.png", optimize=False)
+        _page(rng, size, font_sizes).save(out / f"text-{seed}-{i:05d}.png", optimize=False)
     return n

@@ -227,6 +227,12 @@ def save_atomic(vae: AutoencoderKL, out: Path, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     vae.save_pretrained(tmp, safe_serialization=True)
+    # mkdtemp makes the folder 0700; a shipped asset should get the usual permissions (umask 022: 0755/0644).
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for f in tmp.iterdir():
+        f.chmod(0o666 & ~umask)
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     old = out.with_name(f".{out.name}-old")
     if out.exists():  # keep files others put there (e.g. README.md, the model card)
@@ -239,9 +245,14 @@ def save_atomic(vae: AutoencoderKL, out: Path, record: dict) -> None:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, with "+dirty" when vaedec/ has uncommitted changes; "unknown" outside a checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        cwd = Path(__file__).parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, cwd=cwd,
+                               check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -263,6 +274,7 @@ def main(out: Path, steps: int, seed: int, threads: int) -> None:
     from vaedec.domains import photos, rendered_text
 
     cfg = SourceVAEConfig(steps=steps, seed=seed, threads=threads)
+    commit = _git_commit()  # now, not after training: the code that trained is the code checked out at the start
     with tempfile.TemporaryDirectory() as d, deterministic(cfg):  # evaluation too runs on cfg.threads
         data = Path(d)
         photos(data / "train", "train")
@@ -281,7 +293,7 @@ def main(out: Path, steps: int, seed: int, threads: int) -> None:
     params = sum(p.numel() for p in vae.parameters())
     record = {
         "config": asdict(cfg),
-        "vaedec_commit": _git_commit(),
+        "vaedec_commit": commit,
         "torch": torch.__version__,
         "parameters": params,
         "train_wall_s": round(wall, 1),
