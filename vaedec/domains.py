@@ -54,7 +54,7 @@ def photos(out: Path, split: Literal["train", "heldout"]) -> int:
 _LETTERS = "eeeeeeetttttaaaaaoooooiiiiinnnnnssssshhhhrrrrddllcuumwfgypbvk"
 _INKS = ((20, 20, 25), (35, 30, 60), (10, 25, 60), (45, 35, 30))  # near-black, blue-black, navy, sepia
 _HEADING_INKS = ((160, 20, 30), (20, 70, 150), (20, 110, 60), (120, 40, 130))  # red, blue, green, purple
-FONT_SIZES = (11, 13, 16, 20)  # body text px at size=128 (scaled with size); headings 4 px larger
+FONT_SIZES = (18, 22, 26, 30)  # body text px at size=128 (scaled with size); headings 4 px larger
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -114,7 +114,9 @@ def rendered_text(
     photographs spends the least capacity on, so its decoder blurs and smears them; a decoder fine-tuned on text
     can sharpen them without touching the encoder. Use different seeds for train and held-out sets.
 
-    `font_sizes`: body text sizes in px at size=128 (a 64 px crop then holds 3 to 5 lines); one is drawn per page.
+    `font_sizes`: body text sizes in px at size=128, one drawn per page; with the default, a 64 px crop of a page
+    holds 2 to 3 lines, glyphs 3 to 5 latent pixels tall at factor 4 (at 8-14 px, a VAE this small keeps too
+    little of a glyph in its latent for any decoder to redraw it).
     """
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
