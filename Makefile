@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo source-vae bench lint clean
+.PHONY: venv test test-fast demo experiment source-vae bench lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -27,11 +27,11 @@ demo: $(STAMP)
 source-vae: $(STAMP)
 	$(PY) -m vaedec.source_vae --out assets/source-vae
 
-# One table of every benchmark, also written to docs/benchmarks.md. `make bench BENCH_FLAGS=--quick` is faster.
 # Fine-tune the source VAE's decoder on rendered text with each shipped recipe; writes docs/quality.md.
 experiment: $(STAMP)
 	$(PY) -m vaedec.experiment --out experiment --docs docs
 
+# One table of every benchmark, also written to docs/benchmarks.md. `make bench BENCH_FLAGS=--quick` is faster.
 bench: $(STAMP)
 	$(PY) bench/all.py --write docs/benchmarks.md $(BENCH_FLAGS)
 
