@@ -78,8 +78,9 @@ def test_each_set_is_split_by_rank(shards, general) -> None:
 
 
 def test_mixed_stream_resumes_exactly(shards, general) -> None:
-    make = lambda skip: TrainStream(paths(shards), 3, seed=5, shuffle_buffer=6, skip_batches=skip,  # noqa: E731
-                                    mix=[(paths(general), 0.4)])
+    def make(skip: int) -> TrainStream:
+        return TrainStream(paths(shards), 3, seed=5, shuffle_buffer=6, skip_batches=skip, mix=[(paths(general), 0.4)])
+
     full = take(make(0), 12)
     resumed = take(make(7), 5)
     for a, b in zip(full[7:], resumed):
