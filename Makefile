@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo experiment source-vae bench lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -23,13 +23,21 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vaedec.demo --out demo
 
+# Retrain the shipped stand-in pretrained VAE (assets/source-vae; about 10 CPU minutes). Its model card is kept.
+source-vae: $(STAMP)
+	$(PY) -m vaedec.source_vae --out assets/source-vae
+
+# Fine-tune the source VAE's decoder on rendered text with each shipped recipe; writes docs/quality.md.
+experiment: $(STAMP)
+	$(PY) -m vaedec.experiment --out experiment --docs docs
+
+# One table of every benchmark, also written to docs/benchmarks.md. `make bench BENCH_FLAGS=--quick` is faster.
 bench: $(STAMP)
-	$(PY) bench/encode.py
-	$(PY) bench/train_step.py
+	$(PY) bench/all.py --write docs/benchmarks.md $(BENCH_FLAGS)
 	$(PY) bench/memory.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf demo runs .pytest_cache
+	rm -rf demo runs experiment eval .pytest_cache

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from bench.common import Row
 from vaedec.config import EncodeConfig
 from vaedec.encode import encode
 from vaedec.images import crop_boxes, crop_resize, load_rgb, to_model_range
@@ -33,6 +34,7 @@ from vaedec.latents import encode_moments
 from vaedec.vae import DTYPES, SD_VAE_CONFIG, freeze, load_vae
 
 SD_VAE = SD_VAE_CONFIG
+MODEL = f"SD 1.x VAE architecture (block_out_channels {SD_VAE['block_out_channels']}), random weights"
 
 
 def make_sources(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -97,21 +99,25 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--resolution", type=click.IntRange(8), default=None, help="Encoded side, pixels [default: 128 on CPU, 256 on CUDA].")
-@click.option("--images", type=click.IntRange(1), default=None, help="Number of source images [default: 8 on CPU, 512 on CUDA].")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Images per encoder forward [default: 4 on CPU, 32 on CUDA].")
-@click.option("--source-size", type=click.IntRange(8), default=None, help="Longer side of the source JPEGs [default: 2x resolution].")
-@click.option("--num-workers", type=click.IntRange(0), default=2, help="Decoding processes of the pipeline.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", help="Encoder compute dtype.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
-@click.option("--repeats", type=click.IntRange(1), default=3, help="Interleaved (b), (a) rounds; the fastest of each counts.")
-def main(resolution: int | None, images: int | None, batch_size: int | None, source_size: int | None,
-         num_workers: int, dtype: str, device: str | None, repeats: int) -> None:
-    """Encode pipeline vs encoder forward, images/s, on the SD 1.x VAE architecture with random weights.
+@dataclass(frozen=True)
+class EncodeResult:
+    """images/s of (a) the pipeline and (b) the encoder forward alone, with what they were measured on."""
 
-    The CPU defaults finish in 1-2 minutes on 2 cores; the CUDA defaults are a realistic workload.
-    """
+    pipeline: float  # images/s, fastest round
+    forward: float  # images/s, fastest round
+    t_pipeline: float  # seconds, fastest round
+    t_forward: float  # seconds, fastest round
+    t_load: float  # seconds to load + freeze the VAE, part of t_pipeline
+    device: str
+    setup: str
+    repeats: int
+    load_average: float
+
+
+def measure(resolution: int | None = None, images: int | None = None, batch_size: int | None = None,
+            source_size: int | None = None, num_workers: int = 2, dtype: str = "fp32", device: str | None = None,
+            repeats: int = 3) -> EncodeResult:
+    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture; None = the device's default."""
     from diffusers import AutoencoderKL
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,16 +150,45 @@ def main(resolution: int | None, images: int | None, batch_size: int | None, sou
         freeze(load_vae(str(vae_dir)))  # what the pipeline pays before its first batch, besides the fingerprint
         t_load = time.perf_counter() - t0
 
-    fwd, e2e = images / t_forward, images / t_pipeline
-    print(f"device          {device_name(dev)}")
+    setup = (f"{images} images {long_side}x{long_side * 3 // 4} JPEG -> {resolution}x{resolution}, "
+             f"batch size {batch_size}, dtype {dtype}, {num_workers} decode workers")
+    return EncodeResult(images / t_pipeline, images / t_forward, t_pipeline, t_forward, t_load, device_name(dev),
+                        setup, repeats, load_before)
+
+
+def rows(r: EncodeResult) -> list[Row]:
+    """The encode section of bench/all.py's table; the reference is the encoder forward alone."""
+    return [
+        Row("encode", "encoder forward only (tensors preloaded)", r.forward, "images/s", 1.0),
+        Row("encode", "`encode` end to end (decode, forward, PNG + npy, tar, fsync)", r.pipeline, "images/s",
+            r.pipeline / r.forward, "of forward"),
+    ]
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--resolution", type=click.IntRange(8), default=None, help="Encoded side, pixels [default: 128 on CPU, 256 on CUDA].")
+@click.option("--images", type=click.IntRange(1), default=None, help="Number of source images [default: 8 on CPU, 512 on CUDA].")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Images per encoder forward [default: 4 on CPU, 32 on CUDA].")
+@click.option("--source-size", type=click.IntRange(8), default=None, help="Longer side of the source JPEGs [default: 2x resolution].")
+@click.option("--num-workers", type=click.IntRange(0), default=2, help="Decoding processes of the pipeline.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", help="Encoder compute dtype.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--repeats", type=click.IntRange(1), default=3, help="Interleaved (b), (a) rounds; the fastest of each counts.")
+def main(resolution: int | None, images: int | None, batch_size: int | None, source_size: int | None,
+         num_workers: int, dtype: str, device: str | None, repeats: int) -> None:
+    """Encode pipeline vs encoder forward, images/s, on the SD 1.x VAE architecture with random weights.
+
+    The CPU defaults finish in 1-2 minutes on 2 cores; the CUDA defaults are a realistic workload.
+    """
+    r = measure(resolution, images, batch_size, source_size, num_workers, dtype, device, repeats)
+    print(f"device          {r.device}")
     print(f"torch           {torch.__version__}")
-    print(f"model           SD 1.x VAE architecture (block_out_channels {SD_VAE['block_out_channels']}), random weights")
-    print(f"setup           {images} images {long_side}x{long_side * 3 // 4} JPEG -> {resolution}x{resolution}, "
-          f"batch size {batch_size}, dtype {dtype}, {num_workers} decode workers")
-    print(f"timing          fastest of {repeats} interleaved rounds; load average {load_before:.2f} at the start")
-    print(f"(a) pipeline    {e2e:8.2f} img/s  ({t_pipeline:.2f} s end to end, incl. ~{t_load:.2f} s model load)")
-    print(f"(b) forward     {fwd:8.2f} img/s  ({t_forward:.2f} s, encoder only, tensors preloaded)")
-    print(f"ratio (b)/(a)   {fwd / e2e:8.2f}x  (pipeline time / forward time; 1.00 = no overhead)")
+    print(f"model           {MODEL}")
+    print(f"setup           {r.setup}")
+    print(f"timing          fastest of {r.repeats} interleaved rounds; load average {r.load_average:.2f} at the start")
+    print(f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, incl. ~{r.t_load:.2f} s model load)")
+    print(f"(b) forward     {r.forward:8.2f} img/s  ({r.t_forward:.2f} s, encoder only, tensors preloaded)")
+    print(f"ratio (b)/(a)   {r.forward / r.pipeline:8.2f}x  (pipeline time / forward time; 1.00 = no overhead)")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -30,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from bench.common import Row
 from vaedec.config import LossConfig
 from vaedec.discriminator import build_discriminator
 from vaedec.images import batch_to_model
@@ -45,6 +47,15 @@ VARIANTS = {
     "c": "(c) naive double-backward λ (LDM)",
     "d": "(d) bare decoder fwd+bwd, L1 (limit)",
 }
+ROW_NAMES = {  # the same variants, as rows of bench/all.py's table
+    "a": "(a) vaedec: stored moments, single-backward λ",
+    "b": "(b) encoder run online on pixels, same loss",
+    "c": "(c) naive double-backward λ (LDM)",
+    "d": "(d) bare decoder fwd + bwd, L1 (the limit)",
+}
+MODEL = (
+    f"SD 1.x VAE architecture {SD_VAE['block_out_channels']}, random weights; LPIPS random VGG16; PatchGAN"
+)
 
 NOTE = """\
 vs (a): images/s relative to this trainer's step (> 1 = faster). (d) is the decoder alone, the floor for any
@@ -68,29 +79,33 @@ def smooth_pixels(batch: int, resolution: int, seed: int = 0) -> torch.Tensor:
     return (big.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-@click.command()
-@click.option(
-    "--resolution", type=click.IntRange(32), default=64, show_default=True, help="Image side, pixels."
-)
-@click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="Images per step.")
-@click.option(
-    "--steps", type=click.IntRange(1), default=4, show_default=True, help="Timed steps per variant."
-)
-@click.option(
-    "--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed steps per variant."
-)
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
-@click.option(
-    "--mixed-precision",
-    type=click.Choice(["no", "bf16"]),
-    default="no",
-    show_default=True,
-    help="autocast dtype around the forward passes, as run.mixed_precision.",
-)
-def main(
-    resolution: int, batch_size: int, steps: int, warmup: int, device: str | None, mixed_precision: str
-) -> None:
-    """Images/s of one decoder training step, four ways, side by side."""
+@dataclass(frozen=True)
+class StepResult:
+    """Seconds per step of each variant, with what they were measured on."""
+
+    times: dict[str, list[float]]  # variant -> timed steps, seconds
+    peak_mib: dict[str, float]  # variant -> CUDA peak allocated (0 on CPU)
+    batch_size: int
+    resolution: int
+    dtype: str
+    steps: int
+    warmup: int
+    device: torch.device
+    cfg: LossConfig
+
+    def images_per_s(self, key: str) -> float:
+        return self.batch_size / statistics.median(self.times[key])  # median: robust to a busy machine
+
+
+def measure(
+    resolution: int = 64,
+    batch_size: int = 2,
+    steps: int = 4,
+    warmup: int = 1,
+    device: str | None = None,
+    dtype: str = "fp32",
+) -> StepResult:
+    """Time the four variants, interleaved step by step."""
     if resolution % 8:
         raise click.BadParameter(
             "must be a multiple of 8 (the VAE downsamples by 8)", param_hint="--resolution"
@@ -98,7 +113,7 @@ def main(
     from diffusers import AutoencoderKL
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     torch.manual_seed(0)
 
     # --- models: one SD VAE; the decoder path trains, the encoder is frozen and used by (b) only
@@ -193,13 +208,57 @@ def main(
                 peak[key] = max(peak[key], torch.cuda.max_memory_allocated(dev) / 2**20)
     assert all(seen[k] > 0 for k in "abc"), f"the GAN term was off: {seen}"
 
+    return StepResult(times, peak, batch_size, resolution, dtype, steps, warmup, dev, cfg)
+
+
+def rows(r: StepResult) -> list[Row]:
+    """The train-step section of bench/all.py's table; the reference is (a), this trainer's step."""
+    a = r.images_per_s("a")
+    return [
+        Row(
+            "train step",
+            ROW_NAMES[key],
+            r.images_per_s(key),
+            "images/s",
+            r.images_per_s(key) / a,
+            "of (a)" if key != "a" else "",
+        )
+        for key in VARIANTS
+    ]
+
+
+@click.command()
+@click.option(
+    "--resolution", type=click.IntRange(32), default=64, show_default=True, help="Image side, pixels."
+)
+@click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="Images per step.")
+@click.option(
+    "--steps", type=click.IntRange(1), default=4, show_default=True, help="Timed steps per variant."
+)
+@click.option(
+    "--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed steps per variant."
+)
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option(
+    "--dtype",
+    "--mixed-precision",
+    "dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="bf16 = autocast around the forward passes, as run.mixed_precision=bf16; weights stay fp32.",
+)
+def main(resolution: int, batch_size: int, steps: int, warmup: int, device: str | None, dtype: str) -> None:
+    """Images/s of one decoder training step, four ways, side by side."""
+    r = measure(resolution, batch_size, steps, warmup, device, dtype)
+    dev, cfg, times, peak = r.device, r.cfg, r.times, r.peak_mib
     # --- report
     threads = f"{torch.get_num_threads()} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
     print("vaedec train-step benchmark (bench/train_step.py)")
     print(f"torch {torch.__version__}, python {platform.python_version()}, device {dev} ({threads})")
     print(
-        f"resolution {resolution}, batch size {batch_size}, mixed precision {mixed_precision}, "
-        f"{steps} timed steps per variant after {warmup} warm-up, variants interleaved"
+        f"resolution {r.resolution}, batch size {r.batch_size}, dtype {r.dtype}, "
+        f"{r.steps} timed steps per variant after {r.warmup} warm-up, variants interleaved"
     )
     print(
         f"VAE: SD architecture {SD_VAE['block_out_channels']}, layers_per_block {SD_VAE['layers_per_block']},"
@@ -210,7 +269,7 @@ def main(
         f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c)"
     )
     print()
-    ips = {k: batch_size / statistics.median(t) for k, t in times.items()}  # median: robust to a busy machine
+    ips = {k: r.images_per_s(k) for k in times}
     header = f"{'variant':<44} {'images/s':>9} {'median s/step':>14} {'min-max s':>12} {'vs (a)':>7}"
     header += f" {'peak MiB':>9}" if dev.type == "cuda" else ""
     print(header)

@@ -63,17 +63,19 @@ def test_every_kind_of_model_in_one_call(tmp_path, data) -> None:
     out = tmp_path / "eval"
     res = cli("eval", data["heldout"], "--out", out, "--vae", f"original={data['vae']}", "--vae", data["run"],
               "--vae", f"{data['run']}:raw", "--vae", data["export"], "--vae", data["export"] / "vae.safetensors",
-              "--grid-samples", 3)
+              "--vae", data["run"] / "checkpoints" / "step-00000006", "--grid-samples", 3)
     result = json.loads((out / "eval.json").read_text())
     labels = [m["label"] for m in result["models"]]
-    assert labels == ["original", "run:ema", "run:raw", "export", "vae"]
+    assert labels == ["original", "run:ema", "run:raw", "export", "vae", "run:ema#2"]
     rows = read_csv(out / "per_image.csv")
     n = read_manifest(data["heldout"])["totals"]["samples"]
-    assert len(rows) == 5 * n
+    assert len(rows) == 6 * n
     psnr = by_model(rows, "psnr")
-    # The export was made from the run's EMA weights; its LDM file is a lossless conversion of the same weights.
+    # The export was made from the run's EMA weights; its LDM file is a lossless conversion of the same weights;
+    # the newest checkpoint folder is the run.
     np.testing.assert_array_equal(psnr["run:ema"], psnr["export"])
     np.testing.assert_array_equal(psnr["export"], psnr["vae"])
+    np.testing.assert_array_equal(psnr["run:ema"], psnr["run:ema#2"])
     assert not np.array_equal(psnr["run:ema"], psnr["run:raw"])
     assert not np.array_equal(psnr["original"], psnr["run:raw"])
 
@@ -101,13 +103,13 @@ def test_every_kind_of_model_in_one_call(tmp_path, data) -> None:
     assert s["deltas"]["vae"]["psnr"]["mean"] == pytest.approx(s["deltas"]["export"]["psnr"]["mean"])
     report = (out / "report.md").read_text()
     assert report in res.output and "| original (baseline) |" in report and "| run:raw |" in report
-    # Grids: a fixed sample (original + 5 models) and per model the most improved / worsened (3 columns).
+    # Grids: a fixed sample (original + 6 models) and per model the most improved / worsened (3 columns).
     grids = sorted(p.name for p in (out / "grids").glob("*.png"))
     assert "heldout-sample.png" in grids and "heldout-improved-run_raw.png" in grids
-    assert len(grids) == 1 + 2 * 4
+    assert len(grids) == 1 + 2 * 5
     w_sample = Image.open(out / "grids" / "heldout-sample.png").size[0]
     w_pair = Image.open(out / "grids" / "heldout-worsened-export.png").size[0]
-    assert w_sample == 6 * (RES + 2) + 2 and w_pair == 3 * (RES + 2) + 2
+    assert w_sample == 7 * (RES + 2) + 2 and w_pair == 3 * (RES + 2) + 2
 
 
 def test_improved_and_worsened_grids_pick_by_psnr_gain() -> None:

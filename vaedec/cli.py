@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 
@@ -126,12 +127,15 @@ def inspect(shards: str, verify: bool) -> None:
                    "file overrides an earlier one field by field (a shipped recipe + your schedule).")
 @click.option("--output", default=None, help="Run folder [default: runs/<config name>].")
 @click.option("--vae", default=None, help="VAE to load instead of the one named in the shard manifest (same encoder).")
+@click.option("--mix", multiple=True, metavar="SHARDS:P",
+              help="Mix another shard set into every batch: each sample comes from SHARDS with probability P "
+                   "(e.g. general photos at 0.2 against forgetting outside the domain). Repeatable; data.mix.")
 @click.option("--resume", default="latest", show_default=True,
               help="'latest' (continue the run folder's newest checkpoint), 'none', or a checkpoint/run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--no-export", is_flag=True, help="Skip the export at the end of the run.")
 def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...], output: str | None,
-          vae: str | None, resume: str, dry_run: bool, no_export: bool) -> None:
+          vae: str | None, mix: tuple[str, ...], resume: str, dry_run: bool, no_export: bool) -> None:
     """Train the decoder (and a PatchGAN) on SHARDS written by `encode`; the encoder is never loaded.
 
     KEY=VALUE pairs override single config fields, e.g. `optim.lr=1e-5 run.max_steps=2000` (a bare key works
@@ -147,6 +151,7 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
     given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
+    given += [f"data.mix={json.dumps(list(mix))}"] if mix else []
     try:
         cfg = load_train_config(config_paths, [*overrides, *given])
         if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice

@@ -99,6 +99,10 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling across shards; 0 = no sample shuffle
     val_shards: int = 0  # the last N shards of the manifest are held out for validation; 0 = no validation
     val_max_samples: int = 64  # validation uses at most this many held-out samples
+    # Other shard sets mixed into every batch, each "PATH:P": a sample comes from PATH with probability P, from
+    # `shards` otherwise (e.g. 10k general photos at 0.2 against forgetting outside the domain). Each set holds out
+    # its own last val_shards shards for its own validation. () = train on `shards` alone.
+    mix: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,10 @@ class LossConfig:
     disc_warmup_steps: int = 0
     lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
     lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS is then meaningless; warns)
+    # L2-SP (Li et al. 2018): alpha in alpha/2 * sum ||theta - theta_0||^2 over the trained weights, pulling them
+    # toward the original decoder's, which keeps it good outside the domain; 0 = off. Costs one fp32 copy of the
+    # trained weights and one elementwise pass over them per step.
+    anchor_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -213,9 +221,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: a list of any length
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: a list of any length
         if isinstance(value, str):
-            value = [value]  # `model.trainable=decoder.conv_out.*` on the command line: one pattern
+            value = [value]  # `model.trainable=decoder.conv_out.*` on the command line: a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, args[0], key) for v in value)
@@ -365,8 +373,22 @@ def load_train_config(
     return cfg
 
 
+def parse_mix(entry: str) -> tuple[str, float]:
+    """'PATH:P' (data.mix, --mix) -> (PATH, P) with 0 < P < 1."""
+    path, sep, p = entry.rpartition(":")
+    if not sep or not path or not _looks_numeric(p):
+        raise ConfigError(f"data.mix entry {entry!r} must look like PATH:P, e.g. shards/general:0.2")
+    if not 0 < float(p) < 1:
+        raise ConfigError(f"data.mix entry {entry!r}: the probability must be in (0, 1)")
+    return path, float(p)
+
+
 def validate_train_config(cfg: TrainConfig) -> None:
     """Reject values that would fail later, deep inside a run."""
+    mixed = [parse_mix(e) for e in cfg.data.mix]
+    if sum(p for _, p in mixed) >= 1:
+        raise ConfigError(f"data.mix probabilities add up to {sum(p for _, p in mixed):g}: they must leave some "
+                          "of each batch to data.shards (sum < 1)")
     checks = [
         (cfg.data.batch_size_per_device >= 1, "data.batch_size_per_device must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
@@ -381,6 +403,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm must be > 0"),
         (cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0"),
         (cfg.loss.disc_weight >= 0, "loss.disc_weight must be >= 0"),
+        (cfg.loss.anchor_weight >= 0, "loss.anchor_weight must be >= 0"),
         (cfg.loss.disc_num_layers >= 1, "loss.disc_num_layers must be >= 1"),
         (cfg.loss.disc_r1_weight >= 0, "loss.disc_r1_weight must be >= 0"),
         (cfg.loss.disc_r1_every >= 1, "loss.disc_r1_every must be >= 1"),

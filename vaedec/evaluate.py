@@ -75,16 +75,16 @@ class ModelSpec:
     use_ema: bool = False  # run weights: the EMA copy (default when the checkpoint kept one) or the raw weights
 
 
-_LABEL_RE = re.compile(r"^([A-Za-z0-9][\w.+-]*)=(.+)$")
+_LABEL_RE = re.compile(r"^([A-Za-z0-9][\w.+:-]*)=(.+)$")
 
 
 def parse_model_spec(text: str) -> ModelSpec:
     """`[LABEL=]SPEC[:ema|:raw]` -> a ModelSpec; runs and checkpoints are located here, nothing is loaded."""
-    from vaedec.checkpoint import latest_checkpoint
+    from vaedec.checkpoint import default_use_ema, latest_checkpoint
 
     label = None
     m = _LABEL_RE.match(text)
-    if m and "/" not in m.group(1):
+    if m:
         label, text = m.group(1), m.group(2)
     choice = None
     if text.endswith((":ema", ":raw")):
@@ -100,13 +100,12 @@ def parse_model_spec(text: str) -> ModelSpec:
                         "(no checkpoints/step-* inside)")
     if ckpt is None:
         return ModelSpec(label or _default_label(path, text), text)
-    has_ema = (ckpt / "ema.safetensors").is_file()
+    has_ema = default_use_ema(ckpt)  # export's default too: the EMA weights whenever the run kept them
     if choice == "ema" and not has_ema:
         raise EvalError(f"--vae {text}:ema: the run kept no EMA (optim.ema_decay=0); use {text}:raw")
     use_ema = has_ema if choice is None else choice == "ema"
-    default = f"{run.resolve().name}:{'ema' if use_ema else 'raw'}"
-    if ckpt != latest_checkpoint(run):
-        default = f"{run.resolve().name}/{ckpt.name}:{'ema' if use_ema else 'raw'}"
+    newest = ckpt.resolve() == latest_checkpoint(run).resolve()
+    default = f"{run.resolve().name}{'' if newest else '/' + ckpt.name}:{'ema' if use_ema else 'raw'}"
     return ModelSpec(label or default, text, run=run, ckpt=ckpt, use_ema=use_ema)
 
 

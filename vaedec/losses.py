@@ -267,6 +267,36 @@ def perceptual_distance(lpips_model: nn.Module, x: Tensor, x_rec: Tensor) -> Ten
     return d.view(-1, x.shape[0], 1, 1, 1).sum(dim=0)
 
 
+def pixel_loss_by_set(
+    stored: list[tuple[Tensor, Tensor]], sources: list[Tensor | None], names: list[str], kind: Literal["l1", "l2"]
+) -> dict[str, float]:
+    """loss/pixel/NAME: the mean pixel loss of this step's samples from each mixed shard set (a set with no
+    sample in the step is left out). `stored`: (x, x̂) per micro-batch; `sources`: (B,) set index per sample."""
+    per_sample = torch.cat([pixel_loss(x, x_rec, kind).float().mean(dim=(1, 2, 3)) for x, x_rec in stored])
+    source = torch.cat([s.to(per_sample.device) for s in sources])
+    return {f"loss/pixel/{name}": float(per_sample[source == i].mean())
+            for i, name in enumerate(names) if bool((source == i).any())}
+
+
+def anchor_penalty(params: list[Tensor], anchors: list[Tensor], weight: float) -> Tensor:
+    """L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning"): alpha/2 * sum ||theta - theta_0||^2
+    over the trained weights theta and the original decoder's theta_0."""
+    return weight / 2 * sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchors))
+
+
+@torch.no_grad()
+def add_anchor_grad(params: list[Tensor], anchors: list[Tensor], weight: float, grad_scale: float = 1.0) -> float:
+    """Add the gradient of `anchor_penalty`, alpha * (theta - theta_0), to each .grad in place (times the fp16
+    grad scaler's scale, since .grad is still scaled here); returns the penalty's value. The same as adding the
+    penalty to the loss, without putting every weight into the backward graph."""
+    diffs = torch._foreach_sub(params, anchors)  # theta - theta_0, one fused pass
+    for p, d in zip(params, diffs):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.add_(d, alpha=weight * grad_scale)
+    return float(weight / 2 * sum(float(d.float().square().sum()) for d in diffs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # generator (decoder) side
 

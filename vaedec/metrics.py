@@ -204,19 +204,22 @@ class Evaluator:
     def __init__(
         self,
         original: torch.nn.Module,
-        grid: dict[str, Any],
+        grid: dict[str, Any] | None,
         val: list[dict[str, Any]],
         lpips_model: torch.nn.Module | None,
         device: torch.device,
+        name: str = "",
     ):
         self.grid, self.val, self.lpips_model, self.device = grid, val, lpips_model, device
-        self.original_grid = decode_mean(original, grid, device)  # (B, C_out, H, W)
+        self.prefix = f"val/{name}/" if name else "val/"  # a mixed-in shard set validates under its own name
+        self.original_grid = decode_mean(original, grid, device) if grid else None  # (B, C_out, H, W)
         self.original_metrics = self.metrics(original) if val else {}
         self.done = {"grid": -1, "val": -1}
 
     def pending(self, step: int, grid: bool = True, val: bool = True) -> tuple[bool, bool]:
         """Which of (grid, validation) is asked for and not yet done at `step`."""
-        return grid and self.done["grid"] != step, val and bool(self.val) and self.done["val"] != step
+        grid = grid and self.grid is not None and self.done["grid"] != step
+        return grid, val and bool(self.val) and self.done["val"] != step
 
     def mark_done(self, step: int) -> None:
         """Count both as done at `step` (a finished run, rerun: they are already there)."""
@@ -230,11 +233,11 @@ class Evaluator:
         self.done["grid"] = step
 
     def validate(self, step: int, models: dict[str, torch.nn.Module]) -> dict[str, float]:
-        """val/{psnr,ssim,lpips}{suffix} of each model by suffix, next to val/..._orig of the original decoder."""
+        """val/[name/]{psnr,ssim,lpips}{suffix} of each model by suffix, next to ..._orig of the original decoder."""
         self.done["val"] = step
-        out = {f"val/{k}_orig": v for k, v in self.original_metrics.items()}
+        out = {f"{self.prefix}{k}_orig": v for k, v in self.original_metrics.items()}
         for suffix, model in models.items():
-            out.update({f"val/{k}{suffix}": v for k, v in self.metrics(model).items()})
+            out.update({f"{self.prefix}{k}{suffix}": v for k, v in self.metrics(model).items()})
         return out
 
     def metrics(self, model: torch.nn.Module) -> dict[str, float]:

@@ -251,8 +251,9 @@ def unwrap_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
         raise ShardError(text[text.rfind(marker) + len(marker) :].strip() if marker in text else text) from None
 
 
-def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
-    """Decode the keys training needs: moments (2C, h, w) fp16, pixels uint8 (C_out, H, W), key."""
+def sample_to_tensors(sample: dict[str, Any], source: int | None = None) -> dict[str, Any]:
+    """Decode the keys training needs: moments (2C, h, w) fp16, pixels uint8 (C_out, H, W), key; and `source`,
+    the index of the shard set it came from when sets are mixed."""
     out = {
         "key": sample["__key__"],
         "moments": torch.from_numpy(decode_moments(sample["moments.npy"])),
@@ -260,6 +261,8 @@ def sample_to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     }
     if "depth.png" in sample:  # RGB+depth: raw 16-bit values, int32 since torch has no uint16 arithmetic
         out["depth"] = torch.from_numpy(decode_png(sample["depth.png"]).astype(np.int32))[None]  # (1, H, W)
+    if source is not None:
+        out["source"] = source
     return out
 
 
@@ -272,6 +275,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if "depth" in samples[0]:
         batch["depth"] = torch.stack([s["depth"] for s in samples])
+    if "source" in samples[0]:
+        batch["source"] = torch.tensor([s["source"] for s in samples])  # (B,) shard-set index
     return batch
 
 
@@ -286,13 +291,15 @@ def _assign_shards(shards: list[str], rank: int, world: int, worker: int, worker
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """An endless, seeded, rank- and worker-split stream of batches from shards.
+    """An endless, seeded, rank- and worker-split stream of batches from shards, optionally mixing shard sets.
 
     Order is a pure function of (seed, rank, worker): each epoch permutes the shards with seed+epoch, the
-    reader's shards are read in turn, samples pass a seeded shuffle buffer. `skip_batches` drops the first
-    batches of this rank's stream without decoding them, which is how a resumed run continues exactly where
-    the killed one stopped. Batches come from workers round-robin (DataLoader's in-order fetch), so worker w
-    produced batches w, w+W, w+2W, ...
+    reader's shards are read in turn, samples pass a seeded shuffle buffer. With `mix` = [(shards, p), ...],
+    each sample slot of a batch is drawn from mixed set i with probability p_i (else from `shards`) by a seeded
+    choice, and every set is split by rank and worker on its own. `skip_batches` drops the first batches of
+    this rank's stream without decoding them (the choices are replayed too), which is how a resumed run
+    continues exactly where the killed one stopped. Batches come from workers round-robin (DataLoader's in-order
+    fetch), so worker w produced batches w, w+W, w+2W, ...
     """
 
     def __init__(
@@ -304,39 +311,65 @@ class TrainStream(torch.utils.data.IterableDataset):
         world_size: int = 1,
         shuffle_buffer: int = 1000,
         skip_batches: int = 0,
+        mix: list[tuple[list[str], float]] = (),
     ):
         super().__init__()
-        if not shards:
+        if not shards or any(not m for m, _ in mix):
             raise ShardError("no training shards")
-        self.shards, self.batch_size, self.seed = list(shards), batch_size, seed
+        self.sets = [list(shards)] + [list(m) for m, _ in mix]
+        self.weights = [1 - sum(p for _, p in mix)] + [p for _, p in mix]  # the first is data.shards
+        self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
 
-    def _epochs(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        mine, stride, offset = _assign_shards(self.shards, self.rank, self.world_size, worker, workers)
+    def _epochs(self, shards: list[str], worker: int, workers: int, tag: str) -> Iterator[dict[str, Any]]:
+        mine, stride, offset = _assign_shards(shards, self.rank, self.world_size, worker, workers)
         epoch = 0
         while True:
             order = list(mine)
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+            random.Random(f"{self.seed}-{epoch}{tag}").shuffle(order)
             samples = (sample for path in order for sample in iter_samples(path))
             for i, sample in enumerate(samples):
                 if i % stride == offset:
                     yield sample
             epoch += 1
 
+    def _set_stream(self, index: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """One set's shuffled samples for this reader; set 0 keeps the seeds of an unmixed run."""
+        tag = f"-set{index}" if index else ""
+        samples = self._epochs(self.sets[index], worker, workers, tag)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}-{self.rank}-{worker}{tag}")
+            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        return samples
+
+    def _samples(self, worker: int, workers: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(set index, raw sample), the set drawn per sample with the mix probabilities."""
+        streams = [self._set_stream(i, worker, workers) for i in range(len(self.sets))]
+        if len(streams) == 1:
+            return ((0, s) for s in streams[0])
+        choice = random.Random(f"{self.seed}-{self.rank}-{worker}-mix")
+        indices = range(len(streams))
+
+        def mixed() -> Iterator[tuple[int, dict[str, Any]]]:
+            while True:
+                i = choice.choices(indices, self.weights)[0]
+                yield i, next(streams[i])
+
+        return mixed()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        samples = self._epochs(worker, workers)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}-{self.rank}-{worker}")
-            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
+        samples = self._samples(worker, workers)
         # This worker's share of the batches the killed run already consumed.
         skip = max(0, -(-(self.skip_batches - worker) // workers)) * self.batch_size
         for _ in range(skip):
             next(samples)
+        mixing = len(self.sets) > 1
         while True:
-            yield collate([sample_to_tensors(next(samples)) for _ in range(self.batch_size)])
+            picked = [next(samples) for _ in range(self.batch_size)]
+            yield collate([sample_to_tensors(s, i if mixing else None) for i, s in picked])
 
 
 def read_samples(paths: list[str], limit: int | None = None) -> Iterator[dict[str, Any]]:

@@ -54,10 +54,12 @@ from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
 from vaedec.latents import add_latent_noise, sample_latent
 from vaedec.losses import (
     LPIPSWeightsMissing,
+    add_anchor_grad,
     adopt_weight,
     discriminator_loss,
     generator_grads,
     load_lpips,
+    pixel_loss_by_set,
     r1_penalty,
     surrogate_loss,
 )
@@ -101,6 +103,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def trainable_parameters(decoder: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The decoder parameters that train, in module order (what opt_g holds, logvar aside)."""
+    return [p for p in decoder.parameters() if p.requires_grad]
+
+
 def param_count(module: torch.nn.Module, trainable: bool) -> int:
     """Parameters of `module` that train (trainable=True) or are frozen."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
@@ -128,7 +135,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     is_main, device = accelerator.is_main_process, accelerator.device
 
     # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten --------
-    manifest, train_shards, val_shards = _split_shards(cfg)
+    manifest, sets = _shard_sets(cfg)
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
     if is_main:
@@ -149,6 +156,9 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # LDM's scalar log-variance s; LDM never gives it to an optimizer, so by default it stays at logvar_init.
     logvar = torch.nn.Parameter(torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar)
 
+    # The original decoder's weights for loss.anchor_weight, taken before any update or resume.
+    anchors = [p.detach().clone().to(device) for p in trainable_parameters(decoder)] if cfg.loss.anchor_weight else None
+
     # 4. optimizers, EMA, prepare ------------------------------------------------------------------------------------
     opt_g, opt_d, lrs = build_optimizers(cfg, decoder, disc, logvar, accelerator.num_processes)
     ema, ema_decoder = _ema(cfg, decoder, device)
@@ -164,13 +174,13 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     )
 
     # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
-    evaluator = Evaluator(
-        accelerator.unwrap_model(decoder),  # for evaluation outside the training step only
-        grid_batch(val_shards or train_shards, cfg.run.grid_samples),
-        val_batches(val_shards, cfg.data.val_max_samples, cfg.data.batch_size_per_device) if val_shards else [],
-        val_lpips,
-        device,
-    )
+    original = accelerator.unwrap_model(decoder)  # for evaluation outside the training step only
+    evaluators = [  # the target set's grids and validation, then each mixed-in set's validation under its name
+        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples) if i == 0 else None,
+                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device) if s.val else [],
+                  val_lpips, device, name=s.name if i else "")
+        for i, s in enumerate(sets)
+    ]
 
     # 6. the state of the run, resumed; the data stream from its position ----------------------------------------
     noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + accelerator.process_index)
@@ -182,8 +192,9 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         _truncate_metrics(run_dir / RUN_METRICS, state.step)
     if state.step >= cfg.run.max_steps:  # a finished run, rerun: its final grid and validation are already there
         log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
-        evaluator.mark_done(state.step)
-    batches = _batches(cfg, train_shards, accelerator, state.batches_consumed)
+        for evaluator in evaluators:
+            evaluator.mark_done(state.step)
+    batches = _batches(cfg, sets, accelerator, state.batches_consumed)
     if is_main:
         accelerator.init_trackers("tensorboard")
 
@@ -195,7 +206,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
                dynamic_ncols=True)
     saved_at, t_last, steps_since = state.step, time.perf_counter(), 0
     while state.step < cfg.run.max_steps:
-        logs = train_step(state, batches, lpips_model, cfg, lrs, latent_noise_raw)
+        logs = train_step(state, batches, lpips_model, cfg, lrs, [st.name for st in sets], anchors, latent_noise_raw)
         step, steps_since = state.step, steps_since + 1
         bar.update(1)
         if step % cfg.run.log_every_steps == 0 or step == cfg.run.max_steps:
@@ -206,7 +217,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         grid_due = bool(cfg.run.image_every_steps) and step % cfg.run.image_every_steps == 0
         val_due = bool(cfg.run.val_every_steps) and step % cfg.run.val_every_steps == 0
         if grid_due or val_due:
-            _evaluate(run_dir, evaluator, state, ema_decoder, grid=grid_due, val=val_due)
+            _evaluate(run_dir, evaluators, state, ema_decoder, grid=grid_due, val=val_due)
         if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
             saved_at = _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
     bar.close()
@@ -214,7 +225,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # 8. final checkpoint, evaluation and export ------------------------------------------------------------------
     if saved_at != state.step:
         _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
-    _evaluate(run_dir, evaluator, state, ema_decoder)
+    _evaluate(run_dir, evaluators, state, ema_decoder)
     accelerator.wait_for_everyone()
     export_dir = None
     if export and is_main:
@@ -237,11 +248,14 @@ def train_step(
     lpips_model: torch.nn.Module | None,
     cfg: TrainConfig,
     lrs: tuple[float, float],
+    set_names: list[str] = (),
+    anchors: list[torch.Tensor] | None = None,
     latent_noise_raw: float = 0.0,
 ) -> dict[str, float]:
     """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
-    then EMA; advances `state.step` and the data position. `latent_noise_raw`: std of the extra noise on z, in raw
-    latent units (model.latent_noise_std / scaling_factor). Returns the step's logs."""
+    then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed shard sets
+    (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`: see generator_step.
+    `latent_noise_raw`: std of the extra noise on z, in raw latent units (model.latent_noise_std / scaling_factor)."""
     state.decoder.train()
     state.disc.train()
     # The LR is a pure function of the optimizer step (no scheduler state to save or to desynchronise).
@@ -249,7 +263,7 @@ def train_step(
         for group in opt.param_groups:
             group["lr"] = base * lr_at(state.step, cfg.optim, cfg.run.max_steps)
     device, k = state.accelerator.device, cfg.optim.grad_accum_steps
-    micro_batches = []
+    micro_batches, sources = [], []
     for _ in range(k):
         batch = next(batches)
         z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
@@ -257,11 +271,15 @@ def train_step(
         if cfg.model.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         micro_batches.append((batch_to_model(batch, device), z))
+        sources.append(batch.get("source"))
     acc, args = state.accelerator, (cfg, state.step)
-    stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches, *args)
+    stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches,
+                                  *args, anchors=anchors)
+    if len(set_names) > 1:  # the forgetting curve next to the gain, while it happens
+        logs.update(pixel_loss_by_set(stored, sources, set_names, cfg.loss.pixel_loss))
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
     if state.ema is not None:
-        state.ema.step([p for _, p in named_trainable_parameters(state.decoder)])
+        state.ema.step(trainable_parameters(state.decoder))
     state.step += 1
     state.batches_consumed += k
     return logs
@@ -277,8 +295,10 @@ def generator_step(
     micro_batches: list[MicroBatch],
     cfg: TrainConfig,
     step: int,
+    anchors: list[torch.Tensor] | None = None,
 ) -> tuple[list[MicroBatch], dict[str, float]]:
     """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when learned).
+    `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None = off).
 
     The discriminator is only evaluated (its gradients are never asked for), so it runs under no_sync and its
     .grad stays untouched. Returns (x, x̂ detached) per micro-batch for the discriminator phase, and the logs
@@ -305,6 +325,9 @@ def generator_step(
     if cfg.loss.learn_logvar and accelerator.num_processes > 1:
         # logvar lives outside the DDP-wrapped decoder, so its gradient is averaged across ranks by hand.
         logvar.grad = accelerator.reduce(logvar.grad, reduction="mean")
+    if anchors is not None:  # L2-SP toward the original decoder, added to the gradient before clipping
+        logs["loss/anchor"] = add_anchor_grad(trainable_parameters(decoder), anchors, cfg.loss.anchor_weight,
+                                              scaler.get_scale() if scaler is not None else 1.0)
     if cfg.optim.grad_clip_norm:
         params = [p for group in opt_g.param_groups for p in group["params"]]
         logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
@@ -364,7 +387,7 @@ def build_optimizers(
     o = cfg.optim
     scale = cfg.data.batch_size_per_device * o.grad_accum_steps * processes if o.scale_lr else 1
     lr, disc_lr = o.lr * scale, (o.disc_lr or o.lr) * scale
-    gen_params = [p for p in decoder.parameters() if p.requires_grad] + ([logvar] if cfg.loss.learn_logvar else [])
+    gen_params = trainable_parameters(decoder) + ([logvar] if cfg.loss.learn_logvar else [])
     opt_g = torch.optim.Adam(gen_params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
     opt_d = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=o.betas, weight_decay=o.weight_decay)
     return opt_g, opt_d, (lr, disc_lr)
@@ -397,25 +420,65 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-def _split_shards(cfg: TrainConfig) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(manifest, training shards, validation shards): the last data.val_shards shards are held out."""
-    manifest = read_manifest(cfg.data.shards)
+@dataclass
+class ShardSet:
+    """One shard folder of the run: data.shards or a data.mix entry."""
+
+    name: str  # its folder's name: the key of its logs (loss/pixel/NAME, val/NAME/...)
+    folder: str
+    train: list[str]
+    val: list[str]  # its last data.val_shards shards, held out for its own validation
+
+
+def _split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(manifest, training shards, validation shards) of one shard folder: the last n_val shards are held out."""
+    manifest = read_manifest(folder)
     if not manifest["complete"]:
         log.warning("%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
-                    "to finish it", cfg.data.shards, manifest["totals"]["samples"])
-    all_shards = shard_paths(cfg.data.shards, manifest)
+                    "to finish it", folder, manifest["totals"]["samples"])
+    all_shards = shard_paths(folder, manifest)
     if not all_shards:
         raise TrainError(
-            f"{cfg.data.shards} holds no samples: the encode skipped every input "
-            f"(reasons in {Path(cfg.data.shards) / SKIPPED}); fix the inputs and encode again"
+            f"{folder} holds no samples: the encode skipped every input "
+            f"(reasons in {Path(folder) / SKIPPED}); fix the inputs and encode again"
         )
-    n_val = cfg.data.val_shards
     if n_val >= len(all_shards):
         raise TrainError(
-            f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {cfg.data.shards}); "
+            f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {folder}); "
             "lower it or encode with a smaller --shard-size-mb"
         )
     return manifest, all_shards[: len(all_shards) - n_val], all_shards[len(all_shards) - n_val :]
+
+
+# What must agree between data.shards and a mixed-in set: one latent space, one sample shape.
+MIX_MUST_MATCH = (("vae", "encoder_sha256"), ("vae", "in_channels"), ("vae", "out_channels"),
+                  ("vae", "latent_channels"), ("preprocessing", "resolution"))
+
+
+def _shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
+    """data.shards' manifest, and its ShardSet followed by one per data.mix entry (checked to fit it)."""
+    from vaedec.config import parse_mix
+
+    manifest, train, val = _split_shards(cfg.data.shards, cfg.data.val_shards)
+    sets = [ShardSet(_set_name(cfg.data.shards), cfg.data.shards, train, val)]
+    for path, _ in map(parse_mix, cfg.data.mix):
+        other, train, val = _split_shards(path, cfg.data.val_shards)
+        for section, key in MIX_MUST_MATCH:
+            mine, theirs = manifest["settings"][section][key], other["settings"][section][key]
+            if mine != theirs:
+                raise TrainError(
+                    f"data.mix set {path} does not fit {cfg.data.shards}: its {section}.{key} is {theirs!r}, not "
+                    f"{mine!r}. Mixed sets must be encoded with the same VAE at the same resolution."
+                )
+        name = _set_name(path)
+        if name in {s.name for s in sets}:
+            raise TrainError(f"data.mix set {path}: another set is also named {name!r}; rename one folder")
+        sets.append(ShardSet(name, path, train, val))
+    return manifest, sets
+
+
+def _set_name(folder: str) -> str:
+    return Path(folder).resolve().name
 
 
 def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
@@ -487,22 +550,26 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
     # diffusers' EMAModel: decay = min(ema_decay, (1 + t) / (10 + t)) after ema_start_step, a warmup that keeps
     # early averages from being dominated by the initial weights.
     # Only what trains: EMAModel.step copies frozen parameters instead of averaging them, which would cost memory.
-    ema = EMAModel([p for _, p in named_trainable_parameters(decoder)], decay=cfg.optim.ema_decay,
+    ema = EMAModel(trainable_parameters(decoder), decay=cfg.optim.ema_decay,
                    update_after_step=cfg.optim.ema_start_step)
     ema.to(device)
     return ema, freeze(copy.deepcopy(decoder)).to(device)
 
 
-def _batches(cfg: TrainConfig, shards: list[str], accelerator: Accelerator, skip: int) -> Iterator[dict[str, Any]]:
+def _batches(cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, skip: int) -> Iterator[dict[str, Any]]:
     """This rank's endless batch stream, after the `skip` micro-batches a resumed run already consumed."""
+    from vaedec.config import parse_mix
+
+    weights = [p for _, p in map(parse_mix, cfg.data.mix)]
     stream = TrainStream(
-        shards,
+        sets[0].train,
         cfg.data.batch_size_per_device,
         seed=cfg.run.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         shuffle_buffer=cfg.data.shuffle_buffer,
         skip_batches=skip,
+        mix=[(st.train, p) for st, p in zip(sets[1:], weights)],
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -523,24 +590,29 @@ def _checkpoint(run_dir: Path, state: TrainState, keep: int) -> int:
 
 
 def _evaluate(
-    run_dir: Path, evaluator: Evaluator, state: TrainState, ema_decoder: Any, grid: bool = True, val: bool = True
+    run_dir: Path, evaluators: list[Evaluator], state: TrainState, ema_decoder: Any, grid: bool = True,
+    val: bool = True,
 ) -> None:
-    """Grid and/or validation at the state's step, each unless already done there (main process only)."""
+    """Grid and/or validation of every shard set at the state's step, each unless already done there (main
+    process only)."""
     at, accelerator = state.step, state.accelerator
-    grid, val = evaluator.pending(at, grid, val)
-    if not accelerator.is_main_process or not (grid or val):
+    due = [(e, *e.pending(at, grid, val)) for e in evaluators]
+    if not accelerator.is_main_process or not any(g or v for _, g, v in due):
         return
     models = {"": accelerator.unwrap_model(state.decoder)}
     if state.ema is not None:
         params = dict(ema_decoder.named_parameters())  # frozen copy: its frozen parts are the decoder's already
         state.ema.copy_to([params[n] for n, _ in named_trainable_parameters(models[""])])
         models["_ema"] = ema_decoder
-    if grid:
-        evaluator.write_grid(run_dir / RUN_IMAGES / f"step-{at:08d}.png", at, list(models.values()))
-    if val:
-        metrics = evaluator.validate(at, models)
+    metrics: dict[str, float] = {}
+    for evaluator, grid_due, val_due in due:
+        if grid_due:
+            evaluator.write_grid(run_dir / RUN_IMAGES / f"step-{at:08d}.png", at, list(models.values()))
+        if val_due:
+            metrics.update(evaluator.validate(at, models))
+    if metrics:  # one line for every set's validation at this step
         _log_metrics(run_dir, accelerator, at, metrics)
-        log.info("step %d validation: %s", at, ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
+        log.info("step %d validation: %s", at, ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()))
 
 
 def _log_step(run_dir: Path, state: TrainState, logs: dict[str, float], images_per_s: float, bar: tqdm) -> None:

@@ -1,0 +1,264 @@
+"""`make experiment`: does fine-tuning only the decoder make a pretrained VAE better on a new domain, what does it
+cost outside that domain, and which shipped loss recipe does it best? Offline, rerunnable (every step resumes
+or finds its output complete), about 15 minutes on 2 CPU cores; writes docs/quality.md.
+
+1. data (vaedec/domains.py): rendered text pages, the target (train + held-out, other seeds), and the held-out
+   photographs of the source domain, which the source VAE never saw
+2. encode all three once with the source VAE (assets/source-vae: encoder and decoder pretrained on photographs)
+3. one run per variant: the loss terms of a shipped config (configs/ldm_kl_f8.yaml, configs/ft_mse.yaml) on one
+   shared schedule (configs/experiment.yaml), so the variants differ only in their loss
+4. `eval`: the original decoder against each run's current and EMA decoders, on held-out text and photos
+5. the encoder of every export is checked bit-identical to the source VAE's; docs/quality.md gets the table,
+   the grids, the settings and the wall times
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from vaedec.io import setup_logging
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE_VAE = ROOT / "assets" / "source-vae"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training recipe of the experiment: a shipped config's loss on the shared schedule."""
+
+    name: str  # run folder name and table label
+    config: str  # shipped config whose loss terms are used, relative to the repo
+    overrides: tuple[str, ...]  # on top of it and of configs/experiment.yaml's schedule
+    what: str  # one line for the docs
+    replay: float = 0.0  # probability that a sample comes from the source domain's photographs (data.mix)
+
+
+VARIANTS = (
+    Variant("ldm", "configs/ldm_kl_f8.yaml", ("loss.disc_start_step=200",),
+            "LDM kl-f8: L1 + LPIPS + PatchGAN (adaptive weight x 0.5), the GAN from step 200"),
+    Variant("ft-mse", "configs/ft_mse.yaml", (), "the sd-vae-ft-mse recipe: MSE + 0.1 LPIPS, no GAN"),
+    Variant("l1", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
+            "L1 alone: no LPIPS, no GAN"),
+    Variant("l1-replay", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
+            "L1 alone, 20 % of each batch replayed from the source domain's training photographs (`--mix`)",
+            replay=0.2),
+    Variant("l1-anchor", "configs/ldm_kl_f8.yaml",
+            ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=3000"),
+            "L1 alone, anchored to the original decoder (L2-SP, `loss.anchor_weight=3000`)"),
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data and training: the full experiment, or a quick smoke run (tests)."""
+
+    text_train_pages: int = 400
+    text_heldout_pages: int = 48
+    crops_per_page: int = 4
+    photo_crops: int = 8  # 64 px crops per photograph (5 held-out photographs: 40 samples)
+    max_steps: int = 400
+    replay_set: bool = True  # also encode the source domain's training photographs (for the replay variant)
+
+
+QUICK = Sizes(text_train_pages=16, text_heldout_pages=4, crops_per_page=1, photo_crops=1, max_steps=4)
+
+
+def prepare_data(out: Path, sizes: Sizes) -> dict[str, Path]:
+    """Images of the three sets into out/images/*, then shards into out/shards/*; both steps are idempotent."""
+    from vaedec.config import EncodeConfig
+    from vaedec.domains import photos, rendered_text
+    from vaedec.encode import encode
+
+    images = out / "images"
+    if not (images / ".complete").exists():  # the marker is written last: a killed run renders again
+        shutil.rmtree(images, ignore_errors=True)
+        rendered_text(images / "text-train", sizes.text_train_pages, seed=1)
+        rendered_text(images / "text-heldout", sizes.text_heldout_pages, seed=2)
+        photos(images / "photos-heldout", "heldout")
+        photos(images / "photos-train", "train")
+        (images / ".complete").touch()
+    # 64 px crops at the pages' full 128 px resolution (text stays as small as on a page); held-out sets take
+    # seeded crops too, several per held-out photograph so that 5 photographs give a usable sample.
+    settings = {
+        "text-train": {"resize": 128, "crops_per_image": sizes.crops_per_page, "flip": False},
+        "text-heldout": {"resize": 128, "crops_per_image": 2, "seed": 1},
+        "photos-heldout": {"resize": 128, "crops_per_image": sizes.photo_crops, "seed": 1},
+        "photos-train": {"resize": 128, "crops_per_image": sizes.photo_crops, "flip": True},  # the replay set
+    }
+    if not sizes.replay_set:
+        del settings["photos-train"]
+    shards = {}
+    for name, extra in settings.items():
+        shards[name] = out / "shards" / name
+        encode(EncodeConfig(src=str(images / name), out=str(shards[name]), vae=str(SOURCE_VAE), resolution=64,
+                            batch_size=32, num_workers=1, shard_size_mb=4, **extra))
+    return shards
+
+
+def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: Sizes, lpips_ok: bool) -> Path:
+    """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run folder."""
+    from vaedec.config import load_train_config
+    from vaedec.train import train
+
+    overrides = [*variant.overrides, f"run.max_steps={sizes.max_steps}", f"data.shards={shards['text-train']}",
+                 f"run.output={out / 'runs' / variant.name}"]
+    if variant.replay:
+        overrides.append(f'data.mix=["{shards["photos-train"]}:{variant.replay}"]')
+    if not lpips_ok:
+        overrides.append("loss.perceptual_weight=0.0")  # after the variant's: LPIPS cannot run here
+    # The variant's shipped config for its loss terms, then the shared schedule over it.
+    cfg = load_train_config([ROOT / variant.config, ROOT / "configs" / "experiment.yaml"], overrides)
+    reset_accelerate()
+    return train(cfg).run_dir
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps one process-wide state; each run of this process starts from none."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def lpips_available() -> bool:
+    """Whether VGG16 weights are on this machine (then the recipes run with their LPIPS term, as shipped)."""
+    from vaedec.losses import LPIPSWeightsMissing, load_lpips
+
+    try:
+        load_lpips(None)
+    except LPIPSWeightsMissing:
+        return False
+    return True
+
+
+def check_encoders(runs: list[Path]) -> list[str]:
+    """Each run's exported encoder (and quant_conv) against the source VAE's, tensor by tensor, bit for bit."""
+    from diffusers import AutoencoderKL
+
+    source = AutoencoderKL.from_pretrained(SOURCE_VAE).state_dict()
+    lines = []
+    for run in runs:
+        exported = AutoencoderKL.from_pretrained(run / "export").state_dict()
+        frozen = [k for k in source if k.startswith(("encoder.", "quant_conv."))]
+        same = all(torch.equal(source[k], exported[k]) for k in frozen)
+        lines.append(f"{run.name}: {len(frozen)} encoder tensors {'bit-identical' if same else 'CHANGED'}")
+        if not same:
+            raise RuntimeError(f"the encoder of {run / 'export'} differs from {SOURCE_VAE}: a bug, please report")
+    return lines
+
+
+def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str]) -> None:
+    """docs/quality.md: what was run, the eval tables, the grids, how to rerun."""
+    from vaedec.io import atomic_write_bytes
+
+    variants = "\n".join(f"- **{v.name}** ({v.config}): {v.what}" for v in VARIANTS)
+    images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
+        f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
+    text = f"""# Quality: a pretrained decoder fine-tuned on a new domain
+
+`make experiment` ({facts['wall']} on {facts['machine']}; {facts['date']}, commit {facts['commit']}) fine-tunes only
+the decoder of the source VAE ([assets/source-vae](../assets/source-vae/README.md), encoder and decoder pretrained
+on photographs) on rendered text pages, then scores the original decoder against each fine-tuned one (current
+weights and EMA) on **held-out text** (the target domain) and on **held-out photographs** (the source domain: what
+the fine-tune costs outside its domain). Every model decodes the same latents, z = mean of the stored posterior.
+
+Variants (each uses a shipped config's loss terms on one shared schedule, `configs/experiment.yaml`:
+{facts['schedule']}):
+
+{variants}
+
+{facts['lpips']}
+
+## Results
+
+{report}
+## Grids
+
+{images}
+
+## Checks
+
+{facts['encoders']}
+
+## Rerun
+
+```bash
+make experiment            # python -m vaedec.experiment --out experiment --docs docs
+```
+Every step resumes or finds its output complete; `experiment/eval/` holds eval.json, per_image.csv and all grids.
+"""
+    atomic_write_bytes(path, text.encode())
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
+    """The whole experiment; returns the eval report (markdown)."""
+    from vaedec.config import EvalConfig
+    from vaedec.evaluate import evaluate
+
+    t0 = time.time()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    lpips_ok = lpips_available()
+    shards = prepare_data(out, sizes)
+    runs = [train_variant(v, shards, out, sizes, lpips_ok) for v in VARIANTS]
+    vaes = [f"original={SOURCE_VAE}"] + [f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")]
+    result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
+                                 out=str(out / "eval"), batch_size=32, grid_samples=6))
+    encoders = check_encoders(runs)
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        grids = {}
+        for title, set_name in (("held-out text", "text-heldout"), ("held-out photographs", "photos-heldout")):
+            name = f"quality-{set_name}.png"
+            shutil.copyfile(out / "eval" / "grids" / f"{set_name}-sample.png", docs / name)
+            grids[title] = name
+        cores = os.cpu_count()
+        facts = {
+            "wall": f"{(time.time() - t0) / 60:.1f} minutes",
+            "machine": (f"{cores} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
+                        f"torch thread(s), torch {torch.__version__}"),
+            "date": time.strftime("%Y-%m-%d"),
+            "commit": _git_commit(),
+            "schedule": f"{sizes.max_steps} steps, batch 8, 64 px crops of {sizes.text_train_pages} pages",
+            "lpips": ("LPIPS ran with VGG16 weights found on this machine." if lpips_ok else
+                      "**LPIPS could not run here** (no VGG16 weights offline): every variant ran with its LPIPS "
+                      "term at 0, so ldm = L1 + GAN and ft-mse = MSE. With the weights in place (README, "
+                      "'LPIPS offline') the recipes run as shipped and the table gains an LPIPS column."),
+            "encoders": "\n".join(f"- {line}" for line in encoders),
+        }
+        write_quality_doc(docs / "quality.md", result.report, grids, facts)
+    return result.report
+
+
+@click.command()
+@click.option("--out", default="experiment", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Work folder: images/, shards/, runs/, eval/.")
+@click.option("--docs", default="docs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where quality.md and its grids are written.")
+@click.option("--quick", is_flag=True, help="A smoke run of a minute (tiny data, 4 steps); its numbers mean nothing.")
+def main(out: Path, docs: Path, quick: bool) -> None:
+    """Fine-tune the source VAE's decoder on rendered text with each shipped recipe and evaluate it."""
+    setup_logging()
+    report = run_experiment(out, docs, QUICK if quick else Sizes())
+    click.echo(report)
+    click.echo(f"written: {docs / 'quality.md'}; details in {out / 'eval'}")
+
+
+if __name__ == "__main__":
+    main()
