@@ -51,9 +51,12 @@ VARIANTS = (
     Variant("l1-replay", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
             "L1 alone, 20 % of each batch replayed from the source domain's training photographs (`--mix`)",
             replay=0.2),
-    Variant("l1-anchor", "configs/ldm_kl_f8.yaml",
+    Variant("l1-anchor-300", "configs/ldm_kl_f8.yaml",
+            ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=300"),
+            "L1 alone, anchored to the original decoder (L2-SP, `loss.anchor_weight=300`)"),
+    Variant("l1-anchor-3000", "configs/ldm_kl_f8.yaml",
             ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=3000"),
-            "L1 alone, anchored to the original decoder (L2-SP, `loss.anchor_weight=3000`)"),
+            "L1 alone, anchored harder (`loss.anchor_weight=3000`)"),
 )
 
 
@@ -156,16 +159,26 @@ def check_encoders(runs: list[Path]) -> list[str]:
     return lines
 
 
-def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str]) -> None:
+def run_minutes(run: Path) -> float:
+    """Wall time of a run from the first to the last line of its log.txt (the training and its export)."""
+    from datetime import datetime
+
+    lines = [ln for ln in (run / "log.txt").read_text().splitlines() if ln[:4].isdigit()]
+    first, last = (datetime.strptime(ln[:19], "%Y-%m-%d %H:%M:%S") for ln in (lines[0], lines[-1]))
+    return (last - first).total_seconds() / 60
+
+
+def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str],
+                      minutes: dict[str, float]) -> None:
     """docs/quality.md: what was run, the eval tables, the grids, how to rerun."""
     from vaedec.io import atomic_write_bytes
 
-    variants = "\n".join(f"- **{v.name}** ({v.config}): {v.what}" for v in VARIANTS)
+    variants = "\n".join(f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS)
     images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
         f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
     text = f"""# Quality: a pretrained decoder fine-tuned on a new domain
 
-`make experiment` ({facts['wall']} on {facts['machine']}; {facts['date']}, commit {facts['commit']}) fine-tunes only
+`make experiment` ({facts['wall']} of training on {facts['machine']}; {facts['date']}, commit {facts['commit']}) fine-tunes only
 the decoder of the source VAE ([assets/source-vae](../assets/source-vae/README.md), encoder and decoder pretrained
 on photographs) on rendered text pages, then scores the original decoder against each fine-tuned one (current
 weights and EMA) on **held-out text** (the target domain) and on **held-out photographs** (the source domain: what
@@ -212,7 +225,6 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     from vaedec.config import EvalConfig
     from vaedec.evaluate import evaluate
 
-    t0 = time.time()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lpips_ok = lpips_available()
     shards = prepare_data(out, sizes)
@@ -222,6 +234,7 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
                                  out=str(out / "eval"), batch_size=32, grid_samples=6))
     encoders = check_encoders(runs)
     if docs is not None:
+        minutes = {r.name: run_minutes(r) for r in runs}
         docs.mkdir(parents=True, exist_ok=True)
         grids = {}
         for title, set_name in (("held-out text", "text-heldout"), ("held-out photographs", "photos-heldout")):
@@ -230,7 +243,7 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
             grids[title] = name
         cores = os.cpu_count()
         facts = {
-            "wall": f"{(time.time() - t0) / 60:.1f} minutes",
+            "wall": f"{sum(minutes.values()):.0f} minutes",
             "machine": (f"{cores} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
                         f"torch thread(s), torch {torch.__version__}"),
             "date": time.strftime("%Y-%m-%d"),
@@ -242,7 +255,7 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
                       "'LPIPS offline') the recipes run as shipped and the table gains an LPIPS column."),
             "encoders": "\n".join(f"- {line}" for line in encoders),
         }
-        write_quality_doc(docs / "quality.md", result.report, grids, facts)
+        write_quality_doc(docs / "quality.md", result.report, grids, facts, minutes)
     return result.report
 
 
