@@ -241,11 +241,13 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
             name = f"quality-{set_name}.png"
             shutil.copyfile(out / "eval" / "grids" / f"{set_name}-sample.png", docs / name)
             grids[title] = name
-        cores = os.cpu_count()
+        cores, load = os.cpu_count(), os.getloadavg()[1]
         facts = {
             "wall": f"{sum(minutes.values()):.0f} minutes",
             "machine": (f"{cores} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
-                        f"torch thread(s), torch {torch.__version__}"),
+                        f"torch thread(s), torch {torch.__version__}, load average {load:.1f} at the end"
+                        + (" (above the core count: other jobs shared the cores, the minutes are inflated)"
+                           if load > (cores or 1) else "")),
             "date": time.strftime("%Y-%m-%d"),
             "commit": _git_commit(),
             "schedule": f"{sizes.max_steps} steps, batch 8, 64 px crops of {sizes.text_train_pages} pages",
