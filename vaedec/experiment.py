@@ -159,12 +159,14 @@ def check_encoders(runs: list[Path]) -> list[str]:
     return lines
 
 
-def run_minutes(run: Path) -> float:
-    """Wall time of a run from the first to the last line of its log.txt (the training and its export)."""
+def run_minutes(run: Path, max_steps: int) -> float:
+    """Wall time of a run's training from its log.txt: the first line to the first save of its last step (a rerun
+    of the finished run appends lines that are not training)."""
     from datetime import datetime
 
     lines = [ln for ln in (run / "log.txt").read_text().splitlines() if ln[:4].isdigit()]
-    first, last = (datetime.strptime(ln[:19], "%Y-%m-%d %H:%M:%S") for ln in (lines[0], lines[-1]))
+    last = next(ln for ln in lines if f"step-{max_steps:08d}" in ln)
+    first, last = (datetime.strptime(ln[:19], "%Y-%m-%d %H:%M:%S") for ln in (lines[0], last))
     return (last - first).total_seconds() / 60
 
 
@@ -234,7 +236,7 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
                                  out=str(out / "eval"), batch_size=32, grid_samples=6))
     encoders = check_encoders(runs)
     if docs is not None:
-        minutes = {r.name: run_minutes(r) for r in runs}
+        minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
         docs.mkdir(parents=True, exist_ok=True)
         grids = {}
         for title, set_name in (("held-out text", "text-heldout"), ("held-out photographs", "photos-heldout")):
