@@ -5,6 +5,7 @@ encoding, checkpointing or exporting is a message, and what was complete before 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
@@ -15,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, assert_same_tensors, cli
+from conftest import FAST_TRAIN, assert_same_tensors, cli, make_images
 from safetensors.torch import load_file
 
+import vaedec.checkpoint as checkpoint_mod
 import vaedec.shards as shards_mod
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
@@ -244,3 +246,64 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_likely_causes(tmp_pat
     r = cli("train", shards, "--output", tmp_path / "run", *FAST, "run.max_bad_steps=3", "run.max_steps=10", code=1)
     assert "3 optimizer steps in a row had a non-finite loss or gradient" in r.output, r.output
     assert "fp16 overflow" in r.output and "bf16" in r.output and "optim.lr" in r.output, r.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a full disk
+
+
+def enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_encoding_keeps_every_complete_shard(tmp_path, vae_dir, monkeypatch) -> None:
+    make_images(tmp_path / "images", 8)
+    out = tmp_path / "shards"
+    args = ["encode", tmp_path / "images", out, "--vae", vae_dir, "--resolution", 32, "--shard-size-mb", 0.02,
+            "--num-workers", 0, "--batch-size", 2]
+    real, written = shards_mod.ShardWriter.write, {"n": 0}
+
+    def write_then_full(self, members):
+        written["n"] += 1
+        if written["n"] > 4:
+            enospc()
+        real(self, members)
+
+    monkeypatch.setattr(shards_mod.ShardWriter, "write", write_then_full)
+    r = cli(*args, code=1)
+    assert "the disk is full" in r.output and "rerunning the same command resumes" in r.output, r.output
+    assert not list(out.glob(".*")), "a temp file was left behind"
+    assert json.loads((out / "manifest.json").read_text())["shards"], "no shard was complete before the disk filled"
+    cli("inspect", out, "--verify")  # the complete shards are valid
+    monkeypatch.setattr(shards_mod.ShardWriter, "write", real)
+    cli(*args)  # space freed: the same command resumes and finishes
+    assert json.loads((out / "manifest.json").read_text())["totals"]["samples"] == 8
+
+
+def test_a_full_disk_while_checkpointing_and_exporting_keeps_what_was_complete(tmp_path, shards, monkeypatch) -> None:
+    from diffusers import AutoencoderKL
+
+    run = tmp_path / "run"
+    args = [*FAST, "run.checkpoint_every_steps=2", "run.keep_checkpoints=1"]
+    cli("train", shards, "--output", run, *args, "run.max_steps=2")
+    export = run / "export"
+    before = AutoencoderKL.from_pretrained(export).state_dict()
+
+    # The step-4 checkpoint cannot be written: a message, step 2 stays (not pruned), no temp folder is left.
+    monkeypatch.setattr(checkpoint_mod, "save_file", enospc)
+    r = cli("train", shards, "--output", run, *args, "run.max_steps=4", code=1)
+    assert "the disk is full" in r.output and "resumes from the newest" in r.output, r.output
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+    # The export cannot be written either: the earlier one is untouched and still loads.
+    r = cli("export", run, export, code=1)
+    assert "the disk is full" in r.output and "an earlier export stays whole" in r.output, r.output
+    assert_same_tensors(AutoencoderKL.from_pretrained(export).state_dict(), before, "the earlier export")
+    assert not [p for p in run.iterdir() if p.name.startswith(".export")]
+
+    # Space freed: the same command resumes from step 2.
+    monkeypatch.undo()
+    cli("train", shards, "--output", run, *args, "run.max_steps=4")
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000004"]
+    assert [m["step"] for m in train_lines(run)] == [1, 2, 3, 4]

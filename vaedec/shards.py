@@ -16,6 +16,7 @@ Each sample in a tar is three (four) members sharing a dot-free key:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -99,6 +100,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the partial tar."""
         try:
+            # Close the tar stream too, or its buffer is written to the closed file when collected; after a full
+            # disk that write fails again, which does not matter: the file is deleted.
+            with contextlib.suppress(OSError, ValueError):
+                self._tar.close()
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
