@@ -157,6 +157,19 @@ def test_checked_sample_reasons(shards) -> None:
         shards_mod.checked_sample(raw, expect={"moments": (8, 8, 8)})
 
 
+def test_bad_validation_samples_are_left_out_with_a_warning(tmp_path, shards) -> None:
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    last = sorted(bad.glob("shard-*.tar"))[-2]  # data.val_shards=2: grids and validation read it
+    key = rewrite_tar(last, lambda m: {n: (b"not an npy" if n.endswith("moments.npy") and i < 3 else v)
+                                       for i, (n, v) in enumerate(m.items())})
+    with pytest.raises(shards_mod.ShardError, match=f"sample {key}: cannot decode"):
+        list(shards_mod.read_samples([str(last)]))
+    run = tmp_path / "run"
+    cli("train", bad, "--output", run, *FAST, "data.val_shards=2", "run.max_steps=1", "--no-export")
+    assert f"bad sample skipped: shard {last.name}, key {key}: cannot decode" in (run / "log.txt").read_text()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # non-finite steps
 

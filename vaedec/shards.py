@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import random
 import tarfile
@@ -34,6 +35,8 @@ from PIL import Image
 from vaedec import __version__
 from vaedec.images import GREY16_MODES
 from vaedec.io import atomic_write_bytes, atomic_write_json, npy_bytes, png_bytes
+
+log = logging.getLogger("vaedec")
 
 FORMAT = "vaedec-latent-shards"
 FORMAT_VERSION = 1
@@ -448,15 +451,28 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield batch
 
 
-def read_samples(paths: list[str], limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Decoded samples from shards in order (validation, grids, verify)."""
+def read_samples(paths: list[str], limit: int | None = None, skip_bad: bool = False) -> Iterator[dict[str, Any]]:
+    """Decoded samples from shards in order (validation, grids, verify). A bad sample or damaged tar is a
+    ShardError naming shard and key, or with `skip_bad` a warning in the log and left out."""
     n = 0
     for path in paths:
-        for sample in iter_samples(path):
-            if limit is not None and n >= limit:
-                return
-            yield sample_to_tensors(sample)
-            n += 1
+        try:
+            for sample in iter_samples(path):
+                if limit is not None and n >= limit:
+                    return
+                try:
+                    out = checked_sample(sample)
+                except BadSample as e:
+                    if not skip_bad:
+                        raise ShardError(f"{path}: sample {sample.get('__key__')}: {e}") from None
+                    log.warning("bad sample skipped: shard %s, key %s: %s", Path(path).name, sample.get("__key__"), e)
+                    continue
+                yield out
+                n += 1
+        except ShardError as e:
+            if not skip_bad or str(path) not in str(e) or "cannot be read" not in str(e):
+                raise
+            log.warning("bad sample skipped: shard %s: %s", Path(path).name, e)
 
 
 def summarize(folder: str | Path) -> str:

@@ -163,9 +163,10 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
     # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
     original = accelerator.unwrap_model(decoder)  # for evaluation outside the training step only
+    skip_bad = cfg.data.on_bad_sample == "skip"  # bad samples here are left out with a warning in log.txt
     evaluators = [  # the target set's grids and validation, then each mixed-in set's validation under its name
-        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples) if i == 0 else None,
-                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device) if s.val else [],
+        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples, skip_bad) if i == 0 else None,
+                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device, skip_bad) if s.val else [],
                   val_lpips, device, name=s.name if i else "")
         for i, s in enumerate(sets)
     ]
