@@ -332,6 +332,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     this rank's stream without decoding them (the choices are replayed too), which is how a resumed run
     continues exactly where the killed one stopped. Batches come from workers round-robin (DataLoader's in-order
     fetch), so worker w produced batches w, w+W, w+2W, ...
+
+    Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each batch
+    carries `worker`, `bad_consumed` (samples it dropped) and `bad_samples` (reports {shard, key, reason});
+    `skip_bad` gives back the dropped samples per worker, so a resumed stream skips exactly what was consumed.
     """
 
     def __init__(

@@ -7,7 +7,8 @@
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
  6. the TrainState, resumed from a checkpoint; the data stream from its position
- 7. the loop: `train_step` (generator_step, discriminator_step, EMA), logs, grids, validation, checkpoints
+ 7. the loop: `train_step` (generator_step, discriminator_step, EMA; a non-finite phase is skipped, bad samples
+    and bad steps are counted), logs, grids, validation, checkpoints
  8. final checkpoint, evaluation and export
 
 What a checkpoint holds is `checkpoint.TrainState`; the grids and validation are `metrics.Evaluator`.
