@@ -128,7 +128,8 @@ def test_a_damaged_shard_is_named_during_training(tmp_path, shards) -> None:
     first.write_bytes(first.read_bytes()[:700])  # cut inside the first member's data
     for workers in (0, 1):  # read in this process, and in a DataLoader worker
         r = cli("train", damaged, "--output", tmp_path / f"run{workers}", *FAST_TRAIN,
-                f"data.num_workers={workers}", "data.shuffle_buffer=0", "data.val_shards=1", code=1)
+                f"data.num_workers={workers}", "data.shuffle_buffer=0", "data.val_shards=1",
+                "data.on_bad_sample=error", code=1)  # the default, skip, trains on (tests/test_faults.py)
         assert f"{first} cannot be read" in r.output and "--verify" in r.output, r.output
         assert "Traceback" not in r.output, r.output
 

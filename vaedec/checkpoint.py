@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,10 @@ class TrainState:
     config: dict[str, Any]  # the resolved config, recorded in state.json for resume checks
     step: int = 0  # optimizer steps done
     batches_consumed: int = 0  # micro-batches this rank has taken from its data stream (the data position)
+    # Bad data and numerical faults (train.py counts them): bad samples skipped (all ranks), non-finite steps
+    # skipped (in total, in a row), and skip_bad, this rank's dropped samples per DataLoader worker ("0", "1", ...),
+    # part of the data position: a resumed stream skips them too.
+    faults: dict[str, Any] = field(default_factory=lambda: new_faults())
 
     def state_dict(self) -> dict[str, Any]:
         """{"tensors": {file stem: state dict}, "optim": optimizer states, "state": state.json}. A collective: every
@@ -215,6 +219,7 @@ class TrainState:
             "ema_step": self.ema.optimization_step if self.ema is not None else 0,
             "num_processes": acc.num_processes,
             "config": self.config,
+            "faults": {**self.faults, "skip_bad": _skip_bad_of_ranks(self.faults["skip_bad"], acc)},
         }
         return {"tensors": tensors, "optim": optim, "state": state}
 
@@ -243,6 +248,24 @@ class TrainState:
             self.ema.shadow_params = [tensors["ema"][n].to(acc.device) for n in names]
             self.ema.optimization_step = state["ema_step"]
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        saved = state.get("faults", {})  # absent in checkpoints written before faults were counted
+        self.faults = {**new_faults(), **saved, "skip_bad": saved.get("skip_bad", {}).get(f"rank{acc.process_index}", {})}
+
+
+def new_faults() -> dict[str, Any]:
+    """TrainState.faults of a run that has met none."""
+    return {"bad_samples": 0, "bad_steps": 0, "bad_steps_in_a_row": 0, "skip_bad": {}}
+
+
+def _skip_bad_of_ranks(mine: dict[str, int], accelerator: Accelerator) -> dict[str, dict[str, int]]:
+    """Every rank's skip_bad ({worker: dropped samples}), gathered to the main process: {"rank0": {...}, ...}."""
+    if accelerator.num_processes == 1:
+        return {"rank0": dict(mine)}
+    workers = max([int(w) + 1 for w in mine] + [1])
+    workers = int(accelerator.gather(torch.tensor([workers], device=accelerator.device)).max())
+    counts = torch.tensor([[mine.get(str(w), 0) for w in range(workers)]], device=accelerator.device)
+    gathered = accelerator.gather(counts).cpu().tolist()
+    return {f"rank{r}": {str(w): n for w, n in enumerate(row) if n} for r, row in enumerate(gathered)}
 
 
 def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str, torch.Tensor]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -20,6 +23,20 @@ log = logging.getLogger("vaedec")
 
 class UserError(click.ClickException):
     """A mistake the user can fix: printed as 'Error: ...' with exit code 1, never a traceback."""
+
+
+@contextmanager
+def disk_full_is_a_message(doing: str, keep: str) -> Iterator[None]:
+    """A full disk (ENOSPC, or a quota: EDQUOT) while `doing` becomes a UserError, not a traceback. Every writer
+    goes through a temp name (vaedec/io.py), so what was complete before stays valid; `keep` says what that is."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"the disk is full{where} while {doing}: {e.strerror}. Nothing was left half-written; "
+                        f"{keep}. Free space (or choose a folder on another disk) and rerun.") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -77,7 +94,9 @@ def encode(**kwargs: object) -> None:
     setup_logging()
     cfg = EncodeConfig(**kwargs)  # type: ignore[arg-type]
     try:
-        result = run_encode(cfg)
+        with disk_full_is_a_message(f"encoding into {cfg.out}", "every shard listed in its manifest.json is "
+                                    "complete, and rerunning the same command resumes after the last one"):
+            result = run_encode(cfg)
     except (EncodeError, InputError, ShardError, VAELoadError, ConfigError) as e:
         raise UserError(str(e)) from None
     skipped = result.skipped_inputs + result.skipped_samples + result.skipped_list_entries
@@ -165,7 +184,9 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     from vaedec.train import train as run_train
 
     try:
-        info = run_train(cfg, resume=resume, export=not no_export)
+        with disk_full_is_a_message(f"training into {cfg.run.output}", "its checkpoints/step-* folders are "
+                                    "complete, and rerunning the same command resumes from the newest"):
+            info = run_train(cfg, resume=resume, export=not no_export)
     except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError, ConfigError) as e:
         raise UserError(str(e)) from None
     if not info.main_process:
@@ -206,7 +227,9 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     try:
         if ema is None:
             ema = default_use_ema(checkpoint or run_checkpoint(run))
-        path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
+        with disk_full_is_a_message(f"exporting into {out}", f"{out} holds what it held before (an earlier export "
+                                    "stays whole)"):
+            path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
     except (CheckpointError, VAELoadError, ConversionError) as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")

@@ -103,6 +103,10 @@ class DataConfig:
     # `shards` otherwise (e.g. 10k general photos at 0.2 against forgetting outside the domain). Each set holds out
     # its own last val_shards shards for its own validation. () = train on `shards` alone.
     mix: tuple[str, ...] = ()
+    # A damaged tar, or a sample with an unreadable moments.npy / image.png, missing members, another shape or
+    # non-finite moments: "skip" drops it (a damaged tar from the point it breaks), counts it in metrics
+    # (data/bad_samples) and logs shard and key; "error" stops the run with a message naming the shard.
+    on_bad_sample: Literal["skip", "error"] = "skip"
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,9 @@ class RunConfig:
     grid_samples: int = 4  # rows in the image grids
     export_ema: bool = True  # the final export uses the EMA weights (when EMA is on)
     compile: bool = False  # torch.compile the decoder (its forward and, through AOTAutograd, its backward); False = eager
+    # Optimizer steps in a row whose loss or gradient was non-finite (each is skipped: weights, Adam state and EMA
+    # untouched) before the run stops with a message; 0 = never stop. fp16's grad scaler skips such steps itself.
+    max_bad_steps: int = 20
 
 
 @dataclass(frozen=True)
@@ -415,6 +422,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.run.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0"),
         (cfg.run.log_every_steps >= 1, "run.log_every_steps must be >= 1"),
         (cfg.run.grid_samples >= 1, "run.grid_samples must be >= 1"),
+        (cfg.run.max_bad_steps >= 0, "run.max_bad_steps must be >= 0 (0 = never stop)"),
     ]
     for ok, message in checks:
         if not ok:

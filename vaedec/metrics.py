@@ -15,7 +15,7 @@ from vaedec.images import batch_to_model, to_uint8
 from vaedec.io import atomic_write_bytes, png_bytes
 from vaedec.latents import sample_latent
 from vaedec.losses import perceptual_distance
-from vaedec.shards import collate, read_samples
+from vaedec.shards import ShardError, collate, read_samples
 
 CHANNEL_NAMES = ("r", "g", "b")  # further channels (depth) are c3, c4, ...
 
@@ -183,16 +183,20 @@ def decode_mean(model: torch.nn.Module, batch: dict[str, Any], device: torch.dev
     return x_rec.float().cpu()
 
 
-def grid_batch(shards: list[str], n: int) -> dict[str, Any]:
-    """n samples spread evenly over the first shards, so a grid is not n crops of one image."""
-    pool = list(read_samples(shards, max(8 * n, 64)))
+def grid_batch(shards: list[str], n: int, skip_bad: bool = False) -> dict[str, Any]:
+    """n samples spread evenly over the first shards, so a grid is not n crops of one image (skip_bad: see
+    read_samples)."""
+    pool = list(read_samples(shards, max(8 * n, 64), skip_bad))
+    if not pool:
+        raise ShardError(f"no readable sample for the image grids in {', '.join(shards)} (bad samples left out, "
+                         "see the log); check them with `vaedec inspect SHARDS --verify`")
     picks = sorted({round(i * (len(pool) - 1) / max(n - 1, 1)) for i in range(min(n, len(pool)))})
     return collate([pool[i] for i in picks])
 
 
-def val_batches(shards: list[str], max_samples: int, batch_size: int) -> list[dict[str, Any]]:
-    """The first `max_samples` samples of the validation shards, in batches."""
-    samples = list(read_samples(shards, max_samples))
+def val_batches(shards: list[str], max_samples: int, batch_size: int, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The first `max_samples` samples of the validation shards, in batches (skip_bad: see read_samples)."""
+    samples = list(read_samples(shards, max_samples, skip_bad))
     return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 

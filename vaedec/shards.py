@@ -16,8 +16,10 @@ Each sample in a tar is three (four) members sharing a dot-free key:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import random
 import tarfile
@@ -33,6 +35,8 @@ from PIL import Image
 from vaedec import __version__
 from vaedec.images import GREY16_MODES
 from vaedec.io import atomic_write_bytes, atomic_write_json, npy_bytes, png_bytes
+
+log = logging.getLogger("vaedec")
 
 FORMAT = "vaedec-latent-shards"
 FORMAT_VERSION = 1
@@ -99,6 +103,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the partial tar."""
         try:
+            # Close the tar stream too, or its buffer is written to the closed file when collected; after a full
+            # disk that write fails again, which does not matter: the file is deleted.
+            with contextlib.suppress(OSError, ValueError):
+                self._tar.close()
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
@@ -266,6 +274,30 @@ def sample_to_tensors(sample: dict[str, Any], source: int | None = None) -> dict
     return out
 
 
+class BadSample(ValueError):
+    """A sample training cannot use; the message says why."""
+
+
+def checked_sample(
+    sample: dict[str, Any], source: int | None = None, expect: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, Any]:
+    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape other
+    than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
+    missing = {"moments.npy", "image.png"} - set(sample)
+    if missing:
+        raise BadSample(f"missing {', '.join(sorted(missing))}")
+    try:
+        out = sample_to_tensors(sample, source)
+    except Exception as e:  # noqa: BLE001 - numpy and Pillow raise many types for damaged bytes
+        raise BadSample(f"cannot decode ({type(e).__name__}: {e})") from None
+    for name, shape in (expect or {}).items():
+        if tuple(out[name].shape) != tuple(shape):
+            raise BadSample(f"{name} shape {tuple(out[name].shape)}, expected {tuple(shape)}")
+    if not torch.isfinite(out["moments"]).all():
+        raise BadSample("non-finite moments")
+    return out
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of decoded samples into a batch."""
     batch = {
@@ -300,6 +332,10 @@ class TrainStream(torch.utils.data.IterableDataset):
     this rank's stream without decoding them (the choices are replayed too), which is how a resumed run
     continues exactly where the killed one stopped. Batches come from workers round-robin (DataLoader's in-order
     fetch), so worker w produced batches w, w+W, w+2W, ...
+
+    Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each batch
+    carries `worker`, `bad_consumed` (samples it dropped) and `bad_samples` (reports {shard, key, reason});
+    `skip_bad` gives back the dropped samples per worker, so a resumed stream skips exactly what was consumed.
     """
 
     def __init__(
@@ -312,6 +348,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 1000,
         skip_batches: int = 0,
         mix: list[tuple[list[str], float]] = (),
+        on_bad_sample: str = "error",
+        skip_bad: dict[int, int] | None = None,
+        expect: dict[str, tuple[int, ...]] | None = None,
     ):
         super().__init__()
         if not shards or any(not m for m, _ in mix):
@@ -321,6 +360,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+        # "skip": bad samples and the rest of a damaged tar are left out of the stream and reported with the
+        # batch (bad_samples, bad_consumed); "error": a ShardError. skip_bad: worker -> bad samples its consumed
+        # batches dropped, skipped too on resume. expect: shapes checked per sample (checked_sample).
+        self.on_bad_sample, self.skip_bad, self.expect = on_bad_sample, dict(skip_bad or {}), expect
+        self._reports: list[dict[str, Any]] = []  # this reader's bad samples not yet attached to a batch
 
     def _epochs(self, shards: list[str], worker: int, workers: int, tag: str) -> Iterator[dict[str, Any]]:
         mine, stride, offset = _assign_shards(shards, self.rank, self.world_size, worker, workers)
@@ -328,11 +372,30 @@ class TrainStream(torch.utils.data.IterableDataset):
         while True:
             order = list(mine)
             random.Random(f"{self.seed}-{epoch}{tag}").shuffle(order)
-            samples = (sample for path in order for sample in iter_samples(path))
+            samples = (sample for path in order for sample in self._tar_samples(path))
+            n = 0
             for i, sample in enumerate(samples):
                 if i % stride == offset:
+                    n += 1
                     yield sample
+            if n == 0:  # every tar damaged at its start: an endless loop over nothing otherwise
+                raise ShardError(f"none of {len(mine)} shards gave a readable sample: "
+                                 + "; ".join(r["reason"] for r in self._reports[-3:]))
             epoch += 1
+
+    def _tar_samples(self, path: str) -> Iterator[dict[str, Any]]:
+        """iter_samples; with on_bad_sample=skip a damaged tar ends where it breaks and is reported."""
+        last = None
+        try:
+            for sample in iter_samples(path):
+                last = sample.get("__key__")
+                yield sample
+        except ShardError as e:
+            if self.on_bad_sample != "skip":
+                raise
+            where = f"after {last}" if last else "before its first sample"
+            self._reports.append({"shard": Path(path).name, "key": last,
+                                  "reason": f"damaged tar, rest skipped {where}: {e}"})
 
     def _set_stream(self, index: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         """One set's shuffled samples for this reader; set 0 keeps the seeds of an unmixed run."""
@@ -362,25 +425,58 @@ class TrainStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         samples = self._samples(worker, workers)
-        # This worker's share of the batches the killed run already consumed.
-        skip = max(0, -(-(self.skip_batches - worker) // workers)) * self.batch_size
+        # This worker's share of the batches the killed run already consumed, and the bad samples they dropped:
+        # raw samples are skipped without decoding, so a resumed stream continues exactly.
+        skip = max(0, -(-(self.skip_batches - worker) // workers)) * self.batch_size + self.skip_bad.get(worker, 0)
         for _ in range(skip):
             next(samples)
+        self._reports.clear()  # damaged tars met while skipping were reported by the killed run
         mixing = len(self.sets) > 1
         while True:
-            picked = [next(samples) for _ in range(self.batch_size)]
-            yield collate([sample_to_tensors(s, i if mixing else None) for i, s in picked])
+            good, bad = [], 0
+            while len(good) < self.batch_size:
+                i, raw = next(samples)
+                try:
+                    good.append(checked_sample(raw, i if mixing else None, self.expect))
+                except BadSample as e:
+                    shard = Path(raw.get("__url__", "?")).name
+                    if self.on_bad_sample != "skip":
+                        raise ShardError(f"{raw.get('__url__', shard)}: sample {raw.get('__key__')}: {e}. "
+                                         "Set data.on_bad_sample=skip to train without it") from None
+                    self._reports.append({"shard": shard, "key": raw.get("__key__"), "reason": str(e)})
+                    bad += 1
+                    if bad > 100 * self.batch_size + 1000:
+                        raise ShardError(f"{bad} bad samples in a row (the last {raw.get('__key__')} in {shard}: "
+                                         f"{e}); check the shards with `vaedec inspect SHARDS --verify`")
+            batch = collate(good)
+            # Reported with the batch: the main process logs and counts them (DataLoader workers cannot).
+            batch.update(worker=worker, bad_consumed=bad, bad_samples=list(self._reports))
+            self._reports.clear()
+            yield batch
 
 
-def read_samples(paths: list[str], limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Decoded samples from shards in order (validation, grids, verify)."""
+def read_samples(paths: list[str], limit: int | None = None, skip_bad: bool = False) -> Iterator[dict[str, Any]]:
+    """Decoded samples from shards in order (validation, grids, verify). A bad sample or damaged tar is a
+    ShardError naming shard and key, or with `skip_bad` a warning in the log and left out."""
     n = 0
     for path in paths:
-        for sample in iter_samples(path):
-            if limit is not None and n >= limit:
-                return
-            yield sample_to_tensors(sample)
-            n += 1
+        try:
+            for sample in iter_samples(path):
+                if limit is not None and n >= limit:
+                    return
+                try:
+                    out = checked_sample(sample)
+                except BadSample as e:
+                    if not skip_bad:
+                        raise ShardError(f"{path}: sample {sample.get('__key__')}: {e}") from None
+                    log.warning("bad sample skipped: shard %s, key %s: %s", Path(path).name, sample.get("__key__"), e)
+                    continue
+                yield out
+                n += 1
+        except ShardError as e:
+            if not skip_bad or str(path) not in str(e) or "cannot be read" not in str(e):
+                raise
+            log.warning("bad sample skipped: shard %s: %s", Path(path).name, e)
 
 
 def summarize(folder: str | Path) -> str:

@@ -7,7 +7,8 @@
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
  6. the TrainState, resumed from a checkpoint; the data stream from its position
- 7. the loop: `train_step` (generator_step, discriminator_step, EMA), logs, grids, validation, checkpoints
+ 7. the loop: `train_step` (generator_step, discriminator_step, EMA; a non-finite phase is skipped, bad samples
+    and bad steps are counted), logs, grids, validation, checkpoints
  8. final checkpoint, evaluation and export
 
 What a checkpoint holds is `checkpoint.TrainState`; the grids and validation are `metrics.Evaluator`.
@@ -175,9 +176,10 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
     # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
     original = accelerator.unwrap_model(decoder)  # for evaluation outside the training step only
+    skip_bad = cfg.data.on_bad_sample == "skip"  # bad samples here are left out with a warning in log.txt
     evaluators = [  # the target set's grids and validation, then each mixed-in set's validation under its name
-        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples) if i == 0 else None,
-                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device) if s.val else [],
+        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples, skip_bad) if i == 0 else None,
+                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device, skip_bad) if s.val else [],
                   val_lpips, device, name=s.name if i else "")
         for i, s in enumerate(sets)
     ]
@@ -194,7 +196,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
         for evaluator in evaluators:
             evaluator.mark_done(state.step)
-    batches = _batches(cfg, sets, accelerator, state.batches_consumed)
+    batches = _batches(cfg, sets, accelerator, state.batches_consumed, manifest, state.faults["skip_bad"])
     if is_main:
         accelerator.init_trackers("tensorboard")
 
@@ -263,9 +265,10 @@ def train_step(
         for group in opt.param_groups:
             group["lr"] = base * lr_at(state.step, cfg.optim, cfg.run.max_steps)
     device, k = state.accelerator.device, cfg.optim.grad_accum_steps
-    micro_batches, sources = [], []
+    micro_batches, sources, reports = [], [], []
     for _ in range(k):
         batch = next(batches)
+        reports += _bad_samples_of(batch, state.faults)
         z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
         z = add_latent_noise(z, latent_noise_raw, state.noise).to(device)
         if cfg.model.channels_last:
@@ -273,16 +276,90 @@ def train_step(
         micro_batches.append((batch_to_model(batch, device), z))
         sources.append(batch.get("source"))
     acc, args = state.accelerator, (cfg, state.step)
+    disc_buffers = [b.detach().clone() for b in state.disc.buffers()]  # BatchNorm statistics, put back on a bad step
     stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches,
                                   *args, anchors=anchors)
     if len(set_names) > 1:  # the forgetting curve next to the gain, while it happens
         logs.update(pixel_loss_by_set(stored, sources, set_names, cfg.loss.pixel_loss))
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
-    if state.ema is not None:
+    bad_step = bool(logs.get(SKIPPED_G)) or bool(logs.get(SKIPPED_D))
+    if bad_step:
+        for b, saved in zip(state.disc.buffers(), disc_buffers):
+            b.copy_(saved)
+    if state.ema is not None and not logs.get(SKIPPED_G):
         state.ema.step(trainable_parameters(state.decoder))
     state.step += 1
     state.batches_consumed += k
+    logs.update(_count_faults(state, reports, bad_step, cfg.run.max_bad_steps))
     return logs
+
+
+# Logged by generator_step / discriminator_step: 1.0 when the phase's optimizer step was skipped.
+SKIPPED_G, SKIPPED_D = "train/skipped_generator", "train/skipped_discriminator"
+
+
+def step_is_finite(accelerator: Accelerator, values: list[float], params: list[torch.nn.Parameter]) -> bool:
+    """Every logged loss value and every gradient of `params` is finite, on every process (so all ranks skip or
+    step together)."""
+    bad = not all(math.isfinite(v) for v in values)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not bad:
+        bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
+        bad = bool(flag.item() > 0)
+    return not bad
+
+
+def _guarded_step(accelerator: Accelerator, opt: torch.optim.Optimizer, logs: dict[str, float]) -> bool:
+    """opt.step() unless the phase's losses or gradients are non-finite; True when the weights were updated.
+
+    Without a grad scaler a non-finite step is skipped here: no step() call, so weights and Adam state stay as
+    they were. With fp16's GradScaler the scaler already skips a step with inf/nan gradients and lowers its
+    scale; it is not checked twice, only counted (AcceleratedOptimizer.step_was_skipped).
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if accelerator.scaler is None and not step_is_finite(accelerator, list(logs.values()), params):
+        return False
+    opt.step()
+    return not getattr(opt, "step_was_skipped", False)
+
+
+def _bad_samples_of(batch: dict[str, Any], faults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bad samples a batch's reader skipped (logged here, counted by _count_faults); records the dropped ones
+    per worker, so that a resumed stream skips them too."""
+    worker = str(batch.get("worker", 0))
+    faults["skip_bad"][worker] = faults["skip_bad"].get(worker, 0) + batch.get("bad_consumed", 0)
+    reports = batch.get("bad_samples", [])
+    for r in reports:
+        log.warning("bad sample skipped: shard %s, key %s: %s", r["shard"], r["key"], r["reason"])
+    return reports
+
+
+def _count_faults(state: TrainState, reports: list[dict[str, Any]], bad_step: bool, max_bad_steps: int) -> dict[str, float]:
+    """Update the run's counts of bad samples (all processes) and non-finite steps; stop after max_bad_steps bad
+    steps in a row. Returns them as logs."""
+    f, acc = state.faults, state.accelerator
+    n = len(reports)
+    if acc.num_processes > 1:
+        n = int(acc.reduce(torch.tensor([n], device=acc.device), reduction="sum").item())
+    f["bad_samples"] += n
+    f["bad_steps"] += int(bad_step)
+    f["bad_steps_in_a_row"] = f["bad_steps_in_a_row"] + 1 if bad_step else 0
+    if bad_step:
+        log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)", state.step,
+                    f["bad_steps_in_a_row"])
+    if max_bad_steps and f["bad_steps_in_a_row"] >= max_bad_steps:
+        raise TrainError(
+            f"{f['bad_steps_in_a_row']} optimizer steps in a row had a non-finite loss or gradient (the last at "
+            f"step {state.step}); each was skipped, the checkpoints hold the weights from before. Likely causes: "
+            "fp16 overflow (the SDXL VAE overflows in fp16: use run.mixed_precision=bf16, or no for fp32); too high "
+            "a learning rate (lower optim.lr / optim.disc_lr, or set optim.grad_clip_norm); bad data (check "
+            "`vaedec inspect SHARDS --verify`). Rerun with the fix to resume from the newest checkpoint; "
+            "run.max_bad_steps=0 never stops."
+        )
+    return {"data/bad_samples": f["bad_samples"], "train/bad_steps": f["bad_steps"],
+            "train/bad_steps_in_a_row": f["bad_steps_in_a_row"]}
 
 
 def generator_step(
@@ -331,7 +408,7 @@ def generator_step(
     if cfg.optim.grad_clip_norm:
         params = [p for group in opt_g.param_groups for p in group["params"]]
         logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
-    opt_g.step()
+    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))  # a non-finite step: weights untouched
     opt_g.zero_grad(set_to_none=True)
     return stored, logs
 
@@ -369,7 +446,7 @@ def discriminator_step(
         _accumulate(logs, d_logs, k)
     if cfg.optim.grad_clip_norm:
         logs["grad_norm/disc"] = float(accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip_norm))
-    opt_d.step()
+    logs[SKIPPED_D] = float(not _guarded_step(accelerator, opt_d, logs))  # a non-finite step: weights untouched
     opt_d.zero_grad(set_to_none=True)
     return logs
 
@@ -556,11 +633,20 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
     return ema, freeze(copy.deepcopy(decoder)).to(device)
 
 
-def _batches(cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, skip: int) -> Iterator[dict[str, Any]]:
-    """This rank's endless batch stream, after the `skip` micro-batches a resumed run already consumed."""
+def _batches(
+    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, skip: int, manifest: dict[str, Any] | None = None,
+    skip_bad: dict[str, int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """This rank's endless batch stream, after the `skip` micro-batches a resumed run already consumed and the
+    bad samples (`skip_bad`, per DataLoader worker) they dropped; samples not of `manifest`'s shapes are bad."""
     from vaedec.config import parse_mix
 
     weights = [p for _, p in map(parse_mix, cfg.data.mix)]
+    expect = None
+    if manifest is not None:
+        vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
+        r = res // vae["downsample_factor"]
+        expect = {"moments": (2 * vae["latent_channels"], r, r), "pixels": (3, res, res)}
     stream = TrainStream(
         sets[0].train,
         cfg.data.batch_size_per_device,
@@ -570,6 +656,9 @@ def _batches(cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, s
         shuffle_buffer=cfg.data.shuffle_buffer,
         skip_batches=skip,
         mix=[(st.train, p) for st, p in zip(sets[1:], weights)],
+        on_bad_sample=cfg.data.on_bad_sample,
+        skip_bad={int(w): n for w, n in (skip_bad or {}).items()},
+        expect=expect,
     )
     loader = torch.utils.data.DataLoader(
         stream,
