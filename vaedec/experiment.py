@@ -180,7 +180,7 @@ def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dic
         f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
     text = f"""# Quality: a pretrained decoder fine-tuned on a new domain
 
-`make experiment` ({facts['wall']} of training on {facts['machine']}; {facts['date']}, commit {facts['commit']}) fine-tunes only
+`make experiment` ({facts['wall']} of training on {facts['machine']}; {facts['date']}; written at commit {facts['commit']}) fine-tunes only
 the decoder of the source VAE ([assets/source-vae](../assets/source-vae/README.md), encoder and decoder pretrained
 on photographs) on rendered text pages, then scores the original decoder against each fine-tuned one (current
 weights and EMA) on **held-out text** (the target domain) and on **held-out photographs** (the source domain: what
