@@ -175,14 +175,8 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     )
 
     # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
-    original = accelerator.unwrap_model(decoder)  # for evaluation outside the training step only
-    skip_bad = cfg.data.on_bad_sample == "skip"  # bad samples here are left out with a warning in log.txt
-    evaluators = [  # the target set's grids and validation, then each mixed-in set's validation under its name
-        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples, skip_bad) if i == 0 else None,
-                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device, skip_bad) if s.val else [],
-                  val_lpips, device, name=s.name if i else "")
-        for i, s in enumerate(sets)
-    ]
+    # accelerator.unwrap_model: the original decoder is evaluated outside the training step only.
+    evaluators = _evaluators(cfg, sets, accelerator.unwrap_model(decoder), val_lpips, device)
 
     # 6. the state of the run, resumed; the data stream from its position ----------------------------------------
     noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + accelerator.process_index)
@@ -607,6 +601,20 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
     if not named_trainable_parameters(decoder):
         raise TrainError(f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
                          "is false, so post_quant_conv stays frozen)")
+
+
+def _evaluators(
+    cfg: TrainConfig, sets: list[ShardSet], original: torch.nn.Module, lpips_model: torch.nn.Module | None,
+    device: torch.device,
+) -> list[Evaluator]:
+    """The target set's grids and validation, then each mixed-in set's validation under its own name."""
+    skip_bad = cfg.data.on_bad_sample == "skip"  # bad samples here are left out with a warning in log.txt
+    return [
+        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples, skip_bad) if i == 0 else None,
+                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device, skip_bad) if s.val else [],
+                  lpips_model, device, name=s.name if i else "")
+        for i, s in enumerate(sets)
+    ]
 
 
 def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
