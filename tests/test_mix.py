@@ -148,7 +148,7 @@ def test_anchor_gradient_is_the_gradient_of_its_penalty() -> None:
     alpha = 0.7
     penalty = anchor_penalty(params, anchors, alpha)
     reference = alpha / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-    assert float(penalty) == pytest.approx(float(reference))
+    assert float(penalty.detach()) == pytest.approx(float(reference.detach()))
     expected = torch.autograd.grad(penalty, params)
     base = [torch.randn(p.shape, generator=g) for p in params]  # a gradient already there from the loss
     for p, b in zip(params, base):
