@@ -154,7 +154,7 @@ def test_anchor_gradient_is_the_gradient_of_its_penalty() -> None:
     for p, b in zip(params, base):
         p.grad = b.clone()
     value = add_anchor_grad(params, anchors, alpha, grad_scale=4.0)
-    assert value == pytest.approx(float(reference), rel=1e-6)
+    assert value == pytest.approx(float(reference.detach()), rel=1e-6)
     for p, b, e in zip(params, base, expected):
         torch.testing.assert_close(p.grad, b + 4.0 * e)
 
