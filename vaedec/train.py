@@ -297,8 +297,8 @@ def step_is_finite(accelerator: Accelerator, values: list[float], params: list[t
     step together)."""
     bad = not all(math.isfinite(v) for v in values)
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and not bad:
-        bad = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if grads and not bad:  # one fused norm per tensor, one sync: any inf/nan (or a norm past fp32) is non-finite
+        bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
         bad = bool(flag.item() > 0)
