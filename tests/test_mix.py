@@ -78,11 +78,12 @@ def test_each_set_is_split_by_rank(shards, general) -> None:
 
 
 def test_mixed_stream_resumes_exactly(shards, general) -> None:
-    def make(skip: int) -> TrainStream:
-        return TrainStream(paths(shards), 3, seed=5, shuffle_buffer=6, skip_batches=skip, mix=[(paths(general), 0.4)])
+    def make(positions: dict | None = None) -> TrainStream:
+        return TrainStream(paths(shards), 3, seed=5, shuffle_buffer=6, mix=[(paths(general), 0.4)],
+                           positions=positions)
 
-    full = take(make(0), 12)
-    resumed = take(make(7), 5)
+    full = take(make(), 12)
+    resumed = take(make({0: full[6]["position"]}), 5)
     for a, b in zip(full[7:], resumed):
         assert a["key"] == b["key"] and torch.equal(a["source"], b["source"])
         assert torch.equal(a["moments"], b["moments"])

@@ -530,6 +530,9 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, shards) -> None:
             sample_latent(torch.zeros(shape), "sample", g)
         assert torch.equal(extra[f"noise_rank{rank}"], g.get_state()), rank
     assert not torch.equal(extra["noise_rank0"], extra["noise_rank1"])
+    # Both ranks' data positions, gathered the same way (each resumes its own stream from it).
+    positions = json.loads((run / "checkpoints/step-00000003/state.json").read_text())["data"]["positions"]
+    assert sorted(positions) == ["rank0", "rank1"] and all(p["0"]["sets"] for p in positions.values()), positions
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -190,10 +190,12 @@ class TrainState:
     noise: torch.Generator  # this rank's latent noise (z = mean + std * eps)
     config: dict[str, Any]  # the resolved config, recorded in state.json for resume checks
     step: int = 0  # optimizer steps done
-    batches_consumed: int = 0  # micro-batches this rank has taken from its data stream (the data position)
+    batches_consumed: int = 0  # micro-batches this rank has taken from its data stream
+    # Where this rank's data stream is: {"fingerprint": the stream's settings (train._stream_fingerprint),
+    # "positions": {role: TrainStream position after the last batch consumed from that DataLoader role}}.
+    data: dict[str, Any] = field(default_factory=lambda: {"fingerprint": "", "positions": {}})
     # Bad data and numerical faults (train.py counts them): bad samples skipped (all ranks), non-finite steps
-    # skipped (in total, in a row), and skip_bad, this rank's dropped samples per DataLoader worker ("0", "1", ...),
-    # part of the data position: a resumed stream skips them too.
+    # skipped (in total, in a row).
     faults: dict[str, Any] = field(default_factory=lambda: new_faults())
 
     def state_dict(self) -> dict[str, Any]:
@@ -219,7 +221,8 @@ class TrainState:
             "ema_step": self.ema.optimization_step if self.ema is not None else 0,
             "num_processes": acc.num_processes,
             "config": self.config,
-            "faults": {**self.faults, "skip_bad": _skip_bad_of_ranks(self.faults["skip_bad"], acc)},
+            "faults": self.faults,
+            "data": {"fingerprint": self.data["fingerprint"], "positions": _positions_of_ranks(self.data, acc)},
         }
         return {"tensors": tensors, "optim": optim, "state": state}
 
@@ -249,23 +252,24 @@ class TrainState:
             self.ema.optimization_step = state["ema_step"]
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         saved = state.get("faults", {})  # absent in checkpoints written before faults were counted
-        self.faults = {**new_faults(), **saved, "skip_bad": saved.get("skip_bad", {}).get(f"rank{acc.process_index}", {})}
+        self.faults = {**new_faults(), **{k: v for k, v in saved.items() if k in new_faults()}}
+        data = state.get("data", {})  # absent before positions were recorded: the stream starts afresh
+        self.data = {"fingerprint": data.get("fingerprint", ""),
+                     "positions": data.get("positions", {}).get(f"rank{acc.process_index}", {})}
 
 
 def new_faults() -> dict[str, Any]:
     """TrainState.faults of a run that has met none."""
-    return {"bad_samples": 0, "bad_steps": 0, "bad_steps_in_a_row": 0, "skip_bad": {}}
+    return {"bad_samples": 0, "bad_steps": 0, "bad_steps_in_a_row": 0}
 
 
-def _skip_bad_of_ranks(mine: dict[str, int], accelerator: Accelerator) -> dict[str, dict[str, int]]:
-    """Every rank's skip_bad ({worker: dropped samples}), gathered to the main process: {"rank0": {...}, ...}."""
+def _positions_of_ranks(data: dict[str, Any], accelerator: Accelerator) -> dict[str, dict[str, Any]]:
+    """Every rank's stream positions ({role: position}), gathered to the main process: {"rank0": {...}, ...}."""
     if accelerator.num_processes == 1:
-        return {"rank0": dict(mine)}
-    workers = max([int(w) + 1 for w in mine] + [1])
-    workers = int(accelerator.gather(torch.tensor([workers], device=accelerator.device)).max())
-    counts = torch.tensor([[mine.get(str(w), 0) for w in range(workers)]], device=accelerator.device)
-    gathered = accelerator.gather(counts).cpu().tolist()
-    return {f"rank{r}": {str(w): n for w, n in enumerate(row) if n} for r, row in enumerate(gathered)}
+        return {"rank0": data["positions"]}
+    from accelerate.utils import gather_object
+
+    return {f"rank{r}": p for r, p in enumerate(gather_object([data["positions"]]))}
 
 
 def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str, torch.Tensor]:

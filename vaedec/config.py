@@ -96,7 +96,8 @@ class DataConfig:
     shards: str = ""  # shard folder written by `cli.py encode` (set by the SHARDS argument)
     batch_size_per_device: int = 12  # samples per micro-batch on each device (LDM: 12)
     num_workers: int = 2  # DataLoader processes reading shards; 0 = read in the main process
-    shuffle_buffer: int = 1000  # samples held for shuffling across shards; 0 = no sample shuffle
+    shuffle_buffer: int = 1000  # samples per shuffle block (each reader permutes its stream in blocks of this many;
+    # a resume reads one block again); 0 or 1 = no sample shuffle
     val_shards: int = 0  # the last N shards of the manifest are held out for validation; 0 = no validation
     val_max_samples: int = 64  # validation uses at most this many held-out samples
     # Other shard sets mixed into every batch, each "PATH:P": a sample comes from PATH with probability P, from

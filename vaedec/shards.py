@@ -17,6 +17,7 @@ Each sample in a tar is three (four) members sharing a dot-free key:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -322,20 +323,37 @@ def _assign_shards(shards: list[str], rank: int, world: int, worker: int, worker
     return shards, slots, slot
 
 
-class TrainStream(torch.utils.data.IterableDataset):
-    """An endless, seeded, rank- and worker-split stream of batches from shards, optionally mixing shard sets.
+def new_position() -> dict[str, int]:
+    """A set reader's position at the start of its stream (TrainStream: "Position")."""
+    return {"epoch": 0, "shard": 0, "sample": 0, "count": 0, "taken": 0}
 
-    Order is a pure function of (seed, rank, worker): each epoch permutes the shards with seed+epoch, the
-    reader's shards are read in turn, samples pass a seeded shuffle buffer. With `mix` = [(shards, p), ...],
-    each sample slot of a batch is drawn from mixed set i with probability p_i (else from `shards`) by a seeded
-    choice, and every set is split by rank and worker on its own. `skip_batches` drops the first batches of
-    this rank's stream without decoding them (the choices are replayed too), which is how a resumed run
-    continues exactly where the killed one stopped. Batches come from workers round-robin (DataLoader's in-order
-    fetch), so worker w produced batches w, w+W, w+2W, ...
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """An endless, seeded, rank- and worker-split stream of batches from shards, optionally mixing shard sets,
+    that starts at any recorded position by reading again at most the shards of one shuffle block.
+
+    Roles. Each DataLoader worker plays a role r in [0, W): role r reads its own share of every set's shards
+    (`_assign_shards`) and gives batches r, r+W, r+2W, ... of this rank (DataLoader's in-order fetch). Worker w
+    plays role (w + first_role) % W, so that a resumed DataLoader, whose worker 0 always delivers first, goes on
+    with the role whose batch is next.
+
+    Order, a pure function of (seed, rank, role, set): each epoch permutes the reader's shards with seed+epoch and
+    reads them in turn (every `stride`-th sample when there are fewer shards than readers); the samples are cut
+    into blocks of `shuffle_buffer` and each block is permuted with a seed made of its start position. A block
+    shuffle (as MosaicML streaming does) rather than webdataset's sliding buffer: a sliding buffer holds samples
+    from arbitrarily far back, so recovering it means replaying the stream. With `mix` = [(shards, p), ...]
+    each sample slot draws set i with probability p_i (else `shards`), by a choice seeded with the slot's number.
+
+    Position. A set reader is at {"epoch", "shard" (index into that epoch's shard order), "sample" (raw samples
+    of that shard before the current block), "count" (raw samples of the epoch before the block), "taken"
+    (samples of the block already handed on)}; a role is at {"sets": [one per set], "mix": slots drawn}. Each
+    batch carries its role's position after it (`position`); a checkpoint keeps the last one of every role and
+    `positions` ({role: position}) starts the roles there: a reader opens the block's first shard, skips
+    `sample` samples without decoding them, refills the block and drops `taken`.
 
     Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each batch
-    carries `worker`, `bad_consumed` (samples it dropped) and `bad_samples` (reports {shard, key, reason});
-    `skip_bad` gives back the dropped samples per worker, so a resumed stream skips exactly what was consumed.
+    carries `worker` (its role), `bad_consumed` (samples it dropped) and `bad_samples` (reports {shard, key,
+    reason}). The position counts dropped samples too, so a resumed stream skips them as the killed one did.
     """
 
     def __init__(
@@ -346,11 +364,11 @@ class TrainStream(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         shuffle_buffer: int = 1000,
-        skip_batches: int = 0,
         mix: list[tuple[list[str], float]] = (),
         on_bad_sample: str = "error",
-        skip_bad: dict[int, int] | None = None,
         expect: dict[str, tuple[int, ...]] | None = None,
+        positions: dict[int, dict[str, Any]] | None = None,
+        first_role: int = 0,
     ):
         super().__init__()
         if not shards or any(not m for m, _ in mix):
@@ -359,29 +377,41 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.weights = [1 - sum(p for _, p in mix)] + [p for _, p in mix]  # the first is data.shards
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+        self.shuffle_buffer = shuffle_buffer
         # "skip": bad samples and the rest of a damaged tar are left out of the stream and reported with the
-        # batch (bad_samples, bad_consumed); "error": a ShardError. skip_bad: worker -> bad samples its consumed
-        # batches dropped, skipped too on resume. expect: shapes checked per sample (checked_sample).
-        self.on_bad_sample, self.skip_bad, self.expect = on_bad_sample, dict(skip_bad or {}), expect
+        # batch (bad_samples, bad_consumed); "error": a ShardError. expect: shapes checked per sample.
+        self.on_bad_sample, self.expect = on_bad_sample, expect
+        self.positions, self.first_role = dict(positions or {}), first_role
         self._reports: list[dict[str, Any]] = []  # this reader's bad samples not yet attached to a batch
 
-    def _epochs(self, shards: list[str], worker: int, workers: int, tag: str) -> Iterator[dict[str, Any]]:
-        mine, stride, offset = _assign_shards(shards, self.rank, self.world_size, worker, workers)
-        epoch = 0
+    def _raw(self, index: int, role: int, workers: int, pos: dict[str, int]) -> Iterator[tuple[dict, dict]]:
+        """(raw sample, the reader's position just after it) of set `index`, from `pos` on, for ever."""
+        mine, stride, offset = _assign_shards(self.sets[index], self.rank, self.world_size, role, workers)
+        tag = f"-set{index}" if index else ""
+        epoch, first, skip, count = pos["epoch"], pos["shard"], pos["sample"], pos["count"]
         while True:
             order = list(mine)
             random.Random(f"{self.seed}-{epoch}{tag}").shuffle(order)
-            samples = (sample for path in order for sample in self._tar_samples(path))
-            n = 0
-            for i, sample in enumerate(samples):
-                if i % stride == offset:
-                    n += 1
-                    yield sample
-            if n == 0:  # every tar damaged at its start: an endless loop over nothing otherwise
+            whole, kept = first == 0 and skip == 0, 0
+            for j in range(first, len(order)):
+                tar = self._tar_samples(order[j])
+                k, ahead = -1, next(tar, None)
+                while ahead is not None:
+                    # One sample read ahead: after a tar's last sample the position is the next tar's start,
+                    # so that a resume never opens a tar only to find it finished.
+                    sample, ahead, k = ahead, next(tar, None), k + 1
+                    if k < skip:  # read again to reach the position, not decoded
+                        continue
+                    count += 1
+                    if (count - 1) % stride == offset:
+                        kept += 1
+                        at = (j, k + 1) if ahead is not None else (j + 1, 0)
+                        yield sample, {"epoch": epoch, "shard": at[0], "sample": at[1], "count": count}
+                skip = 0
+            if whole and kept == 0:  # every tar damaged at its start: an endless loop over nothing otherwise
                 raise ShardError(f"none of {len(mine)} shards gave a readable sample: "
                                  + "; ".join(r["reason"] for r in self._reports[-3:]))
-            epoch += 1
+            epoch, first, skip, count = epoch + 1, 0, 0, 0
 
     def _tar_samples(self, path: str) -> Iterator[dict[str, Any]]:
         """iter_samples; with on_bad_sample=skip a damaged tar ends where it breaks and is reported."""
@@ -397,40 +427,46 @@ class TrainStream(torch.utils.data.IterableDataset):
             self._reports.append({"shard": Path(path).name, "key": last,
                                   "reason": f"damaged tar, rest skipped {where}: {e}"})
 
-    def _set_stream(self, index: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        """One set's shuffled samples for this reader; set 0 keeps the seeds of an unmixed run."""
-        tag = f"-set{index}" if index else ""
-        samples = self._epochs(self.sets[index], worker, workers, tag)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}-{self.rank}-{worker}{tag}")
-            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(samples)
-        return samples
+    def _set_stream(self, index: int, role: int, workers: int, pos: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """Set `index`'s block-shuffled samples for one role, from `pos` on; `pos` is kept at the position after
+        the last sample handed on."""
+        size, tag = max(self.shuffle_buffer, 1), f"-set{index}" if index else ""
+        raw = self._raw(index, role, workers, pos)
+        while True:
+            start = "-".join(str(pos[k]) for k in ("epoch", "shard", "sample", "count"))
+            reported = len(self._reports)
+            block = [next(raw) for _ in range(size)]  # [(raw sample, position after it)]
+            if pos["taken"]:  # a resumed block: what its refill met was reported when the killed run filled it
+                del self._reports[reported:]
+            order = list(range(size))
+            if size > 1:
+                random.Random(f"{self.seed}-{self.rank}-{role}{tag}-block-{start}").shuffle(order)
+            for t in range(pos["taken"], size):
+                if t + 1 < size:
+                    pos["taken"] = t + 1
+                else:  # the block is done: the next one starts after its last raw sample
+                    pos.update(block[-1][1], taken=0)
+                yield block[order[t]][0]
 
-    def _samples(self, worker: int, workers: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(set index, raw sample), the set drawn per sample with the mix probabilities."""
-        streams = [self._set_stream(i, worker, workers) for i in range(len(self.sets))]
-        if len(streams) == 1:
-            return ((0, s) for s in streams[0])
-        choice = random.Random(f"{self.seed}-{self.rank}-{worker}-mix")
+    def _samples(self, role: int, workers: int, position: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(set index, raw sample), the set drawn per sample slot with the mix probabilities; advances `position`."""
+        streams = [self._set_stream(i, role, workers, position["sets"][i]) for i in range(len(self.sets))]
         indices = range(len(streams))
-
-        def mixed() -> Iterator[tuple[int, dict[str, Any]]]:
-            while True:
-                i = choice.choices(indices, self.weights)[0]
-                yield i, next(streams[i])
-
-        return mixed()
+        while True:
+            i = 0
+            if len(streams) > 1:
+                slot = position["mix"]
+                i = random.Random(f"{self.seed}-{self.rank}-{role}-mix-{slot}").choices(indices, self.weights)[0]
+                position["mix"] = slot + 1
+            yield i, next(streams[i])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        samples = self._samples(worker, workers)
-        # This worker's share of the batches the killed run already consumed, and the bad samples they dropped:
-        # raw samples are skipped without decoding, so a resumed stream continues exactly.
-        skip = max(0, -(-(self.skip_batches - worker) // workers)) * self.batch_size + self.skip_bad.get(worker, 0)
-        for _ in range(skip):
-            next(samples)
-        self._reports.clear()  # damaged tars met while skipping were reported by the killed run
+        role = (worker + self.first_role) % workers
+        start = self.positions.get(role) or {"sets": [new_position() for _ in self.sets], "mix": 0}
+        position = copy.deepcopy(start)
+        samples = self._samples(role, workers, position)
         mixing = len(self.sets) > 1
         while True:
             good, bad = [], 0
@@ -449,8 +485,10 @@ class TrainStream(torch.utils.data.IterableDataset):
                         raise ShardError(f"{bad} bad samples in a row (the last {raw.get('__key__')} in {shard}: "
                                          f"{e}); check the shards with `vaedec inspect SHARDS --verify`")
             batch = collate(good)
-            # Reported with the batch: the main process logs and counts them (DataLoader workers cannot).
-            batch.update(worker=worker, bad_consumed=bad, bad_samples=list(self._reports))
+            # Reported with the batch: the main process logs and counts them and keeps the position (DataLoader
+            # workers cannot).
+            batch.update(worker=role, bad_consumed=bad, bad_samples=list(self._reports),
+                         position=copy.deepcopy(position))
             self._reports.clear()
             yield batch
 

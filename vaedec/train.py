@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
         for evaluator in evaluators:
             evaluator.mark_done(state.step)
-    batches = _batches(cfg, sets, accelerator, state.batches_consumed, manifest, state.faults["skip_bad"])
+    batches = _batches(cfg, sets, accelerator, state, manifest)
     if is_main:
         accelerator.init_trackers("tensorboard")
 
@@ -262,7 +263,7 @@ def train_step(
     micro_batches, sources, reports = [], [], []
     for _ in range(k):
         batch = next(batches)
-        reports += _bad_samples_of(batch, state.faults)
+        reports += _note_batch(batch, state)
         z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
         z = add_latent_noise(z, latent_noise_raw, state.noise).to(device)
         if cfg.model.channels_last:
@@ -319,11 +320,10 @@ def _guarded_step(accelerator: Accelerator, opt: torch.optim.Optimizer, logs: di
     return not getattr(opt, "step_was_skipped", False)
 
 
-def _bad_samples_of(batch: dict[str, Any], faults: dict[str, Any]) -> list[dict[str, Any]]:
-    """The bad samples a batch's reader skipped (logged here, counted by _count_faults); records the dropped ones
-    per worker, so that a resumed stream skips them too."""
-    worker = str(batch.get("worker", 0))
-    faults["skip_bad"][worker] = faults["skip_bad"].get(worker, 0) + batch.get("bad_consumed", 0)
+def _note_batch(batch: dict[str, Any], state: TrainState) -> list[dict[str, Any]]:
+    """Keep the data position a consumed batch carries (its role's, for the next checkpoint) and log the bad samples
+    its reader skipped; returns them (counted by _count_faults)."""
+    state.data["positions"][str(batch.get("worker", 0))] = batch["position"]
     reports = batch.get("bad_samples", [])
     for r in reports:
         log.warning("bad sample skipped: shard %s, key %s: %s", r["shard"], r["key"], r["reason"])
@@ -642,11 +642,11 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
 
 
 def _batches(
-    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, skip: int, manifest: dict[str, Any] | None = None,
-    skip_bad: dict[str, int] | None = None,
+    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, state: TrainState,
+    manifest: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """This rank's endless batch stream, after the `skip` micro-batches a resumed run already consumed and the
-    bad samples (`skip_bad`, per DataLoader worker) they dropped; samples not of `manifest`'s shapes are bad."""
+    """This rank's endless batch stream, from the data position `state` recorded (the start for a new run);
+    samples not of `manifest`'s shapes are bad."""
     from vaedec.config import parse_mix
 
     weights = [p for _, p in map(parse_mix, cfg.data.mix)]
@@ -655,6 +655,7 @@ def _batches(
         vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
         r = res // vae["downsample_factor"]
         expect = {"moments": (2 * vae["latent_channels"], r, r), "pixels": (3, res, res)}
+    positions, first_role = _stream_start(cfg, sets, accelerator, state, weights)
     stream = TrainStream(
         sets[0].train,
         cfg.data.batch_size_per_device,
@@ -662,11 +663,11 @@ def _batches(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         shuffle_buffer=cfg.data.shuffle_buffer,
-        skip_batches=skip,
         mix=[(st.train, p) for st, p in zip(sets[1:], weights)],
         on_bad_sample=cfg.data.on_bad_sample,
-        skip_bad={int(w): n for w, n in (skip_bad or {}).items()},
         expect=expect,
+        positions=positions,
+        first_role=first_role,
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -676,6 +677,30 @@ def _batches(
         prefetch_factor=4 if cfg.data.num_workers else None,
     )
     return unwrap_worker_errors(iter(loader))
+
+
+def _stream_start(
+    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, state: TrainState, weights: list[float]
+) -> tuple[dict[int, dict[str, Any]], int]:
+    """(positions by DataLoader role, the role whose batch comes next) to start the data stream from. A position
+    holds only for the stream settings it was recorded under; after a change (other shards, seed, shuffle_buffer,
+    num_workers, mix) the stream starts its order afresh, and the weights still resume exactly."""
+    # Shard names, not locations: the same shards moved to object storage keep their positions.
+    spec = {"sets": [[Path(p).name for p in s.train] for s in sets], "weights": weights, "seed": cfg.run.seed,
+            "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    saved, positions = state.data["fingerprint"], state.data["positions"]
+    state.data["fingerprint"] = fingerprint
+    if state.step == 0:
+        return {}, 0
+    if not positions or saved != fingerprint:
+        why = ("data.shards, data.mix, run.seed, data.shuffle_buffer or data.num_workers changed" if positions
+               else "the checkpoint predates recorded data positions")
+        log.warning("resuming at step %d with a fresh data order (%s): the weights, optimizers and step resume "
+                    "exactly, the sample order does not", state.step, why)
+        state.data["positions"] = {}
+        return {}, 0
+    return {int(role): p for role, p in positions.items()}, state.batches_consumed % max(cfg.data.num_workers, 1)
 
 
 def _checkpoint(run_dir: Path, state: TrainState, keep: int) -> int:

@@ -1,0 +1,92 @@
+"""Resume that costs the same at any step: the data stream starts from a recorded position (epoch, shard, sample,
+block offset per DataLoader role) after reading again at most the shards of one shuffle block, and continues
+exactly as the uninterrupted stream, also with several workers, bad samples and mixed sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_TRAIN, cli
+
+import vaedec.shards
+from vaedec.checkpoint import list_checkpoints
+from vaedec.shards import TrainStream, new_position, read_manifest, shard_paths
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def paths(folder: Path) -> list[str]:
+    return shard_paths(folder, read_manifest(folder))
+
+
+def same(a: dict, b: dict) -> bool:
+    return a["key"] == b["key"] and torch.equal(a["moments"], b["moments"]) and torch.equal(a["pixels"], b["pixels"])
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """The tars the streams in this process open, in order."""
+    seen: list[str] = []
+    real = vaedec.shards.iter_samples
+
+    def counting(path: str):
+        seen.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(vaedec.shards, "iter_samples", counting)
+    return seen
+
+
+def test_resume_many_epochs_in_reads_about_one_shard(shards, opened) -> None:
+    """16 samples in 6 shards of <= 3, batch 3, blocks of 3: batch 60 is 11 epochs in. Resuming there opens at
+    most the two shards one block can span, while reaching it from the start opened every shard 11 times."""
+    shard_list = paths(shards)
+    sizes = [e["samples"] for e in read_manifest(shards)["shards"]]
+    assert max(sizes) >= 3  # so that one block of 3 spans at most two shards
+
+    def make(positions: dict | None = None) -> TrainStream:
+        return TrainStream(shard_list, 3, seed=7, shuffle_buffer=3, positions=positions)
+
+    it = iter(make())
+    full = [next(it) for _ in range(70)]
+    assert full[60]["position"]["sets"][0]["epoch"] >= 10
+    opened_from_start = len(opened)
+    for at in (13, 37, 60):  # mid-block and block-boundary positions, many epochs in
+        opened.clear()
+        resumed = iter(make({0: full[at - 1]["position"]}))
+        first = next(resumed)
+        assert len(opened) <= 2, (at, opened)
+        rest = [first] + [next(resumed) for _ in range(69 - at)]
+        assert all(same(a, b) for a, b in zip(full[at:], rest, strict=True)), at
+    assert opened_from_start >= 11 * len(shard_list)
+
+
+def test_resumed_dataloader_continues_with_the_right_worker(shards) -> None:
+    """Two DataLoader workers deliver batches in turn; after an odd number of batches the resumed loader's worker
+    0 plays the role whose batch is next (first_role), and the sequence goes on unchanged."""
+
+    def loader(positions: dict | None = None, first_role: int = 0) -> list[dict]:
+        stream = TrainStream(paths(shards), 2, seed=3, shuffle_buffer=3, positions=positions, first_role=first_role)
+        it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
+        return [next(it) for _ in range(12)]
+
+    full = loader()
+    assert [b["worker"] for b in full[:4]] == [0, 1, 0, 1]
+    consumed = 7
+    positions = {b["worker"]: b["position"] for b in full[:consumed]}  # the last of each role, as train keeps it
+    resumed = loader(positions, first_role=consumed % 2)
+    assert all(same(a, b) for a, b in zip(full[consumed:], resumed[: 12 - consumed], strict=True))
+
+
+def test_resume_with_other_stream_settings_warns_and_restarts_the_order(tmp_path, shards) -> None:
+    run = tmp_path / "run"
+    args = ["train", shards, "--output", run, *FAST_TRAIN, "--no-export", "run.checkpoint_every_steps=2"]
+    cli(*args, "run.max_steps=2")
+    state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+    assert state["data"]["fingerprint"] and state["data"]["positions"]["rank0"]["0"]["sets"][0] != new_position()
+    cli(*args, "run.max_steps=3", "data.shuffle_buffer=5")
+    log = (run / "log.txt").read_text()
+    assert "fresh data order" in log and "data.shuffle_buffer" in log, log
