@@ -4,6 +4,7 @@ Sections, each measured side by side against its own reference in this run (see 
   encode        bench/encode.py        `encode` end to end vs the encoder forward alone
   train step    bench/train_step.py    (a)-(d): this trainer's step vs the alternatives
   shard read    bench/shard_read.py    training's reader, images/s per DataLoader worker, 256 px
+  resume        bench/shard_read.py    seconds to the first batch of a resumed stream, early and 10,000 epochs in
   bytes on disk bench/shard_read.py    shard bytes per sample, 256 px photographs
   train memory  bench/train_memory.py  peak RSS of `cli.py train` on a small and a large data set
 `--write docs/benchmarks.md` also writes the table with the date, the command and the machine (atomically).

@@ -8,7 +8,10 @@ a 256x256 RGB PNG of photographic pixels. Then, in one run:
     DataLoader(batch_size=None, prefetch_factor 4), with 0 workers (the main process decodes) and 1 worker,
     interleaved; images/s per worker. The first batch of each read (worker start-up) is not timed. Each read
     checks that its first epoch holds every sample written, once;
-  - bytes per sample on disk = shard bytes / samples, and the mean size of each member.
+  - bytes per sample on disk = shard bytes / samples, and the mean size of each member;
+  - the cost of a resume: seconds to the first batch of a stream started fresh, from a position recorded a few
+    epochs in, and from the same position moved 10,000 epochs on (a week-long run), next to the seconds a replay
+    of those few epochs takes (what a resume cost before positions were recorded, growing with the step).
 Timing does not depend on the VAE: the reader never runs it.
 """
 
@@ -39,6 +42,8 @@ MODEL = f"small random VAE {VAE_CHANNELS} (factor 8, 4 latent channels, like SD'
 @dataclass(frozen=True)
 class ReadResult:
     rates: dict[int, float]  # DataLoader workers -> images/s, median of the rounds
+    resume: dict[str, float]  # "fresh", "recorded", "far", "replay" -> seconds to the first batch (median)
+    replay_epochs: int  # epochs in at the recorded position
     samples: int  # samples written (and read back in each first epoch)
     bytes_per_sample: float  # shard bytes / samples
     member_bytes: dict[str, float]  # member extension -> mean bytes
@@ -104,6 +109,37 @@ def read_rate(shards: list[str], batch_size: int, workers: int, batches: int, ex
     return (batches - 1) * batch_size / elapsed
 
 
+def first_batch_seconds(shards: list[str], batch_size: int, positions: dict | None) -> float:
+    """Seconds until a TrainStream (main process, blocks of 64) gives its first batch from `positions`."""
+    t0 = time.perf_counter()
+    next(iter(TrainStream(shards, batch_size, seed=0, shuffle_buffer=64, positions=positions)))
+    return time.perf_counter() - t0
+
+
+def resume_seconds(shards: list[str], batch_size: int, epochs: int, rounds: int) -> dict[str, float]:
+    """First-batch seconds: fresh, from a position `epochs` epochs in, from it 10,000 epochs on, and the replay of
+    those epochs' raw samples (tar parsing only, no decode) that a resume used to cost."""
+    it = iter(TrainStream(shards, batch_size, seed=0, shuffle_buffer=64))
+    batch = next(it)
+    while batch["position"]["sets"][0]["epoch"] < epochs:
+        batch = next(it)
+    recorded = batch["position"]
+    set_pos = recorded["sets"][0]
+    far = {**recorded, "sets": [{**set_pos, "epoch": set_pos["epoch"] + 10_000}]}
+    times: dict[str, list[float]] = {"fresh": [], "recorded": [], "far": [], "replay": []}
+    for _ in range(rounds):
+        times["fresh"].append(first_batch_seconds(shards, batch_size, None))
+        times["recorded"].append(first_batch_seconds(shards, batch_size, {0: recorded}))
+        times["far"].append(first_batch_seconds(shards, batch_size, {0: far}))
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            for p in shards:
+                for _ in iter_samples(p):
+                    pass
+        times["replay"].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def disk_bytes(folder: Path) -> tuple[int, float, dict[str, float]]:
     """(samples, shard bytes / sample, mean bytes of each member) of a shard folder."""
     manifest = read_manifest(folder)
@@ -134,12 +170,15 @@ def measure(
         for _ in range(rounds):
             for workers, rates in times.items():  # interleaved: a busy machine slows both alike
                 rates.append(read_rate(paths, batch_size, workers, batches, expected))
+        replay_epochs = 4
+        resume = resume_seconds(paths, batch_size, replay_epochs, rounds)
     setup = (
         f"{samples} samples ({len(paths)} shards) from {len(PHOTOS)} photos, {resolution} px, batch size "
         f"{batch_size}, {epochs} epochs a read, median of {rounds} interleaved rounds"
     )
     rates = {w: statistics.median(t) for w, t in times.items()}
-    return ReadResult(rates, samples, per_sample, members, resolution, batch_size, epochs, rounds, setup)
+    return ReadResult(rates, resume, replay_epochs, samples, per_sample, members, resolution, batch_size, epochs,
+                      rounds, setup)
 
 
 def rows(r: ReadResult) -> list[Row]:
@@ -156,6 +195,13 @@ def rows(r: ReadResult) -> list[Row]:
             r.per_worker(1) / r.rates[0],
             "of 0 workers",
         ),
+        Row("resume", "first batch of a fresh stream (reference)", r.resume["fresh"], "s", 1.0),
+        Row("resume", f"first batch from a position {r.replay_epochs} epochs in", r.resume["recorded"], "s",
+            r.resume["recorded"] / r.resume["fresh"], "of fresh"),
+        Row("resume", f"first batch from a position {r.replay_epochs} + 10,000 epochs in", r.resume["far"], "s",
+            r.resume["far"] / r.resume["fresh"], "of fresh"),
+        Row("resume", f"replay of {r.replay_epochs} epochs (the cost before positions; x2,500 for the row above)",
+            r.resume["replay"], "s", r.resume["replay"] / r.resume["fresh"], "of fresh"),
         Row("bytes on disk", f"raw uint8 pixels, {px} (reference)", raw, "bytes/sample", 1.0),
         Row(
             "bytes on disk",
@@ -190,6 +236,10 @@ def main(resolution: int, crops_per_image: int, batch_size: int, epochs: int, ro
     print(
         f"read     1 worker  {r.per_worker(1):8.1f} images/s per worker ({r.per_worker(1) / r.rates[0]:.2f}x)"
     )
+    for key, what in (("fresh", "fresh stream"), ("recorded", f"position {r.replay_epochs} epochs in"),
+                      ("far", f"position {r.replay_epochs} + 10,000 epochs in")):
+        print(f"resume   first batch, {what}: {r.resume[key]:.3f} s")
+    print(f"resume   replay of {r.replay_epochs} epochs (the cost before positions): {r.resume['replay']:.3f} s")
     members = ", ".join(f"{ext} {b:,.0f}" for ext, b in sorted(r.member_bytes.items()))
     print(
         f"disk     {r.bytes_per_sample:,.0f} bytes/sample on disk (members, mean bytes: {members}; "

@@ -25,3 +25,4 @@ def test_shard_read_bench_reads_every_sample_written_once() -> None:
     assert set(r.rates) == {0, 1} and all(v > 0 for v in r.rates.values())
     assert set(r.member_bytes) == {"moments.npy", "image.png", "json"}
     assert r.bytes_per_sample > sum(r.member_bytes.values())  # tar headers come on top of the members
+    assert set(r.resume) == {"fresh", "recorded", "far", "replay"} and all(v > 0 for v in r.resume.values())
