@@ -1,15 +1,20 @@
 """Resume that costs the same at any step: the data stream starts from a recorded position (epoch, shard, sample,
 block offset per DataLoader role) after reading again at most the shards of one shuffle block, and continues
-exactly as the uninterrupted stream, also with several workers, bad samples and mixed sets."""
+exactly as the uninterrupted stream, also with several workers; and a preempted run (SIGTERM) checkpoints first."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, cli
+from conftest import FAST_TRAIN, ROOT, cli
 
 import vaedec.shards
 from vaedec.checkpoint import list_checkpoints
@@ -90,3 +95,33 @@ def test_resume_with_other_stream_settings_warns_and_restarts_the_order(tmp_path
     cli(*args, "run.max_steps=3", "data.shuffle_buffer=5")
     log = (run / "log.txt").read_text()
     assert "fresh data order" in log and "data.shuffle_buffer" in log, log
+
+
+def test_sigterm_checkpoints_the_step_and_exits_so_a_rerun_resumes(tmp_path, shards) -> None:
+    """SIGTERM to the whole process group (as SLURM sends it, DataLoader worker included): the run finishes its
+    step, writes a checkpoint there and exits with 128 + 15; the same command resumes from that step."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "cli.py", "train", str(shards), "--output", str(run), *FAST_TRAIN, "--no-export",
+           "data.num_workers=1", "run.max_steps=500", "run.checkpoint_every_steps=0", "run.log_every_steps=1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert [c.name for c in list_checkpoints(run)] == [f"step-{step:08d}"], log.read_text()
+    assert 2 <= step < 500 and "stopped by SIGTERM" in (run / "log.txt").read_text()
+    assert "rerun the same command to resume" in log.read_text()
+    resumed = cli(*cmd[2:-3], f"run.max_steps={step + 1}")
+    assert f"at step {step}" in resumed.output, resumed.output

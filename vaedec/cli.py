@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,6 +190,11 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
             info = run_train(cfg, resume=resume, export=not no_export)
     except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError, ConfigError) as e:
         raise UserError(str(e)) from None
+    if info.stopped_by:  # SIGTERM / SIGUSR1: checkpointed; the shell convention for "killed by signal N"
+        if info.main_process:
+            click.echo(f"stopped at step {info.step} by {signal.Signals(info.stopped_by).name}, after a checkpoint "
+                       f"in {info.run_dir}: rerun the same command to resume", err=True)
+        sys.exit(128 + info.stopped_by)
     if not info.main_process:
         return  # one summary, from rank 0
     click.echo(f"run folder  {info.run_dir}  (step {info.step})")

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ from vaedec.losses import (
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
 from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
+from vaedec.signals import StopRequest, ignore_stop_signals
 from vaedec.vae import (
     TrainableDecoder,
     freeze,
@@ -124,6 +126,7 @@ class RunInfo:
     export_dir: Path | None
     resumed_from: Path | None
     main_process: bool = True  # False on the other ranks of a multi-process run
+    stopped_by: int = 0  # the signal (SIGTERM, SIGUSR1) that stopped the run after a checkpoint; 0 = it ran to the end
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,33 +194,49 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
         for evaluator in evaluators:
             evaluator.mark_done(state.step)
-    batches = _batches(cfg, sets, accelerator, state, manifest)
-    if is_main:
-        accelerator.init_trackers("tensorboard")
+    # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit (DataLoader workers ignore them).
+    with StopRequest() as stop:
+        batches = _batches(cfg, sets, accelerator, state, manifest)
+        if is_main:
+            accelerator.init_trackers("tensorboard")
 
-    # model.latent_noise_std is in scaled units (what a diffusion model sees); z is raw, so divide by the scale.
-    latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
+        # model.latent_noise_std is in scaled units (what a diffusion model sees); z is raw: divide by the scale.
+        latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
 
-    # 7. the loop ----------------------------------------------------------------------------------------------
-    bar = tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    saved_at, t_last, steps_since = state.step, time.perf_counter(), 0
-    while state.step < cfg.run.max_steps:
-        logs = train_step(state, batches, lpips_model, cfg, lrs, [st.name for st in sets], anchors, latent_noise_raw)
-        step, steps_since = state.step, steps_since + 1
-        bar.update(1)
-        if step % cfg.run.log_every_steps == 0 or step == cfg.run.max_steps:
-            images = steps_since * cfg.data.batch_size_per_device * cfg.optim.grad_accum_steps * accelerator.num_processes
-            now = time.perf_counter()
-            _log_step(run_dir, state, logs, images / max(now - t_last, 1e-9), bar)
-            t_last, steps_since = now, 0
-        grid_due = bool(cfg.run.image_every_steps) and step % cfg.run.image_every_steps == 0
-        val_due = bool(cfg.run.val_every_steps) and step % cfg.run.val_every_steps == 0
-        if grid_due or val_due:
-            _evaluate(run_dir, evaluators, state, ema_decoder, grid=grid_due, val=val_due)
-        if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
-            saved_at = _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
-    bar.close()
+        # 7. the loop --------------------------------------------------------------------------------------------
+        bar = tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", disable=not is_main,
+                   dynamic_ncols=True)
+        saved_at, t_last, steps_since, stopped_by = state.step, time.perf_counter(), 0, 0
+        while state.step < cfg.run.max_steps:
+            logs = train_step(state, batches, lpips_model, cfg, lrs, [st.name for st in sets], anchors,
+                              latent_noise_raw)
+            step, steps_since = state.step, steps_since + 1
+            bar.update(1)
+            if step % cfg.run.log_every_steps == 0 or step == cfg.run.max_steps:
+                images = (steps_since * cfg.data.batch_size_per_device * cfg.optim.grad_accum_steps
+                          * accelerator.num_processes)
+                now = time.perf_counter()
+                _log_step(run_dir, state, logs, images / max(now - t_last, 1e-9), bar)
+                t_last, steps_since = now, 0
+            grid_due = bool(cfg.run.image_every_steps) and step % cfg.run.image_every_steps == 0
+            val_due = bool(cfg.run.val_every_steps) and step % cfg.run.val_every_steps == 0
+            if grid_due or val_due:
+                _evaluate(run_dir, evaluators, state, ema_decoder, grid=grid_due, val=val_due)
+            if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
+                saved_at = _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
+            stopped_by = stop.agreed(accelerator)
+            if stopped_by:
+                break
+        bar.close()
+
+    if stopped_by:
+        if saved_at != state.step:
+            _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
+        log.warning("stopped by %s at step %d after a checkpoint; rerun the same command to resume",
+                    signal.Signals(stopped_by).name, state.step)
+        accelerator.end_training()
+        return RunInfo(run_dir=run_dir, step=state.step, export_dir=None, resumed_from=ckpt, main_process=is_main,
+                       stopped_by=stopped_by)
 
     # 8. final checkpoint, evaluation and export ------------------------------------------------------------------
     if saved_at != state.step:
@@ -675,6 +694,7 @@ def _batches(
         num_workers=cfg.data.num_workers,
         persistent_workers=False,
         prefetch_factor=4 if cfg.data.num_workers else None,
+        worker_init_fn=ignore_stop_signals,
     )
     return unwrap_worker_errors(iter(loader))
 
