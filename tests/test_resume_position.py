@@ -92,6 +92,8 @@ def test_resume_with_other_stream_settings_warns_and_restarts_the_order(tmp_path
     cli(*args, "run.max_steps=2")
     state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
     assert state["data"]["fingerprint"] and state["data"]["positions"]["rank0"]["0"]["sets"][0] != new_position()
+    epochs = [json.loads(line)["data/epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0.0, 0.0]  # 4 of 12 training samples: still the first pass
     cli(*args, "run.max_steps=3", "data.shuffle_buffer=5")
     log = (run / "log.txt").read_text()
     assert "fresh data order" in log and "data.shuffle_buffer" in log, log

@@ -305,6 +305,7 @@ def train_step(
     state.step += 1
     state.batches_consumed += k
     logs.update(_count_faults(state, reports, bad_step, cfg.run.max_bad_steps))
+    logs["data/epoch"] = float(batch["position"]["sets"][0]["epoch"])  # passes over data.shards (this reader's)
     return logs
 
 
