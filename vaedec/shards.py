@@ -352,8 +352,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     `sample` samples without decoding them, refills the block and drops `taken`.
 
     Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each batch
-    carries `worker` (its role), `bad_consumed` (samples it dropped) and `bad_samples` (reports {shard, key,
-    reason}). The position counts dropped samples too, so a resumed stream skips them as the killed one did.
+    carries `worker` (its role) and `bad_samples` (reports {shard, key, reason}). The position counts dropped samples too, so a resumed stream skips them as the killed one did.
     """
 
     def __init__(
@@ -379,7 +378,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer = shuffle_buffer
         # "skip": bad samples and the rest of a damaged tar are left out of the stream and reported with the
-        # batch (bad_samples, bad_consumed); "error": a ShardError. expect: shapes checked per sample.
+        # batch (bad_samples); "error": a ShardError. expect: shapes checked per sample.
         self.on_bad_sample, self.expect = on_bad_sample, expect
         self.positions, self.first_role = dict(positions or {}), first_role
         self._reports: list[dict[str, Any]] = []  # this reader's bad samples not yet attached to a batch
@@ -487,7 +486,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             batch = collate(good)
             # Reported with the batch: the main process logs and counts them and keeps the position (DataLoader
             # workers cannot).
-            batch.update(worker=role, bad_consumed=bad, bad_samples=list(self._reports),
+            batch.update(worker=role, bad_samples=list(self._reports),
                          position=copy.deepcopy(position))
             self._reports.clear()
             yield batch
