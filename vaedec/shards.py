@@ -352,7 +352,8 @@ class TrainStream(torch.utils.data.IterableDataset):
     `sample` samples without decoding them, refills the block and drops `taken`.
 
     Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each batch
-    carries `worker` (its role) and `bad_samples` (reports {shard, key, reason}). The position counts dropped samples too, so a resumed stream skips them as the killed one did.
+    carries `worker` (its role) and `bad_samples` (reports {shard, key, reason}). The position counts dropped
+    samples too, so a resumed stream skips them as the killed one did.
     """
 
     def __init__(
