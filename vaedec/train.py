@@ -65,7 +65,16 @@ from vaedec.losses import (
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
-from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
+from vaedec.shards import (
+    SKIPPED,
+    TrainStream,
+    is_remote,
+    local_folder,
+    read_manifest,
+    shard_paths,
+    spec_name,
+    unwrap_worker_errors,
+)
 from vaedec.vae import (
     TrainableDecoder,
     freeze,
@@ -495,8 +504,8 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
 class ShardSet:
     """One shard folder of the run: data.shards or a data.mix entry."""
 
-    name: str  # its folder's name: the key of its logs (loss/pixel/NAME, val/NAME/...)
-    folder: str
+    name: str  # its folder's name (spec_name): the key of its logs (loss/pixel/NAME, val/NAME/...)
+    folder: str  # as given: a folder, file://, http(s):// URL or pipe: spec
     train: list[str]
     val: list[str]  # its last data.val_shards shards, held out for its own validation
 
@@ -511,7 +520,8 @@ def _split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], l
     if not all_shards:
         raise TrainError(
             f"{folder} holds no samples: the encode skipped every input "
-            f"(reasons in {Path(folder) / SKIPPED}); fix the inputs and encode again"
+            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the "
+            "inputs and encode again"
         )
     if n_val >= len(all_shards):
         raise TrainError(
@@ -549,7 +559,8 @@ def _shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
 
 
 def _set_name(folder: str) -> str:
-    return Path(folder).resolve().name
+    """The name a set logs under: its folder's name, or the last path component of its URL or pipe: path."""
+    return spec_name(folder)
 
 
 def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
