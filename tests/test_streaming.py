@@ -112,12 +112,14 @@ def test_spec_names_urls_and_shard_names() -> None:
     assert shard_url("https://acct.blob/c/{name}?sv=1", "manifest.json") == "https://acct.blob/c/manifest.json?sv=1"
 
 
-def test_pipe_without_name_and_names_the_shell_would_read_are_refused(tmp_path, shards) -> None:
+def test_pipe_without_name_bucket_urls_and_names_the_shell_would_read_are_refused(tmp_path, shards) -> None:
     msg = one_line_error(cli("inspect", f"pipe:cat {shards}/manifest.json", code=None))
     assert "{name}" in msg and "pipe:aws s3 cp" in msg
     msg = one_line_error(cli("train", "pipe:gsutil cat gs://b/shards/", *FAST_TRAIN, "--output", tmp_path / "r",
                              code=None))
     assert "{name}" in msg
+    msg = one_line_error(cli("inspect", "s3://bucket/shards/", code=None))
+    assert "s3:// is not read directly" in msg and "pipe:aws s3 cp s3://bucket/shards/{name} -" in msg
     # A manifest (fetched from anywhere) names the files; its names go into a shell command, so only plain names.
     folder = tmp_path / "edited"
     shutil.copytree(shards, folder)

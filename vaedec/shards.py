@@ -171,6 +171,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             raise ShardError(f"{e}: SHARDS {folder} must hold the manifest.json of `vaedec encode` next to its "
                              "shards (upload the whole OUT folder)") from None
         return _checked_manifest(data, url)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(folder))
+    if scheme and scheme.group(1).lower() != "file":  # s3://, gs://...: say how, rather than "not a folder"
+        raise ShardError(f"{folder}: {scheme.group(1)}:// is not read directly; give an http(s):// URL or a pipe: "
+                         f"command with {NAME_FIELD} where the file name goes, e.g. {PIPE_EXAMPLES}")
     path = local_folder(folder) / MANIFEST
     if not local_folder(folder).is_dir():
         raise ShardError(f"{folder} is not a folder; give the OUT folder of `cli.py encode`")
