@@ -118,7 +118,13 @@ def encode(**kwargs: object) -> None:
 @click.argument("shards", type=click.Path(path_type=str))
 @click.option("--verify", is_flag=True, help="Read every sample and check shapes, dtypes, keys and counts.")
 def inspect(shards: str, verify: bool) -> None:
-    """Print the manifest summary of a shard folder (and optionally verify every sample)."""
+    """Print the manifest summary of SHARDS (and optionally verify every sample).
+
+    \b
+    SHARDS: a shard folder (`vaedec encode` OUT), file:///abs/folder/, http(s)://host/folder/ (manifest.json and
+    the shards under it), or pipe:CMD with {name} where the file name goes, e.g.
+    'pipe:aws s3 cp s3://bucket/shards/{name} -' or 'pipe:gsutil cat gs://bucket/shards/{name}'.
+    """
     from vaedec.shards import ShardError, summarize
     from vaedec.shards import verify as verify_shards
 
@@ -148,8 +154,9 @@ def inspect(shards: str, verify: bool) -> None:
 @click.option("--output", default=None, help="Run folder [default: runs/<config name>].")
 @click.option("--vae", default=None, help="VAE to load instead of the one named in the shard manifest (same encoder).")
 @click.option("--mix", multiple=True, metavar="SHARDS:P",
-              help="Mix another shard set into every batch: each sample comes from SHARDS with probability P "
-                   "(e.g. general photos at 0.2 against forgetting outside the domain). Repeatable; data.mix.")
+              help="Mix another shard set into every batch: each sample comes from SHARDS (a folder, URL or pipe: "
+                   "spec) with probability P (e.g. general photos at 0.2 against forgetting outside the domain). "
+                   "Repeatable; data.mix.")
 @click.option("--resume", default="latest", show_default=True,
               help="'latest' (continue the run folder's newest checkpoint), 'none', or a checkpoint/run folder.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
@@ -157,6 +164,10 @@ def inspect(shards: str, verify: bool) -> None:
 def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...], output: str | None,
           vae: str | None, mix: tuple[str, ...], resume: str, dry_run: bool, no_export: bool) -> None:
     """Train the decoder (and a PatchGAN) on SHARDS written by `encode`; the encoder is never loaded.
+
+    SHARDS (and each --mix set) is a shard folder, file:///abs/folder/, an http(s):// URL of one (manifest.json
+    and the shards under it), or pipe:CMD with {name} where the file name goes, e.g.
+    'pipe:aws s3 cp s3://bucket/shards/{name} -'; the shards are streamed, never copied.
 
     KEY=VALUE pairs override single config fields, e.g. `optim.lr=1e-5 run.max_steps=2000` (a bare key works
     when unique: `max_steps=2000`). Rerunning the same command resumes from the newest checkpoint. For several
@@ -170,7 +181,8 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
-    given = [f"data.shards={shards}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
+    # SHARDS as a quoted YAML string: a pipe: command may hold ': ' or ' #', which plain YAML would misread.
+    given = [f"data.shards={json.dumps(shards)}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
     given += [f"data.mix={json.dumps(list(mix))}"] if mix else []
     try:
         cfg = load_train_config(config_paths, [*overrides, *given])
@@ -271,8 +283,9 @@ def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> Non
     """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals.
 
     \b
-    DATA: shard folders (`vaedec encode` output; the same encoder as every --vae), or image folders / file
-    lists, encoded into OUT/encoded/ with the first model's encoder. Each data set gets its own table.
+    DATA: shard folders (`vaedec encode` output; the same encoder as every --vae) or their http(s):// URL or
+    pipe:CMD spec with {name} (see `vaedec train --help`), or image folders / file lists, encoded into
+    OUT/encoded/ with the first model's encoder. Each data set gets its own table.
     Every model decodes the same z; deltas against the first model come with a bootstrap interval over images,
     so "better" means better. Writes OUT/report.md (also printed), eval.json, per_image.csv and grids/*.png
     (a fixed sample, the most improved and the most worsened images). Exit code 3: inputs were skipped.

@@ -93,16 +93,19 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = ""  # shard folder written by `cli.py encode` (set by the SHARDS argument)
+    # Shards written by `cli.py encode` (the SHARDS argument): their folder, file:///folder/, an http(s):// URL of it,
+    # or pipe:CMD with {name} for the file name (e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -"); see shards.py.
+    shards: str = ""
     batch_size_per_device: int = 12  # samples per micro-batch on each device (LDM: 12)
     num_workers: int = 2  # DataLoader processes reading shards; 0 = read in the main process
     shuffle_buffer: int = 1000  # samples per shuffle block (each reader permutes its stream in blocks of this many;
     # a resume reads one block again); 0 or 1 = no sample shuffle
     val_shards: int = 0  # the last N shards of the manifest are held out for validation; 0 = no validation
     val_max_samples: int = 64  # validation uses at most this many held-out samples
-    # Other shard sets mixed into every batch, each "PATH:P": a sample comes from PATH with probability P, from
-    # `shards` otherwise (e.g. 10k general photos at 0.2 against forgetting outside the domain). Each set holds out
-    # its own last val_shards shards for its own validation. () = train on `shards` alone.
+    # Other shard sets mixed into every batch, each "PATH:P" (PATH as `shards`: a folder, URL or pipe: spec): a
+    # sample comes from PATH with probability P, from `shards` otherwise (e.g. 10k general photos at 0.2 against
+    # forgetting outside the domain). Each set holds out its own last val_shards shards for its own validation.
+    # () = train on `shards` alone.
     mix: tuple[str, ...] = ()
     # A damaged tar, or a sample with an unreadable moments.npy / image.png, missing members, another shape or
     # non-finite moments: "skip" drops it (a damaged tar from the point it breaks), counts it in metrics

@@ -45,9 +45,12 @@ from vaedec.metrics import (
 from vaedec.shards import (
     MANIFEST,
     collate,
+    is_remote,
+    local_folder,
     read_manifest,
     read_samples,
     shard_paths,
+    spec_name,
 )
 
 log = logging.getLogger("vaedec")
@@ -155,7 +158,7 @@ class EvalSet:
     """One data set as evaluated: a shard folder (possibly made here from images) and the shards read."""
 
     name: str
-    folder: Path
+    folder: Path | str  # a local folder, or the URL / pipe: spec of remote shards
     manifest: dict[str, Any]
     shards: list[str]
     samples: int  # how many samples are evaluated
@@ -168,7 +171,7 @@ class EvalSet:
 
 
 def _set_name(path: str, taken: set[str]) -> str:
-    base = re.sub(r"[^\w.-]+", "_", Path(path).resolve().name or "data")
+    base = re.sub(r"[^\w.-]+", "_", spec_name(path) or "data")
     name, i = base, 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1
@@ -177,17 +180,19 @@ def _set_name(path: str, taken: set[str]) -> str:
 
 
 def prepare_sets(cfg: EvalConfig, first: ModelSpec, out: Path) -> list[EvalSet]:
-    """Every DATA as a shard folder to read: shard folders as they are, image folders encoded into OUT/encoded."""
+    """Every DATA as shards to read: shard folders (or their URL, file:// or pipe: spec) as they are, image folders
+    encoded into OUT/encoded."""
     sets: list[EvalSet] = []
     taken: set[str] = set()
     for path in cfg.data:
         name = _set_name(path, taken)
-        folder, encoded_here, skipped = Path(path), False, 0
-        if not (folder / MANIFEST).is_file():
+        folder, encoded_here, skipped = path if is_remote(path) else local_folder(path), False, 0
+        if not is_remote(path) and not (folder / MANIFEST).is_file():
             if not folder.exists():
                 raise EvalError(f"DATA {path} does not exist; give a shard folder (`vaedec encode` output) or "
                                 "an image folder or file list")
-            folder, skipped = _encode_images(path, out / "encoded" / name, cfg, first)
+            src = path if folder == Path(path) else str(folder)  # file:///images/ names a local folder too
+            folder, skipped = _encode_images(src, out / "encoded" / name, cfg, first)
             encoded_here = True
         manifest = read_manifest(folder)
         shards = shard_paths(folder, manifest)

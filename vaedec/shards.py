@@ -18,15 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.client
 import io
 import json
 import logging
 import os
 import random
+import re
+import shlex
+import subprocess
 import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -48,6 +57,11 @@ SHARD_NAME = "shard-{:06d}.tar"
 
 class ShardError(ValueError):
     """A shard folder is missing, foreign or inconsistent; the message says which file and why."""
+
+
+class ShardUnreachable(ShardError):
+    """A file of remote SHARDS could not be fetched (HTTP error, no connection, a pipe: command that failed): not
+    damage in the data, so training stops on it even with data.on_bad_sample=skip, as for a missing local shard."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,18 +163,36 @@ def write_skipped(folder: str | Path, records: list[dict[str, Any]]) -> None:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Load and sanity-check OUT/manifest.json."""
-    path = Path(folder) / MANIFEST
-    if not Path(folder).is_dir():
+    """Load and sanity-check the manifest.json of SHARDS (a folder, file://, http(s):// or pipe: spec)."""
+    if is_remote(folder):
+        url = shard_url(str(folder), MANIFEST)
+        try:
+            data = read_remote_bytes(str(folder), MANIFEST)
+        except ShardUnreachable as e:
+            raise ShardError(f"{e}: SHARDS {folder} must hold the manifest.json of `vaedec encode` next to its "
+                             "shards (upload the whole OUT folder)") from None
+        return _checked_manifest(data, url)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(folder))
+    if scheme and scheme.group(1).lower() != "file":  # s3://, gs://...: say how, rather than "not a folder"
+        raise ShardError(f"{folder}: {scheme.group(1)}:// is not read directly; give an http(s):// URL or a pipe: "
+                         f"command with {NAME_FIELD} where the file name goes, e.g. {PIPE_EXAMPLES}")
+    path = local_folder(folder) / MANIFEST
+    if not local_folder(folder).is_dir():
         raise ShardError(f"{folder} is not a folder; give the OUT folder of `cli.py encode`")
     if not path.is_file():
         raise ShardError(f"{path} not found: {folder} is not a vaedec shard folder (run `cli.py encode` first)")
+    return _checked_manifest(path.read_bytes(), path)
+
+
+def _checked_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
+    """Parse manifest bytes read from `path` (named in the messages) and check its format and fields."""
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path} is not valid JSON ({e}); re-encode with --overwrite") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{path} is not a vaedec manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(f"{path} is not a vaedec manifest (format {found!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardError(
             f"{path} has format version {manifest.get('format_version')}; this vaedec reads {FORMAT_VERSION}"
@@ -201,10 +233,13 @@ def manifest_gaps(manifest: dict[str, Any]) -> list[str]:
 
 
 def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
-    """Absolute paths of the manifest's shards, checking that each exists."""
+    """The manifest's shards: absolute paths, each checked to exist; for remote SHARDS their URLs or pipe:
+    commands (not checked: a missing one is a ShardUnreachable when it is read)."""
+    if is_remote(folder):
+        return [shard_url(str(folder), entry["name"]) for entry in manifest["shards"]]
     paths = []
     for entry in manifest["shards"]:
-        p = Path(folder) / entry["name"]
+        p = local_folder(folder) / entry["name"]
         if not p.is_file():
             raise ShardError(
                 f"{p} is listed in the manifest but missing: restore the file, or re-encode with --overwrite"
@@ -214,11 +249,195 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def read_skipped(folder: str | Path) -> list[dict[str, Any]]:
-    """The lines of skipped.jsonl (empty when absent)."""
-    path = Path(folder) / SKIPPED
-    if not path.is_file():
+    """The lines of skipped.jsonl of a local shard folder (empty when absent). Only encode reads it, on its own
+    OUT; remote SHARDS are never asked for theirs."""
+    path = local_folder(folder) / SKIPPED
+    if is_remote(folder) or not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# where shards live: SHARDS is a local folder, file:///abs/folder/, http(s)://host/folder/ (the manifest at
+# <base>/manifest.json, shards at <base>/<name>) or pipe:CMD with {name} where the file name goes (CMD is run
+# through /bin/sh exactly as written, as WebDataset's pipe: is, once per file, and its stdout read). Only JSON
+# and tar bytes are read; nothing is unpickled.
+
+PIPE = "pipe:"
+NAME_FIELD = "{name}"
+PIPE_EXAMPLES = "'pipe:aws s3 cp s3://bucket/shards/{name} -' or 'pipe:gsutil cat gs://bucket/shards/{name}'"
+REMOTE_TIMEOUT_S = 60.0  # an http(s) connect or read that waits longer than this fails (and is named)
+# A manifest's file names go into URLs and shell commands: plain file names only, nothing the shell interprets.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def is_remote(spec: str | Path) -> bool:
+    """True for http(s):// URLs and pipe: commands (read as streams); False for folders and file:// URLs."""
+    s = str(spec)
+    return s.startswith(PIPE) or s.lower().startswith(("http://", "https://"))
+
+
+def local_folder(spec: str | Path) -> Path:
+    """A local SHARDS as a Path: file:///abs/folder/ becomes /abs/folder, a plain path stays as given."""
+    s = str(spec)
+    return Path(url2pathname(urlsplit(s).path)) if s.startswith("file://") else Path(spec)
+
+
+def shard_url(spec: str, name: str) -> str:
+    """Where the file `name` of remote SHARDS is: <base>/<name> for a URL (query kept; or {name} filled in),
+    CMD with {name} filled in for pipe:CMD."""
+    if spec.startswith(PIPE) and (NAME_FIELD not in spec or not spec[len(PIPE):].strip()):
+        raise ShardError(f"{spec!r}: a pipe: SHARDS must say where the file name goes with {NAME_FIELD}, e.g. "
+                         f"{PIPE_EXAMPLES}; it is run once for manifest.json and once per shard")
+    if not _PLAIN_NAME.fullmatch(name):
+        raise ShardError(f"{spec}: the manifest names a file {name!r}; shard names are plain file names "
+                         "(shard-000000.tar): re-encode, or fix the manifest")
+    if spec.startswith(PIPE):
+        return spec.replace(NAME_FIELD, name)
+    if NAME_FIELD in spec:
+        return spec.replace(NAME_FIELD, quote(name))
+    parts = urlsplit(spec)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + quote(name)))
+
+
+def shard_name(path: str) -> str:
+    """The file name of a shard for logs and reports: shard-000003.tar for a path, URL or pipe: command."""
+    path = str(path)
+    if path.startswith(PIPE):
+        names = re.findall(r"[A-Za-z0-9_][\w.-]*?\.tar(?![\w-])", path)  # shard_url put a plain name there
+        return names[-1] if names else path
+    if is_remote(path):
+        return unquote(urlsplit(path).path.rsplit("/", 1)[-1]) or path
+    return local_folder(path).name
+
+
+def shards_spec(path: str) -> str:
+    """The SHARDS a shard path, URL or pipe: command belongs to, as the user would write it (for hints)."""
+    path, name = str(path), shard_name(path)
+    if path.startswith(PIPE):
+        return path.replace(name, NAME_FIELD)
+    if is_remote(path):
+        parts = urlsplit(path)
+        return urlunsplit(parts._replace(path=parts.path.rsplit("/", 1)[0] + "/"))
+    return str(local_folder(path).parent)
+
+
+def spec_name(spec: str) -> str:
+    """A SHARDS' short name (the key of its logs): its folder's name; for a URL its last path component, for
+    pipe: the last path component before {name}."""
+    s = str(spec)
+    if s.startswith(PIPE):
+        before = s[len(PIPE):].split(NAME_FIELD)[0]
+        word = before.split()[-1] if before.strip() and not before[-1].isspace() else ""
+        return word.rstrip("/").rsplit("/", 1)[-1] or "shards"
+    if is_remote(s):
+        parts = urlsplit(s.split(NAME_FIELD)[0])
+        return unquote(parts.path.rstrip("/").rsplit("/", 1)[-1]) or parts.hostname or "shards"
+    return local_folder(s).resolve().name
+
+
+class _HTTPStream:
+    """The body of an http(s) response as a file; a broken connection is remembered for `failure`."""
+
+    def __init__(self, url: str):
+        self.url, self._failure, self._read = url, None, 0
+        try:
+            self._response = urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S)  # only http(s) URLs come here
+        except urllib.error.HTTPError as e:
+            raise ShardUnreachable(f"{url}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+            raise ShardUnreachable(f"{url} cannot be reached ({getattr(e, 'reason', e)})") from None
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self._response.read(n if n is not None and n >= 0 else None)
+        except (OSError, http.client.HTTPException) as e:
+            self._failure = f"{self.url}: the connection broke after {self._read} bytes ({type(e).__name__}: {e})"
+            raise OSError(self._failure) from None
+        self._read += len(data)
+        return data
+
+    def failure(self, finished: bool = False) -> str | None:
+        """Why the transfer failed, or None (it did not, so any damage is in the bytes themselves)."""
+        return self._failure
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __repr__(self) -> str:
+        return self.url
+
+
+class _PipeStream:
+    """The stdout of a pipe: command as a file; its stderr goes to a temp file so that a failure can quote it."""
+
+    def __init__(self, url: str):
+        self.url, self.cmd, self._eof = url, url[len(PIPE):], False
+        # stderr to a file, not a pipe: a chatty command cannot block on it. Closed in close().
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        try:  # through the shell, as WebDataset's pipe: does: the command runs exactly as the user wrote it
+            self._proc = subprocess.Popen(self.cmd, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+        except OSError as e:
+            self._stderr.close()
+            raise ShardUnreachable(f"`{self.cmd}` cannot be started ({e})") from None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._proc.stdout.read(n)
+        if n is None or n < 0 or len(data) < n:  # a buffered pipe returns short only at its end
+            self._eof = True
+        return data
+
+    def failure(self, finished: bool = False) -> str | None:
+        """The command's exit status and the tail of its stderr when it failed, or None. `finished`: the tar was
+        read to its end (the rest, padding, is drained first); otherwise a command still sending data has not
+        failed and the damage is in its bytes."""
+        if finished:
+            while self.read(1 << 16):
+                pass
+        if not self._eof:
+            return None
+        try:
+            status = self._proc.wait(timeout=REMOTE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"`{self.cmd}` closed its output but did not exit within {REMOTE_TIMEOUT_S:g} s"
+        if status == 0:
+            return None
+        self._stderr.seek(0)
+        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        said = "; ".join(lines[-3:])[-400:]
+        return f"`{self.cmd}` exited with status {status}" + (f": {said}" if said else " (it printed nothing)")
+
+    def close(self) -> None:
+        self._proc.stdout.close()  # a command still writing gets SIGPIPE
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
+
+    def __repr__(self) -> str:
+        return self.url
+
+
+def open_remote(url: str) -> _HTTPStream | _PipeStream:
+    """A read stream of one remote file (a URL, or a pipe: command with the name filled in)."""
+    return _PipeStream(url) if url.startswith(PIPE) else _HTTPStream(url)
+
+
+def read_remote_bytes(spec: str, name: str) -> bytes:
+    """The whole file `name` of remote SHARDS (the manifest); a ShardUnreachable names the URL or command and
+    says why (HTTP status, connection, exit status and stderr)."""
+    stream = open_remote(shard_url(spec, name))
+    try:
+        try:
+            data = stream.read()
+        except OSError:
+            data = b""
+        failure = stream.failure(finished=True)
+    finally:
+        stream.close()
+    if failure:
+        raise ShardUnreachable(failure)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,15 +458,40 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def iter_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar (members as bytes), in file order; a damaged tar is a ShardError naming it."""
+    """Raw samples of one tar (members as bytes), in file order, from a path, URL or pipe: command; a damaged
+    tar is a ShardError naming it, a remote one that cannot be fetched a ShardUnreachable."""
+    if is_remote(path):
+        yield from _remote_samples(path)
+        return
     try:
         yield from wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples())
     except (tarfile.TarError, OSError, EOFError) as e:
-        folder = Path(path).parent
-        raise ShardError(
-            f"{path} cannot be read ({type(e).__name__}: {e}): the shard is damaged. "
-            f"`vaedec inspect {folder} --verify` lists every problem; re-encode with --overwrite to rebuild."
-        ) from None
+        raise ShardError(_damaged(path, e)) from None
+
+
+def _damaged(path: str, e: BaseException) -> str:
+    spec = shards_spec(path)
+    return (f"{path} cannot be read ({type(e).__name__}: {e}): the shard is damaged. "
+            f"`vaedec inspect {shlex.quote(spec) if is_remote(spec) else spec} --verify` lists every problem; "
+            "re-encode with --overwrite to rebuild" + (" and upload again." if is_remote(spec) else "."))
+
+
+def _remote_samples(url: str) -> Iterator[dict[str, Any]]:
+    """iter_samples for a URL or pipe: command: WebDataset's tar expansion over our own stream, so that a failed
+    transfer is told apart from damaged bytes (WebDataset's gopen would shell out to curl for http)."""
+    stream = open_remote(url)
+    try:
+        try:
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+            yield from wds.tariterators.group_by_keys(files)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            failure = stream.failure()
+            raise (ShardUnreachable(failure) if failure else ShardError(_damaged(url, e))) from None
+        failure = stream.failure(finished=True)
+        if failure:
+            raise ShardUnreachable(failure)
+    finally:
+        stream.close()
 
 
 def unwrap_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
@@ -420,11 +664,13 @@ class TrainStream(torch.utils.data.IterableDataset):
             for sample in iter_samples(path):
                 last = sample.get("__key__")
                 yield sample
+        except ShardUnreachable:
+            raise  # not damage: a shard that cannot be fetched stops the run, as a missing local one does
         except ShardError as e:
             if self.on_bad_sample != "skip":
                 raise
             where = f"after {last}" if last else "before its first sample"
-            self._reports.append({"shard": Path(path).name, "key": last,
+            self._reports.append({"shard": shard_name(path), "key": last,
                                   "reason": f"damaged tar, rest skipped {where}: {e}"})
 
     def _set_stream(self, index: int, role: int, workers: int, pos: dict[str, int]) -> Iterator[dict[str, Any]]:
@@ -475,7 +721,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 try:
                     good.append(checked_sample(raw, i if mixing else None, self.expect))
                 except BadSample as e:
-                    shard = Path(raw.get("__url__", "?")).name
+                    shard = shard_name(raw.get("__url__", "?"))
                     if self.on_bad_sample != "skip":
                         raise ShardError(f"{raw.get('__url__', shard)}: sample {raw.get('__key__')}: {e}. "
                                          "Set data.on_bad_sample=skip to train without it") from None
@@ -507,25 +753,26 @@ def read_samples(paths: list[str], limit: int | None = None, skip_bad: bool = Fa
                 except BadSample as e:
                     if not skip_bad:
                         raise ShardError(f"{path}: sample {sample.get('__key__')}: {e}") from None
-                    log.warning("bad sample skipped: shard %s, key %s: %s", Path(path).name, sample.get("__key__"), e)
+                    log.warning("bad sample skipped: shard %s, key %s: %s", shard_name(path), sample.get("__key__"), e)
                     continue
                 yield out
                 n += 1
         except ShardError as e:
-            if not skip_bad or str(path) not in str(e) or "cannot be read" not in str(e):
+            damaged = str(path) in str(e) and "cannot be read" in str(e) and not isinstance(e, ShardUnreachable)
+            if not skip_bad or not damaged:
                 raise
-            log.warning("bad sample skipped: shard %s: %s", Path(path).name, e)
+            log.warning("bad sample skipped: shard %s: %s", shard_name(path), e)
 
 
 def summarize(folder: str | Path) -> str:
-    """A human summary of a shard folder's manifest."""
+    """A human summary of the manifest of SHARDS (a folder, file://, http(s):// or pipe: spec)."""
     m = read_manifest(folder)
     s, vae, pre = m["settings"], m["settings"]["vae"], m["settings"]["preprocessing"]
     t = m["totals"]
     c = vae["latent_channels"]
     r = pre["resolution"] // vae["downsample_factor"]
     lines = [
-        f"shard folder   {Path(folder).resolve()}",
+        f"shards         {folder}" if is_remote(folder) else f"shard folder   {local_folder(folder).resolve()}",
         f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
         f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
         f"encoder sha256 {vae['encoder_sha256']}",
@@ -548,7 +795,7 @@ def summarize(folder: str | Path) -> str:
 
 
 def verify(folder: str | Path) -> list[str]:
-    """Read every sample of every shard; return a list of problems (empty = all good)."""
+    """Read every sample of every shard of SHARDS (any spec); return a list of problems (empty = all good)."""
     m = read_manifest(folder)
     vae, pre = m["settings"]["vae"], m["settings"]["preprocessing"]
     c, f, res = vae["latent_channels"], vae["downsample_factor"], pre["resolution"]

@@ -67,7 +67,17 @@ from vaedec.losses import (
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
-from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
+from vaedec.shards import (
+    SKIPPED,
+    TrainStream,
+    is_remote,
+    local_folder,
+    read_manifest,
+    shard_name,
+    shard_paths,
+    spec_name,
+    unwrap_worker_errors,
+)
 from vaedec.signals import StopRequest, ignore_stop_signals
 from vaedec.vae import (
     TrainableDecoder,
@@ -515,8 +525,8 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
 class ShardSet:
     """One shard folder of the run: data.shards or a data.mix entry."""
 
-    name: str  # its folder's name: the key of its logs (loss/pixel/NAME, val/NAME/...)
-    folder: str
+    name: str  # its folder's name (spec_name): the key of its logs (loss/pixel/NAME, val/NAME/...)
+    folder: str  # as given: a folder, file://, http(s):// URL or pipe: spec
     train: list[str]
     val: list[str]  # its last data.val_shards shards, held out for its own validation
 
@@ -531,7 +541,8 @@ def _split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], l
     if not all_shards:
         raise TrainError(
             f"{folder} holds no samples: the encode skipped every input "
-            f"(reasons in {Path(folder) / SKIPPED}); fix the inputs and encode again"
+            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the "
+            "inputs and encode again"
         )
     if n_val >= len(all_shards):
         raise TrainError(
@@ -569,7 +580,8 @@ def _shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
 
 
 def _set_name(folder: str) -> str:
-    return Path(folder).resolve().name
+    """The name a set logs under: its folder's name, or the last path component of its URL or pipe: path."""
+    return spec_name(folder)
 
 
 def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
@@ -707,7 +719,7 @@ def _stream_start(
     holds only for the stream settings it was recorded under; after a change (other shards, seed, shuffle_buffer,
     num_workers, mix) the stream starts its order afresh, and the weights still resume exactly."""
     # Shard names, not locations: the same shards moved to object storage keep their positions.
-    spec = {"sets": [[Path(p).name for p in s.train] for s in sets], "weights": weights, "seed": cfg.run.seed,
+    spec = {"sets": [[shard_name(p) for p in s.train] for s in sets], "weights": weights, "seed": cfg.run.seed,
             "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     saved, positions = state.data["fingerprint"], state.data["positions"]
