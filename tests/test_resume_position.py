@@ -127,3 +127,31 @@ def test_sigterm_checkpoints_the_step_and_exits_so_a_rerun_resumes(tmp_path, sha
     assert "rerun the same command to resume" in log.read_text()
     resumed = cli(*cmd[2:-3], f"run.max_steps={step + 1}")
     assert f"at step {step}" in resumed.output, resumed.output
+
+
+def _worker_that_ignores_stop_signals() -> None:
+    from vaedec.signals import ignore_stop_signals
+
+    ignore_stop_signals()
+    time.sleep(60)
+
+
+def test_a_worker_ignores_foreign_stop_signals_but_not_its_parents_terminate() -> None:
+    """DataLoader workers: SIGTERM/SIGUSR1 from another process (a scheduler) leave them running; the parent's
+    terminate() (DataLoader shutdown, multiprocessing's exit) still ends them, or the parent would wait for ever."""
+    import multiprocessing
+
+    worker = multiprocessing.get_context("fork").Process(target=_worker_that_ignores_stop_signals, daemon=True)
+    worker.start()
+    try:
+        time.sleep(0.5)  # the handler thread is up
+        for sig in ("TERM", "USR1"):
+            subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)  # sent by `kill`, not the parent
+        time.sleep(0.5)
+        assert worker.is_alive()
+        worker.terminate()
+        worker.join(timeout=10)
+        assert worker.exitcode == 0, worker.exitcode
+    finally:
+        if worker.is_alive():
+            worker.kill()

@@ -65,7 +65,7 @@ def serve(folder: Path) -> Iterator[str]:
         thread.join(timeout=5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def url(shards) -> Iterator[str]:
     with serve(shards) as base:
         yield base
@@ -145,15 +145,17 @@ def test_url_pipe_and_file_specs_read_the_folder_s_samples(shards, url) -> None:
     cli("inspect", pipe(shards), "--verify")
 
 
-def test_training_from_a_url_or_pipe_equals_training_from_the_folder(tmp_path, shards, url) -> None:
+def test_training_from_a_url_or_pipe_equals_training_from_the_folder(tmp_path, shards) -> None:
     """Same config, same weights bit for bit. The URL run stops after step 1 and is resumed: the run folder
     records data.shards as the URL string, and the resume compares it."""
     cli("train", shards, "--output", tmp_path / "local", *FAST_TRAIN, *STEPS)
-    cli("train", url, "--output", tmp_path / "url", *FAST_TRAIN, *STEPS[1:], "run.max_steps=1")
-    resumed = cli("train", url, "--output", tmp_path / "url", *FAST_TRAIN, *STEPS)
+    with serve(shards) as url:  # its own server, stopped before the DataLoader below forks a worker
+        cli("train", url, "--output", tmp_path / "url", *FAST_TRAIN, *STEPS[1:], "run.max_steps=1")
+        resumed = cli("train", url, "--output", tmp_path / "url", *FAST_TRAIN, *STEPS)
     assert "(step 2)" in resumed.output
     assert "resumed from" in (tmp_path / "url" / "log.txt").read_text()
     # data.num_workers=1: the pipe: commands run in a DataLoader worker process, each opening its own streams.
+    # (A fork while the server's threads run could inherit a lock one of them holds.)
     cli("train", pipe(shards), "--output", tmp_path / "pipe", *FAST_TRAIN, *STEPS, "data.num_workers=1")
     assert_same_checkpoint(tmp_path / "local", tmp_path / "url", 2)
     assert_same_checkpoint(tmp_path / "local", tmp_path / "pipe", 2)
@@ -203,3 +205,17 @@ def test_unreachable_manifest_is_a_one_line_error(tmp_path, url) -> None:
     assert "exited with status 3: no such bucket" in msg
     msg = one_line_error(cli("eval", url + "nothing/", "--vae", tmp_path, "--out", tmp_path / "eval", code=None))
     assert "HTTP 404" in msg
+
+
+def test_a_stuck_read_stops_the_run_after_read_timeout_s(tmp_path, shards) -> None:
+    """A pipe: command that serves each shard once (the grid's read in the main process) and then hangs: the
+    DataLoader worker's read times out after data.read_timeout_s, and the run stops with a message instead of
+    waiting for ever."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    hang = (f"pipe:if [ -e {seen}/{{name}} ]; then sleep 20; else touch {seen}/{{name}}; "
+            f"cat {shards.resolve()}/{{name}}; fi")
+    r = cli("train", hang, "--output", tmp_path / "run", *FAST_TRAIN, "run.max_steps=2", "--no-export",
+            "data.num_workers=1", "data.read_timeout_s=2", code=None)
+    msg = one_line_error(r)
+    assert "no batch from the data loader in 2 s" in msg and "rerun the same command to resume" in msg, msg

@@ -111,6 +111,10 @@ class DataConfig:
     # non-finite moments: "skip" drops it (a damaged tar from the point it breaks), counts it in metrics
     # (data/bad_samples) and logs shard and key; "error" stops the run with a message naming the shard.
     on_bad_sample: Literal["skip", "error"] = "skip"
+    # Seconds to wait for the next batch from a DataLoader worker before the run stops with a message (a stuck
+    # pipe: command, a hung network mount); the newest checkpoint stays, a rerun resumes. 0 = wait for ever.
+    # Needs num_workers >= 1 (the main process cannot time out its own read).
+    read_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -404,6 +408,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.data.batch_size_per_device >= 1, "data.batch_size_per_device must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
+        (cfg.data.read_timeout_s >= 0, "data.read_timeout_s must be >= 0 (0 = wait for ever)"),
         (cfg.data.val_shards >= 0, "data.val_shards must be >= 0"),
         (cfg.model.latent_noise_std >= 0, "model.latent_noise_std must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),

@@ -494,14 +494,23 @@ def _remote_samples(url: str) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
-def unwrap_worker_errors(batches: Iterator[Any]) -> Iterator[Any]:
+def unwrap_worker_errors(batches: Iterator[Any], timeout_s: float = 0) -> Iterator[Any]:
     """Re-raise a ShardError from a DataLoader worker with its own one-line message (torch re-raises it in the
-    main process with the worker's whole traceback as the message)."""
+    main process with the worker's whole traceback as the message), and a DataLoader timeout (`timeout_s`) as a
+    ShardError that says what to look at."""
     try:
         yield from batches
     except ShardError as e:
         text, marker = str(e), "ShardError: "
         raise ShardError(text[text.rfind(marker) + len(marker) :].strip() if marker in text else text) from None
+    except RuntimeError as e:
+        if not timeout_s or "timed out" not in str(e):
+            raise
+        raise ShardError(
+            f"no batch from the data loader in {timeout_s:g} s (data.read_timeout_s): a shard read is stuck (a "
+            "pipe: command that does not end, a hung network mount or bucket). The newest checkpoint is intact: "
+            "fix the cause and rerun the same command to resume, or raise data.read_timeout_s"
+        ) from None
 
 
 def sample_to_tensors(sample: dict[str, Any], source: int | None = None) -> dict[str, Any]:

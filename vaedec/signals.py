@@ -7,6 +7,7 @@ survives it."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -53,8 +54,20 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: the workers ignore SIGTERM and SIGUSR1. A scheduler signals the whole process
-    group, and torch's own worker handler would exit on it, failing the main process before its checkpoint;
-    the workers stop when the main process shuts the loader down (or dies: torch's watchdog)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """DataLoader worker_init_fn: the worker ignores SIGTERM and SIGUSR1 from anyone but its parent.
+
+    A scheduler signals every process of the job, and torch's own worker handler exits on a SIGTERM, which fails
+    the main process before its checkpoint. The parent's SIGTERM (DataLoader's last-resort terminate,
+    multiprocessing's exit) must still end the worker, or the parent waits for it for ever; only the sender's pid
+    tells them apart, and Python shows it only to sigwaitinfo. So the signals are blocked and one thread takes
+    them. (Processes the worker starts, pipe: commands, inherit the block and finish their read.)"""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def take() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)  # what torch's handler does for its parent's SIGTERM
+
+    threading.Thread(target=take, name="vaedec-stop-signals", daemon=True).start()

@@ -708,8 +708,9 @@ def _batches(
         persistent_workers=False,
         prefetch_factor=4 if cfg.data.num_workers else None,
         worker_init_fn=ignore_stop_signals,
+        timeout=cfg.data.read_timeout_s if cfg.data.num_workers else 0,
     )
-    return unwrap_worker_errors(iter(loader))
+    return unwrap_worker_errors(iter(loader), cfg.data.read_timeout_s if cfg.data.num_workers else 0)
 
 
 def _stream_start(
