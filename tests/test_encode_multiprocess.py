@@ -223,3 +223,15 @@ def test_shares_are_contiguous_disjoint_and_cover_the_inputs(n, world):
     assert shares[0][0] == 0 and shares[-1][1] == n
     assert all(a[1] == b[0] for a, b in itertools.pairwise(shares))  # rank r ends where rank r+1 starts
     assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+def test_a_launch_that_accelerate_cannot_connect_or_with_device_is_refused(tmp_path, vae_dir, monkeypatch,
+                                                                           fresh_accelerate_state):
+    src = tmp_path / "imgs"
+    make_images(src, 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    lone = cli("encode", src, tmp_path / "a", "--vae", vae_dir, *ARGS, code=1)  # each would be rank 0 of 1
+    assert "ACCELERATE_USE_CPU=true" in lone.output and not (tmp_path / "a").exists()
+    device = cli("encode", src, tmp_path / "b", "--vae", vae_dir, "--device", "cpu", *ARGS, code=1)
+    assert "each process uses its own device" in device.output and not (tmp_path / "b").exists()

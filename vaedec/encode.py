@@ -334,6 +334,8 @@ def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool, proc
         manifest = new_manifest(settings)
         if processes > 1:
             manifest["processes"] = processes
+            for stale in out.glob(RANK_FILES):
+                stale.unlink()  # progress of no manifest's encode: never resumed from
         # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
         # must leave a folder this command resumes, not "shard files but no manifest.json".
         write_manifest(out, manifest)
@@ -421,7 +423,8 @@ def _encode_ranks(
     files into manifest.json as they progress and, once every file says complete, writes the final one."""
     from accelerate.utils import broadcast_object_list
 
-    rank, world, main, out, n = procs.process_index, procs.num_processes, procs.is_main_process, Path(cfg.out), len(items)
+    rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
+    out, n = Path(cfg.out), len(items)
     list_skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
     if not main:
         log.setLevel(logging.WARNING)  # one copy of the INFO log, from the main process
@@ -445,6 +448,10 @@ def _encode_ranks(
     error, manifest, states = decision
     if error:
         raise EncodeError(error)
+    differ = _diff(manifest["settings"], settings)
+    if differ:  # blocks are index ranges: every process must see the same inputs (and encoder)
+        raise EncodeError(f"process {rank} sees other settings than the main process:\n  " + "\n  ".join(differ)
+                          + "\nSRC, --vae and --depth-dir must be the same files at the same paths on every machine.")
     if manifest["complete"]:
         log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
         skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
