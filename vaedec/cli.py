@@ -72,7 +72,7 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per encoder forward.")
 @click.option("--num-workers", type=click.IntRange(0), default=2, help="Image-decoding processes (0 = main process).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Encoder compute dtype; moments are stored as float16.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu; under accelerate launch: each process's own].")
 @click.option("--shard-size-mb", type=click.FloatRange(0.001), default=256.0, help="Close a shard once it holds this many MiB.")
 @click.option("--depth-dir", type=click.Path(path_type=str), default=None, help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.")
 @click.option("--scaling-factor", type=float, default=None,
@@ -85,6 +85,11 @@ def encode(**kwargs: object) -> None:
     Each sample stores the encoder's posterior moments (mean ‖ logvar, float16, before scaling_factor) and the
     exact pixels that were encoded. Rerunning the same command after a kill resumes; with other settings it is
     refused unless --overwrite. Unreadable inputs are skipped and listed in OUT/skipped.jsonl (exit code 3).
+
+    Many GPUs or machines: `accelerate launch --multi_gpu --num_processes N cli.py encode SRC OUT ...` (the same
+    command on every machine, OUT on a shared filesystem): each process encodes its own block of the inputs
+    and resumes it after a kill; one manifest covers all. Exit code 0 even with skips (launchers report any
+    other code as a failure); the summary and skipped.jsonl list them.
     """
     from vaedec.encode import EncodeError
     from vaedec.encode import encode as run_encode
@@ -100,6 +105,8 @@ def encode(**kwargs: object) -> None:
             result = run_encode(cfg)
     except (EncodeError, InputError, ShardError, VAELoadError, ConfigError) as e:
         raise UserError(str(e)) from None
+    if not result.main_process:
+        return  # the main process reports the whole encode
     skipped = result.skipped_inputs + result.skipped_samples + result.skipped_list_entries
     click.echo(
         f"{'already complete: ' if result.already_complete else ''}{result.samples} samples in {result.shards} "
@@ -110,7 +117,7 @@ def encode(**kwargs: object) -> None:
         click.echo(f"  skipped {s['source']}{' [' + s['key'] + ']' if s['key'] else ''}: {s['reason']}", err=True)
     if len(result.skips) > 20:
         click.echo(f"  ... {len(result.skips) - 20} more in {result.out}/skipped.jsonl", err=True)
-    if skipped:
+    if skipped and result.processes == 1:  # torchrun reports a nonzero exit as a failed worker, with a traceback
         sys.exit(EXIT_SKIPPED)
 
 

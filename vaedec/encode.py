@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,13 @@ from vaedec.images import (
     resize_depth,
     to_model_range,
 )
+from vaedec.io import atomic_write_json
 from vaedec.latents import encode_moments
 from vaedec.shards import (
     MANIFEST,
+    RANK_SHARD_NAME,
     SKIPPED,
+    ShardError,
     ShardWriter,
     new_manifest,
     read_manifest,
@@ -63,6 +69,8 @@ class EncodeResult:
     shards: int
     already_complete: bool = False
     skips: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1  # processes of this encode (accelerate launch --num_processes)
+    main_process: bool = True  # False: another process reports the whole encode, this one only its block
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,7 +168,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _clear_out(out: Path) -> None:
-    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.partial")):
+    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.partial")) + list(out.glob(RANK_FILES)):
         p.unlink()
     for name in (MANIFEST, SKIPPED):
         (out / name).unlink(missing_ok=True)
@@ -184,14 +192,19 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def encode(cfg: EncodeConfig) -> EncodeResult:
-    """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring."""
+    """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring. Under
+    `accelerate launch` with several processes, this process encodes its own block of the inputs (`_encode_ranks`)."""
     # 1. inputs and settings -------------------------------------------------------------------------------
     items, list_skips, depth_index = _inputs(cfg)
-    device, dtype = pick_device(cfg.device), DTYPES[cfg.dtype]
+    procs = launched_processes(cfg)  # None: this one process encodes everything (no accelerate involved)
+    device = procs.device if procs else pick_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
     vae, vae_info = _encoder_vae(cfg, depth_index is not None)
+    settings = settings_of(cfg, vae_info, items)
+    if procs is not None:
+        return _encode_ranks(cfg, procs, items, list_skips, depth_index, vae, settings, dtype)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused encode leaves no empty OUT behind
-    settings = settings_of(cfg, vae_info, items)
 
     # 2. resume or refuse ----------------------------------------------------------------------------------
     manifest = _resume_or_refuse(out, settings, cfg.overwrite)
@@ -206,13 +219,33 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
         return _result(out, manifest, skips, already_complete=True)
 
     # 3. encode ---------------------------------------------------------------------------------------------
+    _encoder_on(vae, device, dtype)
+    start = manifest["next_input"]
+    todo = items[start:]
+    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype),
+                      save=lambda m, sk: _write_state(out, m, sk))
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
+    _feed(cfg, todo, depth_index, sink, skips, len(items), bar)
+    elapsed = time.perf_counter() - t0
+    log.info("encoded %d inputs in %.1f s (%.1f img/s)", len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
+    return _result(out, manifest, skips)
+
+
+def _encoder_on(vae: Any, device: torch.device, dtype: torch.dtype) -> None:
+    """Freeze the encoder half and move it to `device`; drop the decoder half, never used here."""
     freeze(vae)
-    vae.decoder = vae.post_quant_conv = None  # never used here; free their memory
+    vae.decoder = vae.post_quant_conv = None  # free their memory
     vae.encoder.to(device=device, dtype=dtype)
     if vae.quant_conv is not None:
         vae.quant_conv.to(device=device, dtype=dtype)
-    start = manifest["next_input"]
-    todo = items[start:]
+
+
+def _feed(
+    cfg: EncodeConfig, todo: list[InputItem], depth_index: dict[str, str] | None, sink: _ShardSink,
+    skips: list[Skip], end: int, bar: Any,
+) -> None:
+    """Prepare `todo` in DataLoader workers and pass it to the sink; `end` = the index after the last input."""
     loader = torch.utils.data.DataLoader(
         PreparedInputs(todo, cfg, depth_index),
         batch_size=None,
@@ -220,9 +253,6 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
         collate_fn=lambda x: x,
         prefetch_factor=4 if cfg.num_workers and len(todo) > 1 else None,
     )
-    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype))
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
     try:
         for prepared in loader:
             item: InputItem = prepared["item"]
@@ -231,13 +261,10 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
             else:
                 sink.add(item.index, prepared["samples"], cfg.batch_size)
             bar.update(1)
-        sink.finish(len(items))
+        sink.finish(end)
     finally:
         bar.close()
         sink.abort()
-    elapsed = time.perf_counter() - t0
-    log.info("encoded %d inputs in %.1f s (%.1f img/s)", len(todo), elapsed, len(todo) / max(elapsed, 1e-9))
-    return _result(out, manifest, skips)
 
 
 def _inputs(cfg: EncodeConfig) -> tuple[list[InputItem], list[Skip], dict[str, str] | None]:
@@ -273,8 +300,9 @@ def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
     return vae, {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
 
 
-def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """OUT's manifest to continue (a new one for a fresh or overwritten OUT), refusing OUT of other settings."""
+def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool, processes: int = 1) -> dict[str, Any]:
+    """OUT's manifest to continue (a new one for a fresh or overwritten OUT), refusing OUT of other settings, and
+    an unfinished OUT of another process count (each process resumes its own block of inputs)."""
     manifest = None
     if overwrite:
         _clear_out(out)
@@ -286,25 +314,219 @@ def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool) -> d
                 f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
                 + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
             )
+        before = manifest.get("processes", 1)
+        if not manifest["complete"] and before != processes:
+            by, how = ((f"{before} processes", f"`accelerate launch --num_processes {before} ... encode`") if before > 1
+                       else ("one process", "one process, without accelerate launch"))
+            raise EncodeError(
+                f"{out} is an unfinished encode by {by}, this run has {processes}: each process resumes its own "
+                f"block of the inputs. Rerun the same command with {how} to finish it, or pass --overwrite to "
+                "start again."
+            )
     elif any(out.glob("shard-*.tar")):
         raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
     for stale in out.glob(".shard-*.partial"):
         stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
+    for pattern in (f".{MANIFEST}.*.tmp", f".{SKIPPED}.*.tmp", f"{RANK_FILES}.*.tmp"):
+        for stale in out.glob(pattern):
+            stale.unlink()  # a record a killed run was replacing (vaedec/io.py's temp names); the old one stands
     if manifest is None:
         manifest = new_manifest(settings)
+        if processes > 1:
+            manifest["processes"] = processes
+            for stale in out.glob(RANK_FILES):
+                stale.unlink()  # progress of no manifest's encode: never resumed from
         # Recorded before the first shard exists: a kill between that shard's rename and its manifest update
         # must leave a folder this command resumes, not "shard files but no manifest.json".
         write_manifest(out, manifest)
     return manifest
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# several processes (accelerate launch): each encodes a contiguous block of the inputs into its own shards
+
+RANK_FILES = ".rank-*-of-*.json"
+
+
+def launched_processes(cfg: EncodeConfig) -> Any:
+    """accelerate's PartialState when launched as several processes (torchrun's WORLD_SIZE > 1), else None: a
+    one-process encode never initialises accelerate, so it stays exactly what it was."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched <= 1:
+        return None
+    if cfg.device is not None:
+        raise EncodeError(f"--device {cfg.device}: under accelerate launch each process uses its own device; drop "
+                          "--device (for CPU processes set ACCELERATE_USE_CPU=true)")
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # CPU processes (gloo): AcceleratorState reads ACCELERATE_USE_CPU itself, PartialState has to be told.
+    procs = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if procs.num_processes != launched:
+        # Each process would encode everything alone as rank 0 of 1, all into the same OUT.
+        raise EncodeError(
+            f"{launched} processes were launched but accelerate set up {procs.num_processes} "
+            f"({procs.distributed_type}); without GPUs set ACCELERATE_USE_CPU=true, e.g. "
+            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 cli.py encode ...`"
+        )
+    return procs
+
+
+def share_of(n_inputs: int, rank: int, processes: int) -> tuple[int, int]:
+    """Rank r's inputs [lo, hi): contiguous blocks of the one-process order, so the shards listed rank after rank
+    hold the inputs in that order and every shard covers one contiguous input range, as in a one-process encode."""
+    return n_inputs * rank // processes, n_inputs * (rank + 1) // processes
+
+
+def _rank_file(out: Path, rank: int, processes: int) -> Path:
+    return out / f".rank-{rank:03d}-of-{processes:03d}.json"
+
+
+def _rank_state(out: Path, rank: int, processes: int, n_inputs: int) -> dict[str, Any]:
+    """A rank's progress as its file records it (a fresh one when it has none): shards, next input, skips."""
+    path = _rank_file(out, rank, processes)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise EncodeError(f"{path} is not valid JSON ({e}); pass --overwrite to encode again") from None
+    lo, hi = share_of(n_inputs, rank, processes)
+    return {"rank": rank, "processes": processes, "inputs": [lo, hi], "next_input": lo, "complete": False,
+            "shards": [], "skipped": []}
+
+
+def _save_rank(out: Path, state: dict[str, Any], skips: list[Skip]) -> None:
+    """This rank's progress, atomically: the shards it committed, where it resumes, its skips so far."""
+    state["skipped"] = _skip_records([s for s in skips if s.index < state["next_input"]])
+    atomic_write_json(_rank_file(out, state["rank"], state["processes"]), state)
+
+
+def _merge(out: Path, manifest: dict[str, Any], states: list[dict[str, Any]], list_skips: list[Skip]) -> list[Skip]:
+    """Write the one manifest (and skipped.jsonl) of all ranks' committed shards, rank after rank; returns its
+    skips. `next_input`: every input before it is encoded (the first unfinished rank's position)."""
+    manifest["shards"] = [e for st in states for e in st["shards"]]
+    manifest["complete"] = all(st["complete"] for st in states)
+    manifest["next_input"] = min((st["next_input"] for st in states if not st["complete"]),
+                                 default=manifest["settings"]["source"]["inputs"])
+    skips = list_skips + [s for st in states for s in _skips_of(st["skipped"])]
+    _publish(out, manifest, skips)
+    return skips
+
+
+def _encode_ranks(
+    cfg: EncodeConfig, procs: Any, items: list[InputItem], list_skips: list[Skip],
+    depth_index: dict[str, str] | None, vae: Any, settings: dict[str, Any], dtype: torch.dtype,
+) -> EncodeResult:
+    """This process' part of a multi-process encode. The main process decides resume or refusal for all; each
+    rank then encodes its block into shard-rRRR-*.tar, recording its progress in OUT/.rank-RRR-of-NNN.json after
+    every commit (a rerun of the same command resumes each rank from its file); the main process merges the rank
+    files into manifest.json as they progress and, once every file says complete, writes the final one."""
+    from accelerate.utils import broadcast_object_list
+
+    rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
+    out, n = Path(cfg.out), len(items)
+    list_skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
+    if not main:
+        log.setLevel(logging.WARNING)  # one copy of the INFO log, from the main process
+
+    # 2. resume or refuse: the main process reads OUT once and tells the others ----------------------------
+    decision: list[Any] = [None, None, None]  # (error message, manifest, rank states)
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = _resume_or_refuse(out, settings, cfg.overwrite, world)
+            states = [_rank_state(out, r, world, n) for r in range(world)]
+            if not manifest["complete"]:
+                _merge(out, manifest, states, list_skips)  # what a killed run's ranks committed after its last merge
+            decision = [None, manifest, states]
+        except (EncodeError, ShardError) as e:
+            decision = [str(e), None, None]
+    broadcast_object_list(decision)
+    # The only collective: from here on ranks meet through OUT's files, so a rank that finishes its block long
+    # before another never waits in a collective (those time out: 10 min NCCL, 30 min gloo).
+    procs.destroy_process_group()
+    error, manifest, states = decision
+    if error:
+        raise EncodeError(error)
+    differ = _diff(manifest["settings"], settings)
+    if differ:  # blocks are index ranges: every process must see the same inputs (and encoder)
+        raise EncodeError(f"process {rank} sees other settings than the main process:\n  " + "\n  ".join(differ)
+                          + "\nSRC, --vae and --depth-dir must be the same files at the same paths on every machine.")
+    if manifest["complete"]:
+        log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
+        skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
+        return replace(_result(out, manifest, skips, already_complete=True), processes=world, main_process=main)
+    log.info("%d processes encode %d inputs, a block of about %d each (%d already encoded)", world, n, n // world,
+             sum(st["next_input"] - st["inputs"][0] for st in states))
+
+    # 3. encode this rank's block ----------------------------------------------------------------------------
+    state = states[rank]
+    (lo, hi), start = state["inputs"], state["next_input"]
+    skips = _skips_of(state["skipped"])
+    t0 = time.perf_counter()
+    if not state["complete"]:
+        _encoder_on(vae, procs.device, dtype)
+
+        def save(st: dict[str, Any], sk: list[Skip]) -> None:
+            _save_rank(out, st, sk)
+            if main:  # the main process alone writes manifest.json: one writer, no race between ranks
+                _merge(out, manifest, [st if r == rank else _rank_state(out, r, world, n) for r in range(world)],
+                       list_skips)
+
+        sink = _ShardSink(out, state, skips, cfg.shard_size_mb * 2**20,
+                          lambda b: _encode_batch(vae, b, procs.device, dtype), save=save,
+                          shard_name=lambda i: RANK_SHARD_NAME.format(rank, i))
+        bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"encode (rank 0 of {world})",
+                   dynamic_ncols=True, disable=not main)
+        _feed(cfg, items[start:hi], depth_index, sink, skips, hi, bar)
+    elapsed = time.perf_counter() - t0
+    log.info("rank 0 encoded %d inputs in %.1f s (%.1f img/s)", hi - start, elapsed, (hi - start) / max(elapsed, 1e-9))
+    if not main:
+        return EncodeResult(out=out, samples=sum(e["samples"] for e in state["shards"]), inputs=hi - lo,
+                            skipped_inputs=sum(1 for s in skips if s.key is None), skipped_list_entries=0,
+                            skipped_samples=sum(1 for s in skips if s.key is not None), shards=len(state["shards"]),
+                            processes=world, main_process=False)
+
+    # 4. the main process: wait until every rank's file says complete, then write the one manifest -------------
+    states = _wait_for_ranks(out, manifest, state, list_skips, n)
+    skips = _merge(out, manifest, states, list_skips)
+    for p in out.glob(RANK_FILES):
+        p.unlink()  # the manifest now records all they did
+    return replace(_result(out, manifest, skips), processes=world)
+
+
+def _wait_for_ranks(out: Path, manifest: dict[str, Any], own: dict[str, Any], list_skips: list[Skip], n: int,
+                    poll_s: float = 0.5) -> list[dict[str, Any]]:
+    """Every rank's state once all are complete, refreshing manifest.json whenever one has committed a shard."""
+    world, seen, last_log = own["processes"], None, time.monotonic()
+    while True:
+        states = [own if r == own["rank"] else _rank_state(out, r, world, n) for r in range(world)]
+        if all(st["complete"] for st in states):
+            return states
+        progress = [st["next_input"] for st in states]
+        if progress != seen:
+            _merge(out, manifest, states, list_skips)
+            seen = progress
+        if time.monotonic() - last_log > 300:
+            last_log = time.monotonic()
+            left = {st["rank"]: st["inputs"][1] - st["next_input"] for st in states if not st["complete"]}
+            log.info("waiting for ranks %s (inputs left: %s)", sorted(left), list(left.values()))
+        time.sleep(poll_s)
+
+
 class _ShardSink:
     """Encodes prepared samples in batches and writes them into shards. A shard is committed (then the manifest
     updated) only at the end of an input, once it holds `limit` bytes: an input's samples never span two shards,
-    so a resumed encode restarts at an input boundary."""
+    so a resumed encode restarts at an input boundary.
 
-    def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any):
+    `manifest` is OUT's manifest, or in a multi-process encode this rank's state (the same "shards",
+    "next_input" and "complete" fields); `save(manifest, skips)` records it after each commit; `shard_name(i)`
+    names the i-th shard (None = SHARD_NAME)."""
+
+    def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any,
+                 save: Callable[[dict, list[Skip]], None], shard_name: Callable[[int], str] | None = None):
         self.out, self.manifest, self.skips, self.limit, self.encode_batch = out, manifest, skips, limit, encode_batch
+        self.save, self.shard_name = save, shard_name
         self.writer: ShardWriter | None = None
         self.pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
 
@@ -322,10 +544,11 @@ class _ShardSink:
                 self.skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
             else:
                 if self.writer is None:
-                    self.writer = ShardWriter(self.out, len(self.manifest["shards"]))
+                    i = len(self.manifest["shards"])
+                    self.writer = ShardWriter(self.out, i, self.shard_name(i) if self.shard_name else None)
                 self.writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
             if last and self.writer is not None and self.writer.bytes >= self.limit:
-                _commit(self.out, self.manifest, self.writer, index + 1, self.skips)
+                _commit(self.manifest, self.writer, index + 1, self.skips, self.save)
                 self.writer = None
 
     def finish(self, n_inputs: int) -> None:
@@ -334,12 +557,12 @@ class _ShardSink:
             self.flush()
         writer, self.writer = self.writer, None
         if writer is not None and writer.samples:
-            _commit(self.out, self.manifest, writer, n_inputs, self.skips)
+            _commit(self.manifest, writer, n_inputs, self.skips, self.save)
         elif writer is not None:
             writer.abort()
         self.manifest["complete"] = True
         self.manifest["next_input"] = n_inputs
-        _write_state(self.out, self.manifest, self.skips)
+        self.save(self.manifest, self.skips)
 
     def abort(self) -> None:
         """Drop an unfinished shard (after an error; a no-op after finish)."""
@@ -359,26 +582,42 @@ def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtyp
     return list(moments.to(torch.float16).float().cpu().numpy())
 
 
-def _commit(out: Path, manifest: dict, writer: ShardWriter, next_input: int, skips: list[Skip]) -> None:
+def _commit(manifest: dict, writer: ShardWriter, next_input: int, skips: list[Skip], save: Callable) -> None:
     """Shard first, then skipped.jsonl, then the manifest: the manifest only names complete files."""
     entry = writer.commit()
     entry["inputs"] = [manifest["next_input"], next_input]
     manifest["shards"].append(entry)
     manifest["next_input"] = next_input
-    _write_state(out, manifest, skips)
+    save(manifest, skips)
 
 
 def _write_state(out: Path, manifest: dict, skips: list[Skip]) -> None:
-    done = [s for s in skips if s.index < manifest["next_input"]]
-    manifest["totals"] = {
-        "samples": sum(s["samples"] for s in manifest["shards"]),
-        "shards": len(manifest["shards"]),
+    _publish(out, manifest, [s for s in skips if s.index < manifest["next_input"]])
+
+
+def _publish(out: Path, manifest: dict, done: list[Skip]) -> None:
+    """skipped.jsonl, then the manifest with its totals; `done` = the skips of the inputs it covers."""
+    manifest["totals"] = _totals(manifest["shards"], done)
+    write_skipped(out, _skip_records(done))
+    write_manifest(out, manifest)
+
+
+def _totals(shards: list[dict], done: list[Skip]) -> dict[str, int]:
+    return {
+        "samples": sum(s["samples"] for s in shards),
+        "shards": len(shards),
         "inputs_skipped": sum(1 for s in done if s.key is None and s.index >= 0),
         "samples_skipped": sum(1 for s in done if s.key is not None),
         "list_entries_skipped": sum(1 for s in done if s.index < 0),  # missing/duplicate list lines, broken links
     }
-    write_skipped(out, [{"input_index": s.index, "source": s.rel, "reason": s.reason, "key": s.key} for s in done])
-    write_manifest(out, manifest)
+
+
+def _skip_records(skips: list[Skip]) -> list[dict[str, Any]]:
+    return [{"input_index": s.index, "source": s.rel, "reason": s.reason, "key": s.key} for s in skips]
+
+
+def _skips_of(records: list[dict[str, Any]]) -> list[Skip]:
+    return [Skip(r["input_index"], r["source"], r["reason"], r.get("key")) for r in records]
 
 
 def _result(out: Path, manifest: dict, skips: list[Skip], already_complete: bool = False) -> EncodeResult:

@@ -1,7 +1,8 @@
 """The shard format, in one place: schema, shard writer, manifest, and the training reader pipeline.
 
 A shard folder holds
-    shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete
+    shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete (a multi-process
+                           encode names them shard-r{rank:03d}-{i:06d}.tar; readers take names from the manifest)
     manifest.json          what was encoded, how, with which encoder (`new_manifest`); replaced atomically
     skipped.jsonl          one JSON line per input or sample that was not encoded, with the reason
 
@@ -53,6 +54,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
 SHARD_NAME = "shard-{:06d}.tar"
+RANK_SHARD_NAME = "shard-r{:03d}-{:06d}.tar"  # multi-process encode: (rank, that rank's shard index)
 
 
 class ShardError(ValueError):
@@ -85,12 +87,13 @@ def sample_members(
 
 
 class ShardWriter:
-    """Writes shard-%06d.tar files into a folder; each goes to a temp name and is renamed when complete."""
+    """Writes shard-%06d.tar files into a folder; each goes to a temp name and is renamed when complete. `name`
+    replaces SHARD_NAME (a multi-process encode's `shard-r001-000000.tar`: every rank numbers its own shards)."""
 
-    def __init__(self, folder: str | Path, index: int):
+    def __init__(self, folder: str | Path, index: int, name: str | None = None):
         self.folder = Path(folder)
         self.index = index
-        self.name = SHARD_NAME.format(index)
+        self.name = name or SHARD_NAME.format(index)
         self.tmp = self.folder / f".{self.name}.partial"
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - stays open across write() calls until commit/abort
         # Fixed mtime: the same inputs give byte-identical tars, so a resumed encode equals an uninterrupted one.
