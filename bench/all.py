@@ -120,8 +120,9 @@ def document(
         f"- command: `{command}`",
         f"- machine: {machine(device)}; load average {load:.2f} at the start",
         (
-            "- conditions: a shared machine (other jobs were running), so absolute figures are inflated by "
-            "contention; the ratios compare rows measured side by side (interleaved) in this same run"
+            "- conditions: the load average above says whether other jobs shared the cores (near or above the "
+            "core count: absolute figures are inflated by contention); the ratios compare rows measured side "
+            "by side (interleaved) in this same run"
         ),
         f"- {gpu}",
         "",
