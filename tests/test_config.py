@@ -228,3 +228,12 @@ def test_numeric_looking_strings_stay_strings_in_string_fields() -> None:
     cfg = load_train_config(None, ["run.output=1e3", "optim.lr=1e-5"])
     assert cfg.run.output == "1e3"  # a folder name, not the float 1000.0
     assert cfg.optim.lr == 1e-5  # YAML 1.1 reads 1e-5 as a string; a float field takes it
+
+
+def test_train_arguments_keep_yaml_special_characters() -> None:
+    """SHARDS, --output and --vae reach the config as written, though ': ' and ' #' mean something in YAML."""
+    args = ["train", "pipe:cat /d/{name} # x: y", "--output", "runs/a #1: b", "--vae", "v: w #z", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load(result.output)
+    assert cfg["data"]["shards"] == args[1] and cfg["run"]["output"] == args[3] and cfg["model"]["vae"] == args[5]

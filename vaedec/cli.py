@@ -188,8 +188,9 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
-    # SHARDS as a quoted YAML string: a pipe: command may hold ': ' or ' #', which plain YAML would misread.
-    given = [f"data.shards={json.dumps(shards)}"] + ([f"run.output={output}"] if output else []) + ([f"model.vae={vae}"] if vae else [])
+    # JSON-quoted: a value is read as YAML, where ": " or " #" in a path or pipe: command would change its meaning.
+    given = [f"data.shards={json.dumps(shards)}"] + ([f"run.output={json.dumps(output)}"] if output else [])
+    given += [f"model.vae={json.dumps(vae)}"] if vae else []
     given += [f"data.mix={json.dumps(list(mix))}"] if mix else []
     try:
         cfg = load_train_config(config_paths, [*overrides, *given])
