@@ -191,7 +191,7 @@ class TrainState:
     config: dict[str, Any]  # the resolved config, recorded in state.json for resume checks
     step: int = 0  # optimizer steps done
     batches_consumed: int = 0  # micro-batches this rank has taken from its data stream
-    # Where this rank's data stream is: {"fingerprint": the stream's settings (train._stream_fingerprint),
+    # Where this rank's data stream is: {"fingerprint": the stream settings it holds for (train._stream_start),
     # "positions": {role: TrainStream position after the last batch consumed from that DataLoader role}}.
     data: dict[str, Any] = field(default_factory=lambda: {"fingerprint": "", "positions": {}})
     # Bad data and numerical faults (train.py counts them): bad samples skipped (all ranks), non-finite steps
