@@ -23,6 +23,7 @@ import vaedec.checkpoint as checkpoint_mod
 import vaedec.shards as shards_mod
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
+from vaedec.errors import ShardError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -163,7 +164,7 @@ def test_bad_validation_samples_are_left_out_with_a_warning(tmp_path, shards) ->
     last = sorted(bad.glob("shard-*.tar"))[-2]  # data.val_shards=2: grids and validation read it
     key = rewrite_tar(last, lambda m: {n: (b"not an npy" if n.endswith("moments.npy") and i < 3 else v)
                                        for i, (n, v) in enumerate(m.items())})
-    with pytest.raises(shards_mod.ShardError, match=f"sample {key}: cannot decode"):
+    with pytest.raises(ShardError, match=f"sample {key}: cannot decode"):
         list(shards_mod.read_samples([str(last)]))
     run = tmp_path / "run"
     cli("train", bad, "--output", run, *FAST, "data.val_shards=2", "run.max_steps=1", "--no-export")

@@ -19,9 +19,8 @@ import torch
 from conftest import FAST_TRAIN, assert_same_tensors, cli
 from safetensors.torch import load_file
 
+from vaedec.errors import ShardError, ShardUnreachable
 from vaedec.shards import (
-    ShardError,
-    ShardUnreachable,
     TrainStream,
     read_manifest,
     read_samples,

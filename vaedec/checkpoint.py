@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaedec.config import TrainConfig, config_to_dict
+from vaedec.errors import VaedecError
 from vaedec.io import atomic_folder, atomic_write_json
 from vaedec.vae import named_trainable_parameters, select_trainable
 
@@ -45,7 +46,7 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VaedecError):
     """A checkpoint or run folder that cannot be used; the message says which and why."""
 
 

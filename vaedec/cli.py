@@ -13,7 +13,8 @@ from contextlib import contextmanager
 
 import click
 
-from vaedec.config import ConfigError, EncodeConfig, EvalConfig
+from vaedec.config import EncodeConfig, EvalConfig
+from vaedec.errors import VaedecError
 from vaedec.io import setup_logging  # lives in io.py; `from vaedec.cli import setup_logging` keeps working
 
 # Exit codes, documented in the README and in `--help`.
@@ -91,11 +92,7 @@ def encode(**kwargs: object) -> None:
     and resumes it after a kill; one manifest covers all. Exit code 0 even with skips (launchers report any
     other code as a failure); the summary and skipped.jsonl list them.
     """
-    from vaedec.encode import EncodeError
     from vaedec.encode import encode as run_encode
-    from vaedec.images import InputError
-    from vaedec.shards import ShardError
-    from vaedec.vae import VAELoadError
 
     setup_logging()
     cfg = EncodeConfig(**kwargs)  # type: ignore[arg-type]
@@ -103,7 +100,7 @@ def encode(**kwargs: object) -> None:
         with disk_full_is_a_message(f"encoding into {cfg.out}", "every shard listed in its manifest.json is "
                                     "complete, and rerunning the same command resumes after the last one"):
             result = run_encode(cfg)
-    except (EncodeError, InputError, ShardError, VAELoadError, ConfigError) as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
     if not result.main_process:
         return  # the main process reports the whole encode
@@ -132,7 +129,7 @@ def inspect(shards: str, verify: bool) -> None:
     the shards under it), or pipe:CMD with {name} where the file name goes, e.g.
     'pipe:aws s3 cp s3://bucket/shards/{name} -' or 'pipe:gsutil cat gs://bucket/shards/{name}'.
     """
-    from vaedec.shards import ShardError, summarize
+    from vaedec.shards import summarize
     from vaedec.shards import verify as verify_shards
 
     try:
@@ -144,7 +141,7 @@ def inspect(shards: str, verify: bool) -> None:
             if problems:
                 raise UserError(f"{len(problems)} problems found in {shards}")
             click.echo("verify         every sample read back: shapes, dtypes, keys and counts match")
-    except ShardError as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
 
 
@@ -180,11 +177,8 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     when unique: `max_steps=2000`). Rerunning the same command resumes from the newest checkpoint. For several
     GPUs or processes: `accelerate launch cli.py train ...`.
     """
-    from vaedec.checkpoint import RUN_IMAGES, RUN_METRICS, CheckpointError
+    from vaedec.checkpoint import RUN_IMAGES, RUN_METRICS
     from vaedec.config import default_run_dir, dump_config, load_train_config
-    from vaedec.losses import LPIPSWeightsError
-    from vaedec.shards import ShardError
-    from vaedec.vae import VAELoadError
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
     # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
@@ -196,19 +190,18 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
         cfg = load_train_config(config_paths, [*overrides, *given])
         if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=default_run_dir(config_paths)))
-    except ConfigError as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
     if dry_run:
         click.echo(dump_config(cfg), nl=False)
         return
-    from vaedec.train import TrainError
     from vaedec.train import train as run_train
 
     try:
         with disk_full_is_a_message(f"training into {cfg.run.output}", "its checkpoints/step-* folders are "
                                     "complete, and rerunning the same command resumes from the newest"):
             info = run_train(cfg, resume=resume, export=not no_export)
-    except (TrainError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError, ConfigError) as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
     if info.stopped_by:  # SIGTERM / SIGUSR1: checkpointed; the shell convention for "killed by signal N"
         if info.main_process:
@@ -246,9 +239,7 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     OUT/decoder.safetensors                                 only the trained weights
     OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
     """
-    from vaedec.checkpoint import CheckpointError, default_use_ema, export_run, run_checkpoint
-    from vaedec.convert import ConversionError
-    from vaedec.vae import VAELoadError
+    from vaedec.checkpoint import default_use_ema, export_run, run_checkpoint
 
     try:
         if ema is None:
@@ -256,7 +247,7 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
         with disk_full_is_a_message(f"exporting into {out}", f"{out} holds what it held before (an earlier export "
                                     "stays whole)"):
             path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
-    except (CheckpointError, VAELoadError, ConversionError) as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")
     for f in sorted(path.iterdir()):
@@ -298,21 +289,13 @@ def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> Non
     so "better" means better. Writes OUT/report.md (also printed), eval.json, per_image.csv and grids/*.png
     (a fixed sample, the most improved and the most worsened images). Exit code 3: inputs were skipped.
     """
-    from vaedec.checkpoint import CheckpointError
-    from vaedec.encode import EncodeError
-    from vaedec.evaluate import EvalError, evaluate
-    from vaedec.images import InputError
-    from vaedec.losses import LPIPSWeightsError
-    from vaedec.metrics import MetricsError
-    from vaedec.shards import ShardError
-    from vaedec.vae import VAELoadError
+    from vaedec.evaluate import evaluate
 
     setup_logging()
     cfg = EvalConfig(data=data, vaes=vaes, **kwargs)  # type: ignore[arg-type]
     try:
         result = evaluate(cfg)
-    except (EvalError, EncodeError, InputError, ShardError, CheckpointError, VAELoadError, LPIPSWeightsError,
-            MetricsError) as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
     click.echo(result.report)
     click.echo(f"written to {result.out}: report.md, eval.json, per_image.csv, grids/ ({len(result.grids)} PNGs)")
@@ -339,11 +322,11 @@ def convert(src: str, dst: str, prefix: str, scaling_factor: float | None) -> No
                      (e.g. a .ckpt to .safetensors, or the VAE out of a full SD checkpoint)
     Checkpoints are read without unpickling code (weights_only); every key must map, or nothing is written.
     """
-    from vaedec.convert import ConversionError, convert_path
+    from vaedec.convert import convert_path
 
     try:
         summary = convert_path(src, dst, prefix="" if prefix == "none" else "first_stage_model.",
                                scaling_factor=scaling_factor)
-    except ConversionError as e:
+    except VaedecError as e:
         raise UserError(str(e)) from None
     click.echo(summary)

@@ -16,9 +16,12 @@ from typing import Any, Literal
 
 import yaml
 
+from vaedec.errors import VaedecError
+
 log = logging.getLogger("vaedec")
 
-class ConfigError(ValueError):
+
+class ConfigError(VaedecError):
     """A config file or override the user has to fix; the message says which key and why."""
 
 

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from vaedec.errors import VaedecError
 from vaedec.io import atomic_folder, atomic_write
 
 FULL_CHECKPOINT_PREFIX = "first_stage_model."
@@ -54,7 +55,7 @@ TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LDM_TRAINING_ONLY_PREFIX = "loss."
 
 
-class ConversionError(ValueError):
+class ConversionError(VaedecError):
     """A checkpoint that cannot be read, mapped or written; the message says what, where and how to fix it."""
 
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vaedec.config import EncodeConfig
+from vaedec.errors import ShardError, VaedecError
 from vaedec.images import (
     InputItem,
     Skip,
@@ -40,7 +41,6 @@ from vaedec.shards import (
     MANIFEST,
     RANK_SHARD_NAME,
     SKIPPED,
-    ShardError,
     ShardWriter,
     new_manifest,
     read_manifest,
@@ -54,7 +54,7 @@ from vaedec.vae import DTYPES, encoder_fingerprint, freeze, load_vae, vae_summar
 log = logging.getLogger("vaedec")
 
 
-class EncodeError(ValueError):
+class EncodeError(VaedecError):
     """The encode cannot start (bad settings, OUT belongs to another run); the message says how to fix it."""
 
 

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vaedec.config import EncodeConfig, EvalConfig, config_to_dict
+from vaedec.errors import VaedecError
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json
 from vaedec.latents import split_moments
@@ -59,7 +60,7 @@ log = logging.getLogger("vaedec")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
 
 
-class EvalError(ValueError):
+class EvalError(VaedecError):
     """The evaluation cannot run as asked; the message says what to change."""
 
 

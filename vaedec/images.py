@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vaedec.errors import VaedecError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking; the same filter diffusers' image processor uses
 GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit grey images (and depth maps)
 
 
-class InputError(ValueError):
+class InputError(VaedecError):
     """SRC or --depth-dir itself is unusable (missing, empty, ambiguous): the whole command stops with this message."""
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vaedec.config import LossConfig
+from vaedec.errors import VaedecError
 
 VGG16_FILE = (
     "vgg16-397923af.pth"  # torchvision's ImageNet VGG16 (IMAGENET1K_V1), the backbone LPIPS was fit on
@@ -147,7 +148,7 @@ def conv_weight_grad(h: Tensor, grad_out: Tensor, conv: nn.Conv2d) -> Tensor:
 # LPIPS
 
 
-class LPIPSWeightsError(ValueError):
+class LPIPSWeightsError(VaedecError):
     """The VGG16 weights file for LPIPS is missing or is not torchvision's VGG16; the message says what to do."""
 
 

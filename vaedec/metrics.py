@@ -11,16 +11,17 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from vaedec.errors import ShardError, VaedecError
 from vaedec.images import batch_to_model, to_uint8
 from vaedec.io import atomic_write_bytes, png_bytes
 from vaedec.latents import sample_latent
 from vaedec.losses import perceptual_distance
-from vaedec.shards import ShardError, collate, read_samples
+from vaedec.shards import collate, read_samples
 
 CHANNEL_NAMES = ("r", "g", "b")  # further channels (depth) are c3, c4, ...
 
 
-class MetricsError(ValueError):
+class MetricsError(VaedecError):
     """A metric cannot be set up (e.g. a wrong Inception weights file); the message says how to fix it."""
 
 

@@ -44,6 +44,7 @@ import webdataset as wds
 from PIL import Image
 
 from vaedec import __version__
+from vaedec.errors import ShardError, ShardUnreachable
 from vaedec.images import GREY16_MODES
 from vaedec.io import atomic_write_bytes, atomic_write_json, npy_bytes, png_bytes
 
@@ -55,15 +56,6 @@ MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
 SHARD_NAME = "shard-{:06d}.tar"
 RANK_SHARD_NAME = "shard-r{:03d}-{:06d}.tar"  # multi-process encode: (rank, that rank's shard index)
-
-
-class ShardError(ValueError):
-    """A shard folder is missing, foreign or inconsistent; the message says which file and why."""
-
-
-class ShardUnreachable(ShardError):
-    """A file of remote SHARDS could not be fetched (HTTP error, no connection, a pipe: command that failed): not
-    damage in the data, so training stops on it even with data.on_bad_sample=skip, as for a missing local shard."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from vaedec.checkpoint import (
 )
 from vaedec.config import LossConfig, OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
 from vaedec.discriminator import build_discriminator
+from vaedec.errors import TrainError
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
 from vaedec.latents import add_latent_noise, sample_latent
@@ -90,10 +91,6 @@ from vaedec.vae import (
 log = logging.getLogger("vaedec")
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (x (B, C_out, H, W) in [-1, 1], z or x̂ (B, ...))
-
-
-class TrainError(ValueError):
-    """The run cannot start as configured; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

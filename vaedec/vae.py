@@ -13,6 +13,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from vaedec.errors import VaedecError
+
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -52,7 +54,7 @@ def small_vae_config(block_out_channels: tuple[int, ...], in_channels: int = 3, 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class VAELoadError(ValueError):
+class VAELoadError(VaedecError):
     """The VAE could not be loaded; the message says from where and what to check."""
 
 
