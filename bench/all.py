@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from bench import encode as encode_bench
 from bench import shard_read, train_memory, train_step
 from bench.common import Row, machine, markdown_table
-from vaedec.shards import atomic_write_bytes
+from vaedec.io import atomic_write_bytes
 
 GPU_COMMAND = "python bench/all.py --device cuda --dtype bf16"
 

@@ -24,6 +24,7 @@ import vaedec.shards as shards_mod
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
 from vaedec.errors import ShardError
+from vaedec.transport import iter_samples
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -143,7 +144,7 @@ def test_shards_with_nothing_readable_are_a_message_not_a_hang(tmp_path, shards)
 
 
 def test_checked_sample_reasons(shards) -> None:
-    raw = next(shards_mod.iter_samples(str(min(shards.glob("shard-*.tar")))))
+    raw = next(iter_samples(str(min(shards.glob("shard-*.tar")))))
     expect = {"moments": (8, 16, 16), "pixels": (3, 32, 32)}
     assert shards_mod.checked_sample(raw, expect=expect)["key"] == raw["__key__"]
     for edit, reason in (

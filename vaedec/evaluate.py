@@ -43,16 +43,8 @@ from vaedec.metrics import (
     per_image_metrics,
     save_grid,
 )
-from vaedec.shards import (
-    MANIFEST,
-    collate,
-    is_remote,
-    local_folder,
-    read_manifest,
-    read_samples,
-    shard_paths,
-    spec_name,
-)
+from vaedec.shards import MANIFEST, collate, read_manifest, read_samples, shard_paths
+from vaedec.transport import is_remote, local_folder, spec_name
 
 log = logging.getLogger("vaedec")
 
