@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from bench.common import PHOTOS, Row, copy_photos, machine
 from vaedec.config import EncodeConfig
 from vaedec.encode import encode
-from vaedec.shards import TrainStream, read_manifest, shard_paths
+from vaedec.shards import read_manifest, shard_paths
+from vaedec.stream import TrainStream
 from vaedec.transport import iter_samples
 from vaedec.vae import small_vae_config
 

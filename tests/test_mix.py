@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from vaedec.config import ConfigError, EncodeConfig, load_train_config, parse_mix
 from vaedec.encode import encode
 from vaedec.losses import add_anchor_grad, anchor_penalty
-from vaedec.shards import TrainStream, read_manifest, shard_paths
+from vaedec.shards import read_manifest, shard_paths
+from vaedec.stream import TrainStream
 
 RES = 32
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

@@ -16,9 +16,10 @@ import pytest
 import torch
 from conftest import FAST_TRAIN, ROOT, cli
 
-import vaedec.shards
+import vaedec.stream
 from vaedec.checkpoint import list_checkpoints
-from vaedec.shards import TrainStream, new_position, read_manifest, shard_paths
+from vaedec.shards import read_manifest, shard_paths
+from vaedec.stream import TrainStream, new_position
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -35,13 +36,13 @@ def same(a: dict, b: dict) -> bool:
 def opened(monkeypatch) -> list[str]:
     """The tars the streams in this process open, in order."""
     seen: list[str] = []
-    real = vaedec.shards.iter_samples
+    real = vaedec.stream.iter_samples
 
     def counting(path: str):
         seen.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(vaedec.shards, "iter_samples", counting)
+    monkeypatch.setattr(vaedec.stream, "iter_samples", counting)
     return seen
 
 

@@ -20,7 +20,8 @@ from conftest import FAST_TRAIN, assert_same_tensors, cli
 from safetensors.torch import load_file
 
 from vaedec.errors import ShardError, ShardUnreachable
-from vaedec.shards import TrainStream, read_manifest, read_samples, shard_paths
+from vaedec.shards import read_manifest, read_samples, shard_paths
+from vaedec.stream import TrainStream
 from vaedec.transport import shard_name, shard_url, shards_spec, spec_name
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

@@ -68,8 +68,9 @@ from vaedec.losses import (
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
-from vaedec.shards import SKIPPED, TrainStream, read_manifest, shard_paths, unwrap_worker_errors
+from vaedec.shards import SKIPPED, read_manifest, shard_paths
 from vaedec.signals import StopRequest, ignore_stop_signals
+from vaedec.stream import TrainStream, unwrap_worker_errors
 from vaedec.transport import is_remote, local_folder, shard_name, spec_name
 from vaedec.vae import (
     TrainableDecoder,
