@@ -33,6 +33,7 @@ from torch import nn
 from vaedec.config import TrainConfig, config_to_dict
 from vaedec.errors import VaedecError
 from vaedec.io import atomic_folder, atomic_write_json
+from vaedec.stream import loaded_stream_state, new_stream_state, saved_stream_state
 from vaedec.vae import named_trainable_parameters, select_trainable
 
 # The run folder's names (train writes them, export and eval read them).
@@ -192,9 +193,9 @@ class TrainState:
     config: dict[str, Any]  # the resolved config, recorded in state.json for resume checks
     step: int = 0  # optimizer steps done
     batches_consumed: int = 0  # micro-batches this rank has taken from its data stream
-    # Where this rank's data stream is: {"fingerprint": the stream settings it holds for (train._stream_start),
-    # "positions": {role: TrainStream position after the last batch consumed from that DataLoader role}}.
-    data: dict[str, Any] = field(default_factory=lambda: {"fingerprint": "", "positions": {}})
+    # Where this rank's data stream is (stream.new_stream_state: the stream settings and the TrainStream
+    # position of each DataLoader role after the last batch consumed from it).
+    data: dict[str, Any] = field(default_factory=new_stream_state)
     # Bad data and numerical faults (train.py counts them): bad samples skipped (all ranks), non-finite steps
     # skipped (in total, in a row).
     faults: dict[str, Any] = field(default_factory=lambda: new_faults())
@@ -223,7 +224,7 @@ class TrainState:
             "num_processes": acc.num_processes,
             "config": self.config,
             "faults": self.faults,
-            "data": {"fingerprint": self.data["fingerprint"], "positions": _positions_of_ranks(self.data, acc)},
+            "data": saved_stream_state(self.data, acc),
         }
         return {"tensors": tensors, "optim": optim, "state": state}
 
@@ -254,23 +255,12 @@ class TrainState:
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         saved = state.get("faults", {})  # absent in checkpoints written before faults were counted
         self.faults = {**new_faults(), **{k: v for k, v in saved.items() if k in new_faults()}}
-        data = state.get("data", {})  # absent before positions were recorded: the stream starts afresh
-        self.data = {"fingerprint": data.get("fingerprint", ""),
-                     "positions": data.get("positions", {}).get(f"rank{acc.process_index}", {})}
+        self.data = loaded_stream_state(state.get("data", {}), acc.process_index)
 
 
 def new_faults() -> dict[str, Any]:
     """TrainState.faults of a run that has met none."""
     return {"bad_samples": 0, "bad_steps": 0, "bad_steps_in_a_row": 0}
-
-
-def _positions_of_ranks(data: dict[str, Any], accelerator: Accelerator) -> dict[str, dict[str, Any]]:
-    """Every rank's stream positions ({role: position}), gathered to the main process: {"rank0": {...}, ...}."""
-    if accelerator.num_processes == 1:
-        return {"rank0": data["positions"]}
-    from accelerate.utils import gather_object
-
-    return {f"rank{r}": p for r, p in enumerate(gather_object([data["positions"]]))}
 
 
 def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str, torch.Tensor]:

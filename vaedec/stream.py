@@ -1,18 +1,29 @@
-"""What a training run reads, in what order, and where it stands: the seeded, rank- and worker-split stream of
-batches (`TrainStream`: positions, block shuffle, mixing of shard sets) and the DataLoader over it."""
+"""What a training run reads, in what order, and where it stands: the run's shard sets (data.shards and each
+data.mix entry, split into training and validation shards), the seeded, rank- and worker-split stream of batches
+(`TrainStream`: positions, block shuffle, mixing), the DataLoader over it, and the position a checkpoint keeps."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
-from vaedec.errors import ShardError, ShardUnreachable
-from vaedec.shards import BadSample, checked_sample, collate
-from vaedec.transport import iter_samples, shard_name
+from vaedec.config import TrainConfig, parse_mix
+from vaedec.errors import ShardError, ShardUnreachable, TrainError
+from vaedec.shards import SKIPPED, BadSample, checked_sample, collate, read_manifest, shard_paths
+from vaedec.signals import ignore_stop_signals
+from vaedec.transport import is_remote, iter_samples, local_folder, shard_name, spec_name
+
+log = logging.getLogger("vaedec")
 
 
 def _assign_shards(shards: list[str], rank: int, world: int, worker: int, workers: int) -> tuple[list[str], int, int]:
@@ -214,3 +225,174 @@ def unwrap_worker_errors(batches: Iterator[Any], timeout_s: float = 0) -> Iterat
             "pipe: command that does not end, a hung network mount or bucket). The newest checkpoint is intact: "
             "fix the cause and rerun the same command to resume, or raise data.read_timeout_s"
         ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run's shard sets and its batch stream
+
+
+@dataclass
+class ShardSet:
+    """One shard folder of the run: data.shards or a data.mix entry."""
+
+    name: str  # its folder's name (spec_name): the key of its logs (loss/pixel/NAME, val/NAME/...)
+    folder: str  # as given: a folder, file://, http(s):// URL or pipe: spec
+    train: list[str]
+    val: list[str]  # its last data.val_shards shards, held out for its own validation
+
+
+def split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(manifest, training shards, validation shards) of one shard folder: the last n_val shards are held out."""
+    manifest = read_manifest(folder)
+    if not manifest["complete"]:
+        log.warning("%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
+                    "to finish it", folder, manifest["totals"]["samples"])
+    all_shards = shard_paths(folder, manifest)
+    if not all_shards:
+        raise TrainError(
+            f"{folder} holds no samples: the encode skipped every input "
+            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the "
+            "inputs and encode again"
+        )
+    if n_val >= len(all_shards):
+        raise TrainError(
+            f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {folder}); "
+            "lower it or encode with a smaller --shard-size-mb"
+        )
+    return manifest, all_shards[: len(all_shards) - n_val], all_shards[len(all_shards) - n_val :]
+
+
+# What must agree between data.shards and a mixed-in set: one latent space, one sample shape.
+MIX_MUST_MATCH = (("vae", "encoder_sha256"), ("vae", "in_channels"), ("vae", "out_channels"),
+                  ("vae", "latent_channels"), ("preprocessing", "resolution"))
+
+
+def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
+    """data.shards' manifest, and its ShardSet followed by one per data.mix entry (checked to fit it)."""
+    manifest, train, val = split_shards(cfg.data.shards, cfg.data.val_shards)
+    sets = [ShardSet(_set_name(cfg.data.shards), cfg.data.shards, train, val)]
+    for path, _ in map(parse_mix, cfg.data.mix):
+        other, train, val = split_shards(path, cfg.data.val_shards)
+        for section, key in MIX_MUST_MATCH:
+            mine, theirs = manifest["settings"][section][key], other["settings"][section][key]
+            if mine != theirs:
+                raise TrainError(
+                    f"data.mix set {path} does not fit {cfg.data.shards}: its {section}.{key} is {theirs!r}, not "
+                    f"{mine!r}. Mixed sets must be encoded with the same VAE at the same resolution."
+                )
+        name = _set_name(path)
+        if name in {s.name for s in sets}:
+            raise TrainError(f"data.mix set {path}: another set is also named {name!r}; rename one folder")
+        sets.append(ShardSet(name, path, train, val))
+    return manifest, sets
+
+
+def _set_name(folder: str) -> str:
+    """The name a set logs under: its folder's name, or the last path component of its URL or pipe: path."""
+    return spec_name(folder)
+
+
+def train_batches(
+    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, data: dict[str, Any], step: int,
+    consumed: int, manifest: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """This rank's endless batch stream, from the position `data` holds (a TrainState's: `step` optimizer steps,
+    `consumed` micro-batches in; the start for a new run); samples not of `manifest`'s shapes are bad."""
+    weights = [p for _, p in map(parse_mix, cfg.data.mix)]
+    expect = None
+    if manifest is not None:
+        vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
+        r = res // vae["downsample_factor"]
+        expect = {"moments": (2 * vae["latent_channels"], r, r), "pixels": (3, res, res)}
+    positions, first_role = stream_start(cfg, sets, data, step, consumed, weights)
+    stream = TrainStream(
+        sets[0].train,
+        cfg.data.batch_size_per_device,
+        seed=cfg.run.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        mix=[(st.train, p) for st, p in zip(sets[1:], weights)],
+        on_bad_sample=cfg.data.on_bad_sample,
+        expect=expect,
+        positions=positions,
+        first_role=first_role,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.data.num_workers else None,
+        worker_init_fn=ignore_stop_signals,
+        timeout=cfg.data.read_timeout_s if cfg.data.num_workers else 0,
+    )
+    return unwrap_worker_errors(iter(loader), cfg.data.read_timeout_s if cfg.data.num_workers else 0)
+
+
+def stream_start(
+    cfg: TrainConfig, sets: list[ShardSet], data: dict[str, Any], step: int, consumed: int, weights: list[float]
+) -> tuple[dict[int, dict[str, Any]], int]:
+    """(positions by DataLoader role, the role whose batch comes next) to start the data stream from. A position
+    holds only for the stream settings it was recorded under; after a change (other shards, seed, shuffle_buffer,
+    num_workers, mix) the stream starts its order afresh, and the weights still resume exactly."""
+    # Shard names, not locations: the same shards moved to object storage keep their positions.
+    spec = {"sets": [[shard_name(p) for p in s.train] for s in sets], "weights": weights, "seed": cfg.run.seed,
+            "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    saved, positions = data["fingerprint"], data["positions"]
+    data["fingerprint"] = fingerprint
+    if step == 0:
+        return {}, 0
+    if not positions or saved != fingerprint:
+        why = ("data.shards, data.mix, run.seed, data.shuffle_buffer or data.num_workers changed" if positions
+               else "the checkpoint predates recorded data positions")
+        log.warning("resuming at step %d with a fresh data order (%s): the weights, optimizers and step resume "
+                    "exactly, the sample order does not", step, why)
+        data["positions"] = {}
+        return {}, 0
+    return {int(role): p for role, p in positions.items()}, consumed % max(cfg.data.num_workers, 1)
+
+
+def note_batch(batch: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Keep the data position a consumed batch carries in `data` (its role's, for the next checkpoint) and log the
+    bad samples its reader skipped; returns them (train._count_faults counts them)."""
+    data["positions"][str(batch.get("worker", 0))] = batch["position"]
+    reports = batch.get("bad_samples", [])
+    for r in reports:
+        log.warning("bad sample skipped: shard %s, key %s: %s", r["shard"], r["key"], r["reason"])
+    return reports
+
+
+def epoch_of(batch: dict[str, Any]) -> int:
+    """The passes over data.shards the reader of `batch` had begun when it made the batch (its role's)."""
+    return batch["position"]["sets"][0]["epoch"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the position a checkpoint keeps
+
+
+def new_stream_state() -> dict[str, Any]:
+    """A TrainState's `data` before any batch: {"fingerprint": the stream settings its positions hold for
+    (stream_start), "positions": {role: TrainStream position after the last batch consumed from that role}}."""
+    return {"fingerprint": "", "positions": {}}
+
+
+def saved_stream_state(data: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
+    """What state.json keeps of every rank's `data`: the fingerprint and {"rank0": positions, ...}. A collective:
+    every rank calls it; only the main process's result is whole."""
+    return {"fingerprint": data["fingerprint"], "positions": _positions_of_ranks(data, accelerator)}
+
+
+def _positions_of_ranks(data: dict[str, Any], accelerator: Accelerator) -> dict[str, dict[str, Any]]:
+    """Every rank's stream positions ({role: position}), gathered to the main process: {"rank0": {...}, ...}."""
+    if accelerator.num_processes == 1:
+        return {"rank0": data["positions"]}
+    return {f"rank{r}": p for r, p in enumerate(gather_object([data["positions"]]))}
+
+
+def loaded_stream_state(saved: dict[str, Any], rank: int) -> dict[str, Any]:
+    """This rank's `data` from what state.json kept (`saved_stream_state`); {} (a checkpoint from before positions
+    were recorded) gives no positions, and the stream starts afresh."""
+    return {"fingerprint": saved.get("fingerprint", ""), "positions": saved.get("positions", {}).get(f"rank{rank}", {})}

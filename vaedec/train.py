@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -68,10 +67,8 @@ from vaedec.losses import (
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
-from vaedec.shards import SKIPPED, read_manifest, shard_paths
-from vaedec.signals import StopRequest, ignore_stop_signals
-from vaedec.stream import TrainStream, unwrap_worker_errors
-from vaedec.transport import is_remote, local_folder, shard_name, spec_name
+from vaedec.signals import StopRequest
+from vaedec.stream import ShardSet, epoch_of, note_batch, shard_sets, train_batches
 from vaedec.vae import (
     TrainableDecoder,
     freeze,
@@ -139,7 +136,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     is_main, device = accelerator.is_main_process, accelerator.device
 
     # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten --------
-    manifest, sets = _shard_sets(cfg)
+    manifest, sets = shard_sets(cfg)
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
     if is_main:
@@ -195,7 +192,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             evaluator.mark_done(state.step)
     # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit (DataLoader workers ignore them).
     with StopRequest() as stop:
-        batches = _batches(cfg, sets, accelerator, state, manifest)
+        batches = train_batches(cfg, sets, accelerator, state.data, state.step, state.batches_consumed, manifest)
         if is_main:
             accelerator.init_trackers("tensorboard")
 
@@ -281,7 +278,7 @@ def train_step(
     micro_batches, sources, reports = [], [], []
     for _ in range(k):
         batch = next(batches)
-        reports += _note_batch(batch, state)
+        reports += note_batch(batch, state.data)
         z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
         z = add_latent_noise(z, latent_noise_raw, state.noise).to(device)
         if cfg.model.channels_last:
@@ -304,7 +301,7 @@ def train_step(
     state.step += 1
     state.batches_consumed += k
     logs.update(_count_faults(state, reports, bad_step, cfg.run.max_bad_steps))
-    logs["data/epoch"] = float(batch["position"]["sets"][0]["epoch"])  # passes over data.shards (this reader's)
+    logs["data/epoch"] = float(epoch_of(batch))  # passes over data.shards (this reader's)
     return logs
 
 
@@ -337,16 +334,6 @@ def _guarded_step(accelerator: Accelerator, opt: torch.optim.Optimizer, logs: di
         return False
     opt.step()
     return not getattr(opt, "step_was_skipped", False)
-
-
-def _note_batch(batch: dict[str, Any], state: TrainState) -> list[dict[str, Any]]:
-    """Keep the data position a consumed batch carries (its role's, for the next checkpoint) and log the bad samples
-    its reader skipped; returns them (counted by _count_faults)."""
-    state.data["positions"][str(batch.get("worker", 0))] = batch["position"]
-    reports = batch.get("bad_samples", [])
-    for r in reports:
-        log.warning("bad sample skipped: shard %s, key %s: %s", r["shard"], r["key"], r["reason"])
-    return reports
 
 
 def _count_faults(state: TrainState, reports: list[dict[str, Any]], bad_step: bool, max_bad_steps: int) -> dict[str, float]:
@@ -510,69 +497,6 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-@dataclass
-class ShardSet:
-    """One shard folder of the run: data.shards or a data.mix entry."""
-
-    name: str  # its folder's name (spec_name): the key of its logs (loss/pixel/NAME, val/NAME/...)
-    folder: str  # as given: a folder, file://, http(s):// URL or pipe: spec
-    train: list[str]
-    val: list[str]  # its last data.val_shards shards, held out for its own validation
-
-
-def _split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(manifest, training shards, validation shards) of one shard folder: the last n_val shards are held out."""
-    manifest = read_manifest(folder)
-    if not manifest["complete"]:
-        log.warning("%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
-                    "to finish it", folder, manifest["totals"]["samples"])
-    all_shards = shard_paths(folder, manifest)
-    if not all_shards:
-        raise TrainError(
-            f"{folder} holds no samples: the encode skipped every input "
-            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the "
-            "inputs and encode again"
-        )
-    if n_val >= len(all_shards):
-        raise TrainError(
-            f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {folder}); "
-            "lower it or encode with a smaller --shard-size-mb"
-        )
-    return manifest, all_shards[: len(all_shards) - n_val], all_shards[len(all_shards) - n_val :]
-
-
-# What must agree between data.shards and a mixed-in set: one latent space, one sample shape.
-MIX_MUST_MATCH = (("vae", "encoder_sha256"), ("vae", "in_channels"), ("vae", "out_channels"),
-                  ("vae", "latent_channels"), ("preprocessing", "resolution"))
-
-
-def _shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
-    """data.shards' manifest, and its ShardSet followed by one per data.mix entry (checked to fit it)."""
-    from vaedec.config import parse_mix
-
-    manifest, train, val = _split_shards(cfg.data.shards, cfg.data.val_shards)
-    sets = [ShardSet(_set_name(cfg.data.shards), cfg.data.shards, train, val)]
-    for path, _ in map(parse_mix, cfg.data.mix):
-        other, train, val = _split_shards(path, cfg.data.val_shards)
-        for section, key in MIX_MUST_MATCH:
-            mine, theirs = manifest["settings"][section][key], other["settings"][section][key]
-            if mine != theirs:
-                raise TrainError(
-                    f"data.mix set {path} does not fit {cfg.data.shards}: its {section}.{key} is {theirs!r}, not "
-                    f"{mine!r}. Mixed sets must be encoded with the same VAE at the same resolution."
-                )
-        name = _set_name(path)
-        if name in {s.name for s in sets}:
-            raise TrainError(f"data.mix set {path}: another set is also named {name!r}; rename one folder")
-        sets.append(ShardSet(name, path, train, val))
-    return manifest, sets
-
-
-def _set_name(folder: str) -> str:
-    """The name a set logs under: its folder's name, or the last path component of its URL or pipe: path."""
-    return spec_name(folder)
-
-
 def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
     """post_quant_conv + decoder of the manifest's VAE (or model.vae with the same encoder); the encoder and
     quant_conv are freed here and never reach the device."""
@@ -660,70 +584,6 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
                    update_after_step=cfg.optim.ema_start_step)
     ema.to(device)
     return ema, freeze(copy.deepcopy(decoder)).to(device)
-
-
-def _batches(
-    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, state: TrainState,
-    manifest: dict[str, Any] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """This rank's endless batch stream, from the data position `state` recorded (the start for a new run);
-    samples not of `manifest`'s shapes are bad."""
-    from vaedec.config import parse_mix
-
-    weights = [p for _, p in map(parse_mix, cfg.data.mix)]
-    expect = None
-    if manifest is not None:
-        vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
-        r = res // vae["downsample_factor"]
-        expect = {"moments": (2 * vae["latent_channels"], r, r), "pixels": (3, res, res)}
-    positions, first_role = _stream_start(cfg, sets, accelerator, state, weights)
-    stream = TrainStream(
-        sets[0].train,
-        cfg.data.batch_size_per_device,
-        seed=cfg.run.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        mix=[(st.train, p) for st, p in zip(sets[1:], weights)],
-        on_bad_sample=cfg.data.on_bad_sample,
-        expect=expect,
-        positions=positions,
-        first_role=first_role,
-    )
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=False,
-        prefetch_factor=4 if cfg.data.num_workers else None,
-        worker_init_fn=ignore_stop_signals,
-        timeout=cfg.data.read_timeout_s if cfg.data.num_workers else 0,
-    )
-    return unwrap_worker_errors(iter(loader), cfg.data.read_timeout_s if cfg.data.num_workers else 0)
-
-
-def _stream_start(
-    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, state: TrainState, weights: list[float]
-) -> tuple[dict[int, dict[str, Any]], int]:
-    """(positions by DataLoader role, the role whose batch comes next) to start the data stream from. A position
-    holds only for the stream settings it was recorded under; after a change (other shards, seed, shuffle_buffer,
-    num_workers, mix) the stream starts its order afresh, and the weights still resume exactly."""
-    # Shard names, not locations: the same shards moved to object storage keep their positions.
-    spec = {"sets": [[shard_name(p) for p in s.train] for s in sets], "weights": weights, "seed": cfg.run.seed,
-            "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    saved, positions = state.data["fingerprint"], state.data["positions"]
-    state.data["fingerprint"] = fingerprint
-    if state.step == 0:
-        return {}, 0
-    if not positions or saved != fingerprint:
-        why = ("data.shards, data.mix, run.seed, data.shuffle_buffer or data.num_workers changed" if positions
-               else "the checkpoint predates recorded data positions")
-        log.warning("resuming at step %d with a fresh data order (%s): the weights, optimizers and step resume "
-                    "exactly, the sample order does not", state.step, why)
-        state.data["positions"] = {}
-        return {}, 0
-    return {int(role): p for role, p in positions.items()}, state.batches_consumed % max(cfg.data.num_workers, 1)
 
 
 def _checkpoint(run_dir: Path, state: TrainState, keep: int) -> int:
