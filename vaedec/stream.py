@@ -239,6 +239,7 @@ class ShardSet:
     folder: str  # as given: a folder, file://, http(s):// URL or pipe: spec
     train: list[str]
     val: list[str]  # its last data.val_shards shards, held out for its own validation
+    mix_p: float | None = None  # a data.mix set's P, parsed once: the chance a sample slot draws it; None = data.shards
 
 
 def split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -271,7 +272,7 @@ def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
     """data.shards' manifest, and its ShardSet followed by one per data.mix entry (checked to fit it)."""
     manifest, train, val = split_shards(cfg.data.shards, cfg.data.val_shards)
     sets = [ShardSet(_set_name(cfg.data.shards), cfg.data.shards, train, val)]
-    for path, _ in map(parse_mix, cfg.data.mix):
+    for path, p in map(parse_mix, cfg.data.mix):
         other, train, val = split_shards(path, cfg.data.val_shards)
         for section, key in MIX_MUST_MATCH:
             mine, theirs = manifest["settings"][section][key], other["settings"][section][key]
@@ -283,7 +284,7 @@ def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
         name = _set_name(path)
         if name in {s.name for s in sets}:
             raise TrainError(f"data.mix set {path}: another set is also named {name!r}; rename one folder")
-        sets.append(ShardSet(name, path, train, val))
+        sets.append(ShardSet(name, path, train, val, p))
     return manifest, sets
 
 
@@ -298,13 +299,12 @@ def train_batches(
 ) -> Iterator[dict[str, Any]]:
     """This rank's endless batch stream, from the position `data` holds (a TrainState's: `step` optimizer steps,
     `consumed` micro-batches in; the start for a new run); samples not of `manifest`'s shapes are bad."""
-    weights = [p for _, p in map(parse_mix, cfg.data.mix)]
     expect = None
     if manifest is not None:
         vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
         r = res // vae["downsample_factor"]
         expect = {"moments": (2 * vae["latent_channels"], r, r), "pixels": (3, res, res)}
-    positions, first_role = stream_start(cfg, sets, data, step, consumed, weights)
+    positions, first_role = stream_start(cfg, sets, data, step, consumed)
     stream = TrainStream(
         sets[0].train,
         cfg.data.batch_size_per_device,
@@ -312,7 +312,7 @@ def train_batches(
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         shuffle_buffer=cfg.data.shuffle_buffer,
-        mix=[(st.train, p) for st, p in zip(sets[1:], weights)],
+        mix=[(st.train, st.mix_p) for st in sets[1:]],
         on_bad_sample=cfg.data.on_bad_sample,
         expect=expect,
         positions=positions,
@@ -331,14 +331,14 @@ def train_batches(
 
 
 def stream_start(
-    cfg: TrainConfig, sets: list[ShardSet], data: dict[str, Any], step: int, consumed: int, weights: list[float]
+    cfg: TrainConfig, sets: list[ShardSet], data: dict[str, Any], step: int, consumed: int
 ) -> tuple[dict[int, dict[str, Any]], int]:
     """(positions by DataLoader role, the role whose batch comes next) to start the data stream from. A position
     holds only for the stream settings it was recorded under; after a change (other shards, seed, shuffle_buffer,
     num_workers, mix) the stream starts its order afresh, and the weights still resume exactly."""
     # Shard names, not locations: the same shards moved to object storage keep their positions.
-    spec = {"sets": [[shard_name(p) for p in s.train] for s in sets], "weights": weights, "seed": cfg.run.seed,
-            "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
+    spec = {"sets": [[shard_name(p) for p in s.train] for s in sets], "weights": [s.mix_p for s in sets[1:]],
+            "seed": cfg.run.seed, "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     saved, positions = data["fingerprint"], data["positions"]
     data["fingerprint"] = fingerprint
