@@ -39,8 +39,7 @@ def child(resolution: int, batch: int, device: str, flags: list[str], steps: int
     """One variant in this process: (peak extra MiB, median step s)."""
     from diffusers import AutoencoderKL
 
-    from vaedec.train import freeze_all_but
-    from vaedec.vae import SD_VAE_CONFIG, TrainableDecoder
+    from vaedec.vae import SD_VAE_CONFIG, TrainableDecoder, freeze_all_but
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**SD_VAE_CONFIG)

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 from vaedec.config import ConfigError, LossConfig, load_train_config
 from vaedec.discriminator import LeCAMAnchors, NLayerDiscriminator, build_discriminator
-from vaedec.losses import discriminator_loss, generator_gan_factor, lecam_reg, r1_penalty
-from vaedec.train import r1_due
+from vaedec.losses import discriminator_loss, generator_gan_factor, lecam_reg, r1_due, r1_penalty
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FAST_TRAIN, cli
 
-import vaedec.train as train_mod
+import vaedec.vae as vae_mod
 from vaedec.latents import add_latent_noise
 from vaedec.shards import read_manifest
 
@@ -27,7 +27,7 @@ def test_add_latent_noise_formula_and_off_draws_nothing() -> None:
 
 def test_training_decodes_noisy_latents_at_the_scaled_std(tmp_path, shards, monkeypatch) -> None:
     seen = []
-    real = train_mod.TrainableDecoder
+    real = vae_mod.TrainableDecoder
 
     def spy(vae):
         decoder = real(vae)
@@ -35,7 +35,7 @@ def test_training_decodes_noisy_latents_at_the_scaled_std(tmp_path, shards, monk
             lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
         return decoder
 
-    monkeypatch.setattr(train_mod, "TrainableDecoder", spy)
+    monkeypatch.setattr(vae_mod, "TrainableDecoder", spy)
     scale = read_manifest(shards)["settings"]["vae"]["scaling_factor"]
     common = [*FAST_TRAIN, "model.latent_sample=mode", "data.shuffle_buffer=0", "run.max_steps=2", "--no-export",
               "loss.disc_start_step=100"]

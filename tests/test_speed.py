@@ -12,6 +12,7 @@ from vaedec.discriminator import build_discriminator
 from vaedec.images import batch_to_model
 from vaedec.latents import sample_latent
 from vaedec.shards import collate, read_manifest, read_samples, shard_paths
+from vaedec.vae import trainable_decoder
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -23,7 +24,7 @@ def step_grads(shards, overrides: list[str], backend: str | None = None) -> tupl
     manifest = read_manifest(shards)
     cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", *overrides])
     torch.manual_seed(0)
-    decoder = train_mod._trainable_decoder(cfg, manifest)
+    decoder = trainable_decoder(cfg, manifest)
     if backend:
         train_mod.compile_decoder(decoder, backend)
     disc = build_discriminator(cfg.loss, 3)
@@ -78,7 +79,7 @@ def test_memory_and_speed_options_give_the_plain_gradients(shards, plain, overri
 
 def test_gradient_checkpointing_is_really_on(shards) -> None:
     cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", "model.gradient_checkpointing=true"])
-    decoder = train_mod._trainable_decoder(cfg, read_manifest(shards))
+    decoder = trainable_decoder(cfg, read_manifest(shards))
     assert decoder.decoder.gradient_checkpointing
     calls = []
     real = torch.utils.checkpoint.checkpoint

@@ -39,12 +39,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vaedec.train as train_mod
+import vaedec.vae as vae_mod
 from vaedec.checkpoint import list_checkpoints
 from vaedec.config import OptimConfig, load_train_config
 from vaedec.latents import sample_latent
 from vaedec.losses import LOG_KEYS
 from vaedec.shards import read_manifest, read_samples, shard_paths
 from vaedec.train import lr_at
+from vaedec.vae import trainable_decoder
 
 RES = 32  # pixels; the tiny VAE downsamples by 2, so latents are (4, 16, 16)
 BATCH = 2  # data.batch_size_per_device in FAST_TRAIN
@@ -254,10 +256,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, shards) -> None
 def test_training_step_isolates_encoder_decoder_and_discriminator(
     tmp_path, shards, vae_dir, monkeypatch
 ) -> None:
-    import vaedec.vae
-
     seen: dict = {}
-    real_load_vae, real_trainable = vaedec.vae.load_vae, train_mod.TrainableDecoder
+    real_load_vae, real_trainable = vae_mod.load_vae, vae_mod.TrainableDecoder
 
     def load_vae_without_encoder_forward(*args, **kwargs):
         vae = real_load_vae(*args, **kwargs)
@@ -272,8 +272,8 @@ def test_training_step_isolates_encoder_decoder_and_discriminator(
         seen["decoder"] = real_trainable(vae)
         return seen["decoder"]
 
-    monkeypatch.setattr(vaedec.vae, "load_vae", load_vae_without_encoder_forward)
-    monkeypatch.setattr(train_mod, "TrainableDecoder", spy_decoder)
+    monkeypatch.setattr(vae_mod, "load_vae", load_vae_without_encoder_forward)
+    monkeypatch.setattr(vae_mod, "TrainableDecoder", spy_decoder)
     run = tmp_path / "run"
     args = [*FAST, "model.train_post_quant_conv=false", "run.max_steps=2", "--no-export"]
     cli("train", shards, "--output", run, *args)
@@ -309,7 +309,7 @@ def test_generator_and_discriminator_steps_give_gradients_only_to_their_own_mode
     manifest = read_manifest(shards)
     cfg = load_train_config(None, [*FAST, "model.train_post_quant_conv=false", f"data.shards={shards}"])
     torch.manual_seed(0)
-    decoder = train_mod._trainable_decoder(cfg, manifest)  # as train() builds it: post_quant_conv frozen
+    decoder = trainable_decoder(cfg, manifest)  # as train() builds it: post_quant_conv frozen
     disc = build_discriminator(cfg.loss, 3)
     logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
     opt_g, opt_d, _ = train_mod.build_optimizers(cfg, decoder, disc, logvar, 1)
@@ -542,14 +542,14 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, shards) -> None:
 @pytest.mark.filterwarnings("ignore:LPIPS is using a RANDOM")
 def test_bf16_autocast_run_has_finite_losses(tmp_path, shards, monkeypatch) -> None:
     dtypes = []
-    real = train_mod.TrainableDecoder
+    real = vae_mod.TrainableDecoder
 
     def spy(vae):  # records the dtype conv_out computes in (accelerate returns the outputs as fp32)
         decoder = real(vae)
         decoder.conv_out.register_forward_hook(lambda _m, _a, out: dtypes.append(out.dtype))
         return decoder
 
-    monkeypatch.setattr(train_mod, "TrainableDecoder", spy)
+    monkeypatch.setattr(vae_mod, "TrainableDecoder", spy)
     run = tmp_path / "run"
     args = [*FAST, *RANDOM_LPIPS, "run.mixed_precision=bf16", "run.max_steps=2", "--no-export"]
     cli("train", shards, "--output", run, *args)

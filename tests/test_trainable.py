@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
 from vaedec.config import ConfigError, load_train_config
-from vaedec.vae import select_trainable
+from vaedec.vae import select_trainable, trainable_decoder
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -80,7 +80,7 @@ def test_frozen_parts_get_no_gradient_in_the_real_step(shards) -> None:
 
     manifest = read_manifest(shards)
     cfg = load_train_config(None, [*FAST_TRAIN, PATTERNS, f"data.shards={shards}"])
-    decoder = train_mod._trainable_decoder(cfg, manifest)
+    decoder = trainable_decoder(cfg, manifest)
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
     disc = build_discriminator(cfg.loss, 3)
     logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)

@@ -459,6 +459,11 @@ def lecam_reg(logits_real: Tensor, logits_fake: Tensor, anchor_real: Tensor, anc
     return real_term + fake_term
 
 
+def r1_due(cfg: LossConfig, step: int) -> bool:
+    """Whether this optimizer step's discriminator phase adds the lazy R1 penalty."""
+    return cfg.disc_r1_weight > 0 and step % cfg.disc_r1_every == 0
+
+
 def discriminator_loss(
     disc: nn.Module, x: Tensor, x_rec: Tensor, cfg: LossConfig, step: int, lecam: nn.Module | None = None
 ) -> tuple[Tensor, dict[str, float]]:

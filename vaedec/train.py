@@ -49,7 +49,7 @@ from vaedec.checkpoint import (
     load_train_state,
     save_train_state,
 )
-from vaedec.config import LossConfig, OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
+from vaedec.config import OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
 from vaedec.discriminator import build_discriminator
 from vaedec.errors import TrainError
 from vaedec.images import batch_to_model
@@ -63,19 +63,14 @@ from vaedec.losses import (
     generator_grads,
     load_lpips,
     pixel_loss_by_set,
+    r1_due,
     r1_penalty,
     surrogate_loss,
 )
 from vaedec.metrics import Evaluator, grid_batch, val_batches
 from vaedec.signals import StopRequest
 from vaedec.stream import ShardSet, epoch_of, note_batch, shard_sets, train_batches
-from vaedec.vae import (
-    TrainableDecoder,
-    freeze,
-    load_manifest_vae,
-    named_trainable_parameters,
-    select_trainable,
-)
+from vaedec.vae import freeze, named_trainable_parameters, trainable_decoder, trainable_parameters
 
 log = logging.getLogger("vaedec")
 
@@ -101,11 +96,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def trainable_parameters(decoder: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The decoder parameters that train, in module order (what opt_g holds, logvar aside)."""
-    return [p for p in decoder.parameters() if p.requires_grad]
 
 
 def param_count(module: torch.nn.Module, trainable: bool) -> int:
@@ -144,7 +134,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         atomic_write_json(run_dir / RUN_MANIFEST, manifest)  # export needs the VAE source and fingerprint
 
     # 2. model ---------------------------------------------------------------------------------------------------
-    decoder = _trainable_decoder(cfg, manifest)
+    decoder = trainable_decoder(cfg, manifest)
 
     # 3. loss modules ----------------------------------------------------------------------------------------------
     lpips_model = None
@@ -451,11 +441,6 @@ def discriminator_step(
     return logs
 
 
-def r1_due(cfg: LossConfig, step: int) -> bool:
-    """Whether this optimizer step's discriminator phase adds the lazy R1 penalty."""
-    return cfg.disc_r1_weight > 0 and step % cfg.disc_r1_every == 0
-
-
 def build_optimizers(
     cfg: TrainConfig, decoder: torch.nn.Module, disc: torch.nn.Module, logvar: torch.nn.Parameter, processes: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, tuple[float, float]]:
@@ -497,55 +482,9 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     return accelerator
 
 
-def _trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
-    """post_quant_conv + decoder of the manifest's VAE (or model.vae with the same encoder); the encoder and
-    quant_conv are freed here and never reach the device."""
-    vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards)
-    if cfg.model.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()  # diffusers' Decoder: mid and up blocks under non-reentrant checkpoint
-    decoder = TrainableDecoder(vae)
-    del vae
-    if decoder.post_quant_conv is not None and not cfg.model.train_post_quant_conv:
-        freeze(decoder.post_quant_conv)
-    freeze_all_but(decoder, cfg.model.trainable)
-    if cfg.model.channels_last:
-        decoder.to(memory_format=torch.channels_last)
-    return decoder
-
-
-def _part(name: str) -> str:
-    """A parameter's block, for messages: decoder.up_blocks.3, decoder.conv_out, post_quant_conv."""
-    bits = name.split(".")
-    if bits[0] != "decoder":
-        return bits[0]
-    return ".".join(bits[:3] if bits[1] in ("up_blocks", "mid_block") else bits[:2])
-
-
 def compile_decoder(decoder: nn.Module, backend: str = "inductor") -> None:
     """torch.compile the decoder in place (nn.Module.compile keeps its state-dict names); the first steps are slow."""
     decoder.compile(backend=backend)
-
-
-def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
-    """model.trainable: freeze every parameter no pattern matches; a pattern that matches nothing, or a selection
-    that leaves nothing to train, is a TrainError naming the decoder's parts."""
-    if not patterns:
-        return
-    names = [n for n, _ in decoder.named_parameters()]
-    chosen, unmatched = select_trainable(names, patterns)
-    if unmatched:
-        parts = sorted({_part(n) + ".*" for n in names})
-        raise TrainError(
-            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
-            f"fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: {', '.join(parts)}"
-        )
-    chosen_set = set(chosen)
-    for name, p in decoder.named_parameters():
-        if name not in chosen_set:
-            p.requires_grad_(False)
-    if not named_trainable_parameters(decoder):
-        raise TrainError(f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
-                         "is false, so post_quant_conv stays frozen)")
 
 
 def _evaluators(

@@ -8,12 +8,14 @@ import fnmatch
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from vaedec.errors import VaedecError
+from vaedec.config import TrainConfig
+from vaedec.errors import TrainError, VaedecError
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +208,58 @@ def vae_summary(vae: AutoencoderKL) -> dict:
         "scaling_factor": float(c.scaling_factor),
         "shift_factor": None if c.get("shift_factor") is None else float(c.shift_factor),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the decoder that trains
+
+
+def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
+    """post_quant_conv + decoder of the manifest's VAE (or model.vae with the same encoder); the encoder and
+    quant_conv are freed here and never reach the device."""
+    vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards)
+    if cfg.model.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()  # diffusers' Decoder: mid and up blocks under non-reentrant checkpoint
+    decoder = TrainableDecoder(vae)
+    del vae
+    if decoder.post_quant_conv is not None and not cfg.model.train_post_quant_conv:
+        freeze(decoder.post_quant_conv)
+    freeze_all_but(decoder, cfg.model.trainable)
+    if cfg.model.channels_last:
+        decoder.to(memory_format=torch.channels_last)
+    return decoder
+
+
+def trainable_parameters(decoder: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The decoder parameters that train, in module order (what opt_g holds, logvar aside)."""
+    return [p for _, p in named_trainable_parameters(decoder)]
+
+
+def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
+    """model.trainable: freeze every parameter no pattern matches; a pattern that matches nothing, or a selection
+    that leaves nothing to train, is a TrainError naming the decoder's parts."""
+    if not patterns:
+        return
+    names = [n for n, _ in decoder.named_parameters()]
+    chosen, unmatched = select_trainable(names, patterns)
+    if unmatched:
+        parts = sorted({_part(n) + ".*" for n in names})
+        raise TrainError(
+            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
+            f"fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: {', '.join(parts)}"
+        )
+    chosen_set = set(chosen)
+    for name, p in decoder.named_parameters():
+        if name not in chosen_set:
+            p.requires_grad_(False)
+    if not named_trainable_parameters(decoder):
+        raise TrainError(f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
+                         "is false, so post_quant_conv stays frozen)")
+
+
+def _part(name: str) -> str:
+    """A parameter's block, for messages: decoder.up_blocks.3, decoder.conv_out, post_quant_conv."""
+    bits = name.split(".")
+    if bits[0] != "decoder":
+        return bits[0]
+    return ".".join(bits[:3] if bits[1] in ("up_blocks", "mid_block") else bits[:2])
