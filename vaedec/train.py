@@ -7,9 +7,9 @@
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
  6. the TrainState, resumed from a checkpoint; the data stream from its position
- 7. the loop: `train_step` (generator_step, discriminator_step, EMA; a non-finite phase is skipped, bad samples
-    and bad steps are counted), logs, grids, validation, checkpoints
- 8. final checkpoint, evaluation and export
+ 7. the loop (`_loop`): `train_step` (generator_step, discriminator_step, EMA; a non-finite phase is skipped, bad
+    samples and bad steps are counted), logs, grids, validation, checkpoints, the stop signals
+ 8. final checkpoint, evaluation and export (`_finish`)
 
 What a checkpoint holds is `checkpoint.TrainState`; the grids and validation are `metrics.Evaluator`.
 """
@@ -25,7 +25,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from vaedec.checkpoint import (
     RUN_METRICS,
     TrainState,
     checked_resume,
+    export_run,
     load_train_state,
     save_train_state,
 )
@@ -137,15 +138,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     decoder = trainable_decoder(cfg, manifest)
 
     # 3. loss modules ----------------------------------------------------------------------------------------------
-    lpips_model = None
-    if cfg.loss.perceptual_weight > 0:
-        lpips_model = load_lpips(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_random_backbone).to(device)
-    val_lpips = lpips_model if lpips_model is not None else _validation_only_lpips(cfg, device)
-    disc = build_discriminator(cfg.loss, decoder.conv_out.out_channels)
-    if cfg.model.channels_last:
-        disc.to(memory_format=torch.channels_last)
-    # LDM's scalar log-variance s; LDM never gives it to an optimizer, so by default it stays at logvar_init.
-    logvar = torch.nn.Parameter(torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar)
+    lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.conv_out.out_channels, device)
 
     # The original decoder's weights for loss.anchor_weight, taken before any update or resume.
     anchors = [p.detach().clone().to(device) for p in trainable_parameters(decoder)] if cfg.loss.anchor_weight else None
@@ -190,54 +183,74 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
 
         # 7. the loop --------------------------------------------------------------------------------------------
-        bar = tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step", disable=not is_main,
-                   dynamic_ncols=True)
-        saved_at, t_last, steps_since, stopped_by = state.step, time.perf_counter(), 0, 0
-        while state.step < cfg.run.max_steps:
-            logs = train_step(state, batches, lpips_model, cfg, lrs, [st.name for st in sets], anchors,
-                              latent_noise_raw)
-            step, steps_since = state.step, steps_since + 1
-            bar.update(1)
-            if step % cfg.run.log_every_steps == 0 or step == cfg.run.max_steps:
-                images = (steps_since * cfg.data.batch_size_per_device * cfg.optim.grad_accum_steps
-                          * accelerator.num_processes)
-                now = time.perf_counter()
-                _log_step(run_dir, state, logs, images / max(now - t_last, 1e-9), bar)
-                t_last, steps_since = now, 0
-            grid_due = bool(cfg.run.image_every_steps) and step % cfg.run.image_every_steps == 0
-            val_due = bool(cfg.run.val_every_steps) and step % cfg.run.val_every_steps == 0
-            if grid_due or val_due:
-                _evaluate(run_dir, evaluators, state, ema_decoder, grid=grid_due, val=val_due)
-            if cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0:
-                saved_at = _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
-            stopped_by = stop.agreed(accelerator)
-            if stopped_by:
-                break
-        bar.close()
+        set_names = [st.name for st in sets]
 
-    if stopped_by:
-        if saved_at != state.step:
-            _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
-        log.warning("stopped by %s at step %d after a checkpoint; rerun the same command to resume",
-                    signal.Signals(stopped_by).name, state.step)
-        accelerator.end_training()
-        return RunInfo(run_dir=run_dir, step=state.step, export_dir=None, resumed_from=ckpt, main_process=is_main,
-                       stopped_by=stopped_by)
+        def step() -> dict[str, float]:
+            return train_step(state, batches, lpips_model, cfg, lrs, set_names, anchors, latent_noise_raw)
 
-    # 8. final checkpoint, evaluation and export ------------------------------------------------------------------
+        saved_at, stopped_by = _loop(run_dir, cfg, state, step, evaluators, ema_decoder, stop)
+
+    # 8. final checkpoint, evaluation and export (after a stop signal: the checkpoint alone) ----------------------
+    export_dir = _finish(run_dir, cfg, state, evaluators, ema_decoder, saved_at, stopped_by, export)
+    accelerator.end_training()
+    return RunInfo(run_dir=run_dir, step=state.step, export_dir=export_dir, resumed_from=ckpt, main_process=is_main,
+                   stopped_by=stopped_by)
+
+
+def _loop(
+    run_dir: Path, cfg: TrainConfig, state: TrainState, step: Callable[[], dict[str, float]],
+    evaluators: list[Evaluator], ema_decoder: Any, stop: StopRequest,
+) -> tuple[int, int]:
+    """Phase 7: `step()` (one optimizer step, returning its logs) until run.max_steps or a stop signal every process
+    agreed on, each step followed by the logs, grids, validation and checkpoint due at it. Returns (the step of the
+    last checkpoint written, the stop signal or 0)."""
+    accelerator = state.accelerator
+    bar = tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    saved_at, t_last, steps_since, stopped_by = state.step, time.perf_counter(), 0, 0
+    while state.step < cfg.run.max_steps:
+        logs = step()
+        at, steps_since = state.step, steps_since + 1
+        bar.update(1)
+        if at % cfg.run.log_every_steps == 0 or at == cfg.run.max_steps:
+            images = (steps_since * cfg.data.batch_size_per_device * cfg.optim.grad_accum_steps
+                      * accelerator.num_processes)
+            now = time.perf_counter()
+            _log_step(run_dir, state, logs, images / max(now - t_last, 1e-9), bar)
+            t_last, steps_since = now, 0
+        grid_due = bool(cfg.run.image_every_steps) and at % cfg.run.image_every_steps == 0
+        val_due = bool(cfg.run.val_every_steps) and at % cfg.run.val_every_steps == 0
+        if grid_due or val_due:
+            _evaluate(run_dir, evaluators, state, ema_decoder, grid=grid_due, val=val_due)
+        if cfg.run.checkpoint_every_steps and at % cfg.run.checkpoint_every_steps == 0:
+            saved_at = _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
+        stopped_by = stop.agreed(accelerator)
+        if stopped_by:
+            break
+    bar.close()
+    return saved_at, stopped_by
+
+
+def _finish(
+    run_dir: Path, cfg: TrainConfig, state: TrainState, evaluators: list[Evaluator], ema_decoder: Any,
+    saved_at: int, stopped_by: int, export: bool,
+) -> Path | None:
+    """Phase 8: the final checkpoint (unless the last step wrote it); after a stop signal nothing more, else the
+    final grids and validation and, with `export`, the export. Returns the export folder (main process) or None."""
     if saved_at != state.step:
         _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
+    if stopped_by:
+        log.warning("stopped by %s at step %d after a checkpoint; rerun the same command to resume",
+                    signal.Signals(stopped_by).name, state.step)
+        return None
     _evaluate(run_dir, evaluators, state, ema_decoder)
-    accelerator.wait_for_everyone()
+    state.accelerator.wait_for_everyone()
     export_dir = None
-    if export and is_main:
-        from vaedec.checkpoint import export_run
-
+    if export and state.accelerator.is_main_process:
         # None: the EMA weights whenever the run kept them (checkpoint.default_use_ema, as `vaedec export`).
         export_dir = export_run(run_dir, run_dir / RUN_EXPORT, use_ema=None if cfg.run.export_ema else False)
         log.info("export: %s", export_dir)
-    accelerator.end_training()
-    return RunInfo(run_dir=run_dir, step=state.step, export_dir=export_dir, resumed_from=ckpt, main_process=is_main)
+    return export_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,6 +512,22 @@ def _evaluators(
                   lpips_model, device, name=s.name if i else "")
         for i, s in enumerate(sets)
     ]
+
+
+def _loss_modules(
+    cfg: TrainConfig, out_channels: int, device: torch.device
+) -> tuple[torch.nn.Module | None, torch.nn.Module | None, torch.nn.Module, torch.nn.Parameter]:
+    """Phase 3: (LPIPS of the loss or None, LPIPS for validation or None, the PatchGAN, LDM's scalar logvar)."""
+    lpips_model = None
+    if cfg.loss.perceptual_weight > 0:
+        lpips_model = load_lpips(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_random_backbone).to(device)
+    val_lpips = lpips_model if lpips_model is not None else _validation_only_lpips(cfg, device)
+    disc = build_discriminator(cfg.loss, out_channels)
+    if cfg.model.channels_last:
+        disc.to(memory_format=torch.channels_last)
+    # LDM's scalar log-variance s; LDM never gives it to an optimizer, so by default it stays at logvar_init.
+    logvar = torch.nn.Parameter(torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar)
+    return lpips_model, val_lpips, disc, logvar
 
 
 def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
