@@ -237,3 +237,16 @@ def test_train_arguments_keep_yaml_special_characters() -> None:
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.output)
     assert cfg["data"]["shards"] == args[1] and cfg["run"]["output"] == args[3] and cfg["model"]["vae"] == args[5]
+
+
+def test_typed_values_come_last_unparsed_and_checked_like_overrides(tmp_path) -> None:
+    """load_train_config's `values` (what the CLI hands over for SHARDS, --output, --vae, --mix) override the YAML
+    and the key=value text, keep every character, and are type-checked and validated as the rest."""
+    path = write_yaml(tmp_path / "c.yaml", {"run": {"max_steps": 10, "output": "from-yaml"}})
+    cfg = load_train_config(path, ["run.output=from-text", "max_steps=20"],
+                            {"run.output": "runs/a #1: b", "data.mix": ["x: y #z:0.25"], "max_steps": 30})
+    assert (cfg.run.output, cfg.data.mix, cfg.run.max_steps) == ("runs/a #1: b", ("x: y #z:0.25",), 30)
+    with pytest.raises(ConfigError, match="run.max_steps: expected an integer"):
+        load_train_config(None, values={"run.max_steps": "30"})
+    with pytest.raises(ConfigError, match="data.mix entry 'nowhere' must look like PATH:P"):
+        load_train_config(None, values={"data.mix": ["nowhere"]})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import signal
 import sys
@@ -181,13 +180,12 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     from vaedec.config import default_run_dir, dump_config, load_train_config
 
     setup_logging()  # the LDM-YAML import logs its key mapping while loading
-    # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options.
-    # JSON-quoted: a value is read as YAML, where ": " or " #" in a path or pipe: command would change its meaning.
-    given = [f"data.shards={json.dumps(shards)}"] + ([f"run.output={json.dumps(output)}"] if output else [])
-    given += [f"model.vae={json.dumps(vae)}"] if vae else []
-    given += [f"data.mix={json.dumps(list(mix))}"] if mix else []
+    # Precedence: config file < KEY=VALUE overrides < the explicit arguments and options. These are handed over
+    # as values, not as text: read as YAML, ": " or " #" in a path or pipe: command would change its meaning.
+    given = {"data.shards": shards, "run.output": output, "model.vae": vae, "data.mix": list(mix)}
+    given = {k: v for k, v in given.items() if k == "data.shards" or v}  # an option not given leaves the config's
     try:
-        cfg = load_train_config(config_paths, [*overrides, *given])
+        cfg = load_train_config(config_paths, list(overrides), given)
         if cfg.run.output is None:  # replace, not reload: an LDM YAML would print its key mapping twice
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output=default_run_dir(config_paths)))
     except VaedecError as e:

@@ -367,10 +367,14 @@ def default_run_dir(config_paths: str | Path | list | tuple | None) -> str:
 
 
 def load_train_config(
-    path: str | Path | list[str | Path] | tuple[str | Path, ...] | None, overrides: list[str] = ()
+    path: str | Path | list[str | Path] | tuple[str | Path, ...] | None,
+    overrides: list[str] = (),
+    values: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """Defaults, then the YAML file(s) in order (ours or a classic LDM autoencoder YAML; a later file overrides
-    an earlier one field by field), then `key=value` overrides."""
+    an earlier one field by field), then `key=value` overrides (text, read as YAML), then `values`: {'section.key'
+    or 'key': value} already typed (the CLI's SHARDS, --output, --vae, --mix), checked like the rest but never
+    parsed, so a path keeps every character."""
     cfg = TrainConfig()
     files = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     for file in files:
@@ -387,6 +391,7 @@ def load_train_config(
         except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from None
     cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    cfg = apply_overrides(cfg, values or {})
     validate_train_config(cfg)
     return cfg
 

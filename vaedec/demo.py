@@ -33,11 +33,11 @@ def main(out: Path, max_steps: int | None) -> None:
     setup_logging()
     shards = prepare_data(out, DEMO)
     click.echo(f"[1/3] rendered text pages and held-out photographs encoded with {SOURCE_VAE} -> {out / 'shards'}")
-    overrides = [f"data.shards={shards['text-train']}", f"run.output={out / 'run'}"]
+    values = {"data.shards": str(shards["text-train"]), "run.output": str(out / "run")}
     if max_steps:
-        overrides.append(f"run.max_steps={max_steps}")
+        values["run.max_steps"] = max_steps
     reset_accelerate()
-    info = train(load_train_config(ROOT / "configs" / "demo.yaml", overrides))
+    info = train(load_train_config(ROOT / "configs" / "demo.yaml", values=values))
     click.echo(f"[2/3] trained the decoder {info.step} steps on text -> {info.run_dir}")
     result = evaluate(EvalConfig(
         data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),

@@ -112,14 +112,15 @@ def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: S
     from vaedec.config import load_train_config
     from vaedec.train import train
 
-    overrides = [*variant.overrides, f"run.max_steps={sizes.max_steps}", f"data.shards={shards['text-train']}",
-                 f"run.output={out / 'runs' / variant.name}"]
+    values: dict[str, object] = {"run.max_steps": sizes.max_steps, "data.shards": str(shards["text-train"]),
+                                 "run.output": str(out / "runs" / variant.name)}
     if variant.replay:
-        overrides.append(f'data.mix=["{shards["photos-train"]}:{variant.replay}"]')
+        values["data.mix"] = [f"{shards['photos-train']}:{variant.replay}"]
     if not lpips_ok:
-        overrides.append("loss.perceptual_weight=0.0")  # after the variant's: LPIPS cannot run here
+        values["loss.perceptual_weight"] = 0.0  # after the variant's: LPIPS cannot run here
     # The variant's shipped config for its loss terms, then the shared schedule over it.
-    cfg = load_train_config([ROOT / variant.config, ROOT / "configs" / "experiment.yaml"], overrides)
+    cfg = load_train_config([ROOT / variant.config, ROOT / "configs" / "experiment.yaml"], list(variant.overrides),
+                            values)
     reset_accelerate()
     return train(cfg).run_dir
 
