@@ -57,92 +57,6 @@ class EvalError(VaedecError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. models
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One --vae: what the user named and how it loads."""
-
-    label: str  # the name in tables, files and CSV rows
-    source: str  # the path or hub id as given, without LABEL= and :ema/:raw
-    run: Path | None = None  # the run folder, when source is a run or one of its checkpoints
-    ckpt: Path | None = None  # the checkpoint folder (run: its newest)
-    use_ema: bool = False  # run weights: the EMA copy (default when the checkpoint kept one) or the raw weights
-
-
-_LABEL_RE = re.compile(r"^([A-Za-z0-9][\w.+:-]*)=(.+)$")
-
-
-def parse_model_spec(text: str) -> ModelSpec:
-    """`[LABEL=]SPEC[:ema|:raw]` -> a ModelSpec; runs and checkpoints are located here, nothing is loaded."""
-    from vaedec.checkpoint import default_use_ema, latest_checkpoint
-
-    label = None
-    m = _LABEL_RE.match(text)
-    if m:
-        label, text = m.group(1), m.group(2)
-    choice = None
-    if text.endswith((":ema", ":raw")):
-        text, choice = text[:-4], text[-3:]
-    path = Path(text)
-    ckpt = run = None
-    if (path / "state.json").is_file() and path.parent.name == "checkpoints":
-        ckpt, run = path, path.parent.parent
-    elif path.is_dir() and latest_checkpoint(path) is not None:
-        run, ckpt = path, latest_checkpoint(path)
-    if choice is not None and ckpt is None:
-        raise EvalError(f"--vae {text}:{choice}: ':{choice}' applies to run folders only, and {text} is not one "
-                        "(no checkpoints/step-* inside)")
-    if ckpt is None:
-        return ModelSpec(label or _default_label(path, text), text)
-    has_ema = default_use_ema(ckpt)  # export's default too: the EMA weights whenever the run kept them
-    if choice == "ema" and not has_ema:
-        raise EvalError(f"--vae {text}:ema: the run kept no EMA (optim.ema_decay=0); use {text}:raw")
-    use_ema = has_ema if choice is None else choice == "ema"
-    newest = ckpt.resolve() == latest_checkpoint(run).resolve()
-    default = f"{run.resolve().name}{'' if newest else '/' + ckpt.name}:{'ema' if use_ema else 'raw'}"
-    return ModelSpec(label or default, text, run=run, ckpt=ckpt, use_ema=use_ema)
-
-
-def _default_label(path: Path, text: str) -> str:
-    if path.exists():
-        return path.resolve().stem if path.is_file() else path.resolve().name
-    return text  # a hub id
-
-
-def unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
-    """Two models may not share a label (tables and file names are keyed by it): later ones get #2, #3."""
-    seen: dict[str, int] = {}
-    out = []
-    for s in specs:
-        n = seen.get(s.label, 0) + 1
-        seen[s.label] = n
-        out.append(s if n == 1 else dataclasses.replace(s, label=f"{s.label}#{n}"))
-    return out
-
-
-def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
-    """(source, subfolder, scaling_factor) that `load_vae` / `encode` take for this model's encoder."""
-    if spec.run is not None:
-        from vaedec.checkpoint import run_vae_source
-
-        return run_vae_source(spec.run, spec.ckpt)
-    return spec.source, None, None
-
-
-def load_model(spec: ModelSpec):
-    """The AutoencoderKL of a spec in fp32, frozen: a run's original encoder + its trained decoder, or a VAE."""
-    from vaedec.vae import freeze, load_vae
-
-    if spec.run is not None:
-        from vaedec.checkpoint import finetuned_vae
-
-        return freeze(finetuned_vae(spec.run, spec.use_ema, spec.ckpt))
-    return freeze(load_vae(spec.source))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 1. data
 
 
@@ -227,6 +141,92 @@ def iter_batches(evalset: EvalSet, batch_size: int) -> Iterator[dict[str, Any]]:
             pending = []
     if pending:
         yield collate(pending)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One --vae: what the user named and how it loads."""
+
+    label: str  # the name in tables, files and CSV rows
+    source: str  # the path or hub id as given, without LABEL= and :ema/:raw
+    run: Path | None = None  # the run folder, when source is a run or one of its checkpoints
+    ckpt: Path | None = None  # the checkpoint folder (run: its newest)
+    use_ema: bool = False  # run weights: the EMA copy (default when the checkpoint kept one) or the raw weights
+
+
+_LABEL_RE = re.compile(r"^([A-Za-z0-9][\w.+:-]*)=(.+)$")
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`[LABEL=]SPEC[:ema|:raw]` -> a ModelSpec; runs and checkpoints are located here, nothing is loaded."""
+    from vaedec.checkpoint import default_use_ema, latest_checkpoint
+
+    label = None
+    m = _LABEL_RE.match(text)
+    if m:
+        label, text = m.group(1), m.group(2)
+    choice = None
+    if text.endswith((":ema", ":raw")):
+        text, choice = text[:-4], text[-3:]
+    path = Path(text)
+    ckpt = run = None
+    if (path / "state.json").is_file() and path.parent.name == "checkpoints":
+        ckpt, run = path, path.parent.parent
+    elif path.is_dir() and latest_checkpoint(path) is not None:
+        run, ckpt = path, latest_checkpoint(path)
+    if choice is not None and ckpt is None:
+        raise EvalError(f"--vae {text}:{choice}: ':{choice}' applies to run folders only, and {text} is not one "
+                        "(no checkpoints/step-* inside)")
+    if ckpt is None:
+        return ModelSpec(label or _default_label(path, text), text)
+    has_ema = default_use_ema(ckpt)  # export's default too: the EMA weights whenever the run kept them
+    if choice == "ema" and not has_ema:
+        raise EvalError(f"--vae {text}:ema: the run kept no EMA (optim.ema_decay=0); use {text}:raw")
+    use_ema = has_ema if choice is None else choice == "ema"
+    newest = ckpt.resolve() == latest_checkpoint(run).resolve()
+    default = f"{run.resolve().name}{'' if newest else '/' + ckpt.name}:{'ema' if use_ema else 'raw'}"
+    return ModelSpec(label or default, text, run=run, ckpt=ckpt, use_ema=use_ema)
+
+
+def _default_label(path: Path, text: str) -> str:
+    if path.exists():
+        return path.resolve().stem if path.is_file() else path.resolve().name
+    return text  # a hub id
+
+
+def unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """Two models may not share a label (tables and file names are keyed by it): later ones get #2, #3."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in specs:
+        n = seen.get(s.label, 0) + 1
+        seen[s.label] = n
+        out.append(s if n == 1 else dataclasses.replace(s, label=f"{s.label}#{n}"))
+    return out
+
+
+def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
+    """(source, subfolder, scaling_factor) that `load_vae` / `encode` take for this model's encoder."""
+    if spec.run is not None:
+        from vaedec.checkpoint import run_vae_source
+
+        return run_vae_source(spec.run, spec.ckpt)
+    return spec.source, None, None
+
+
+def load_model(spec: ModelSpec):
+    """The AutoencoderKL of a spec in fp32, frozen: a run's original encoder + its trained decoder, or a VAE."""
+    from vaedec.vae import freeze, load_vae
+
+    if spec.run is not None:
+        from vaedec.checkpoint import finetuned_vae
+
+        return freeze(finetuned_vae(spec.run, spec.use_ema, spec.ckpt))
+    return freeze(load_vae(spec.source))
 
 
 # ----------------------------------------------------------------------------------------------------------------
