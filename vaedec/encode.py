@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vaedec.config import EncodeConfig
+from vaedec.device import pick_device
 from vaedec.errors import ShardError, VaedecError
 from vaedec.images import (
     InputItem,
@@ -172,23 +173,6 @@ def _clear_out(out: Path) -> None:
         p.unlink()
     for name in (MANIFEST, SKIPPED):
         (out / name).unlink(missing_ok=True)
-
-
-def pick_device(name: str | None) -> torch.device:
-    """--device as a torch.device, checked before any work: None = cuda when present, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EncodeError(f"--device {name}: not a torch device; use cpu, cuda, cuda:1, mps, ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EncodeError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise EncodeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EncodeError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    return device
 
 
 def encode(cfg: EncodeConfig) -> EncodeResult:

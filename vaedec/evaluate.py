@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vaedec.config import EncodeConfig, EvalConfig, config_to_dict
+from vaedec.device import pick_device
 from vaedec.errors import VaedecError
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json
@@ -438,7 +439,6 @@ class EvalResult:
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Compare cfg.vaes (the first is the baseline) on every data set; see the module docstring."""
-    from vaedec.encode import EncodeError, pick_device
     from vaedec.losses import LPIPSWeightsMissing, load_lpips
     from vaedec.vae import encoder_fingerprint
 
@@ -448,10 +448,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         raise EvalError("give at least one --vae (the first is the baseline; add the decoders to compare with it)")
     if cfg.fid_features not in FID_FEATURES:
         raise EvalError(f"--fid-features {cfg.fid_features}: InceptionV3 offers {', '.join(map(str, FID_FEATURES))}")
-    try:
-        device = pick_device(cfg.device)
-    except EncodeError as e:
-        raise EvalError(str(e)) from None
+    device = pick_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
