@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaedec.config import TrainConfig, config_to_dict
+from vaedec.convert import replace_vae_in_checkpoint, write_single_file
 from vaedec.errors import VaedecError
 from vaedec.io import atomic_folder, atomic_write_json
 from vaedec.stream import loaded_stream_state, new_stream_state, saved_stream_state
-from vaedec.vae import named_trainable_parameters, select_trainable
+from vaedec.vae import load_manifest_vae, manifest_vae_source, named_trainable_parameters, select_trainable
 
 # The run folder's names (train writes them, export and eval read them).
 RUN_CONFIG = "config.yaml"  # the resolved config
@@ -357,16 +358,12 @@ def run_manifest(run_dir: str | Path) -> dict[str, Any]:
 
 def run_vae_source(run_dir: str | Path, ckpt: str | Path | None = None) -> tuple[str, str | None, float]:
     """(source, subfolder, scaling_factor) of the VAE a run fine-tunes: its `--vae`, else the manifest's."""
-    from vaedec.vae import manifest_vae_source
-
     model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
     return manifest_vae_source(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"])
 
 
 def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
     """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained decoder."""
-    from vaedec.vae import load_manifest_vae
-
     model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
     vae = load_manifest_vae(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"],
                             f"the shards of run {run_dir}")
@@ -425,12 +422,8 @@ def export_run(
         if fmt in ("diffusers", "both"):
             vae.save_pretrained(tmp, safe_serialization=True)
         if fmt in ("ldm", "both"):
-            from vaedec.convert import write_single_file
-
             write_single_file(vae, tmp / "vae.safetensors")
         if into is not None:
-            from vaedec.convert import replace_vae_in_checkpoint
-
             replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
         trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import click
 
+from vaedec.config import EvalConfig, load_train_config
+from vaedec.evaluate import evaluate
 from vaedec.experiment import ROOT, SOURCE_VAE, Sizes, prepare_data, reset_accelerate
 from vaedec.io import setup_logging
+from vaedec.train import train
 
 DEMO = Sizes(text_train_pages=120, text_heldout_pages=16, crops_per_page=2, replay_set=False)  # steps: demo.yaml
 
@@ -25,10 +28,6 @@ DEMO = Sizes(text_train_pages=120, text_heldout_pages=16, crops_per_page=2, repl
 @click.option("--max-steps", default=None, type=int, help="Override configs/demo.yaml's run.max_steps.")
 def main(out: Path, max_steps: int | None) -> None:
     """Run the demo end to end into OUT (images/, shards/, run/, eval/)."""
-    from vaedec.config import EvalConfig, load_train_config
-    from vaedec.evaluate import evaluate
-    from vaedec.train import train
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setup_logging()
     shards = prepare_data(out, DEMO)

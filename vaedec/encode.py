@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from vaedec.config import EncodeConfig
@@ -341,8 +343,6 @@ def launched_processes(cfg: EncodeConfig) -> Any:
     if cfg.device is not None:
         raise EncodeError(f"--device {cfg.device}: under accelerate launch each process uses its own device; drop "
                           "--device (for CPU processes set ACCELERATE_USE_CPU=true)")
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
     # CPU processes (gloo): AcceleratorState reads ACCELERATE_USE_CPU itself, PartialState has to be told.
     procs = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -405,8 +405,6 @@ def _encode_ranks(
     rank then encodes its block into shard-rRRR-*.tar, recording its progress in OUT/.rank-RRR-of-NNN.json after
     every commit (a rerun of the same command resumes each rank from its file); the main process merges the rank
     files into manifest.json as they progress and, once every file says complete, writes the final one."""
-    from accelerate.utils import broadcast_object_list
-
     rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
     out, n = Path(cfg.out), len(items)
     list_skips = [Skip(-1, s.rel, s.reason) for s in list_skips]

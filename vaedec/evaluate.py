@@ -29,12 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vaedec.checkpoint import default_use_ema, finetuned_vae, latest_checkpoint, run_vae_source
 from vaedec.config import EncodeConfig, EvalConfig, config_to_dict
 from vaedec.device import pick_device
+from vaedec.encode import encode
 from vaedec.errors import VaedecError
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json
 from vaedec.latents import split_moments
+from vaedec.losses import LPIPSWeightsMissing, load_lpips
 from vaedec.metrics import (
     FID_FEATURES,
     channel_names,
@@ -46,6 +49,7 @@ from vaedec.metrics import (
 )
 from vaedec.shards import MANIFEST, collate, read_manifest, read_samples, shard_paths
 from vaedec.transport import is_remote, local_folder, spec_name
+from vaedec.vae import encoder_fingerprint, freeze, load_vae
 
 log = logging.getLogger("vaedec")
 
@@ -119,8 +123,6 @@ def prepare_sets(cfg: EvalConfig, first: ModelSpec, out: Path) -> list[EvalSet]:
 def _encode_images(src: str, dst: Path, cfg: EvalConfig, first: ModelSpec) -> tuple[Path, int]:
     """Encode an image folder with the first model's encoder (`encode`, so the same preprocessing, skips and
     resume); a rerun with the same settings finds it complete and reads it as it is."""
-    from vaedec.encode import encode
-
     source, subfolder, scaling = encoder_source(first)
     log.info("encoding %s with the encoder of %s -> %s", src, first.label, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -164,8 +166,6 @@ _LABEL_RE = re.compile(r"^([A-Za-z0-9][\w.+:-]*)=(.+)$")
 
 def parse_model_spec(text: str) -> ModelSpec:
     """`[LABEL=]SPEC[:ema|:raw]` -> a ModelSpec; runs and checkpoints are located here, nothing is loaded."""
-    from vaedec.checkpoint import default_use_ema, latest_checkpoint
-
     label = None
     m = _LABEL_RE.match(text)
     if m:
@@ -213,19 +213,13 @@ def unique_labels(specs: list[ModelSpec]) -> list[ModelSpec]:
 def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
     """(source, subfolder, scaling_factor) that `load_vae` / `encode` take for this model's encoder."""
     if spec.run is not None:
-        from vaedec.checkpoint import run_vae_source
-
         return run_vae_source(spec.run, spec.ckpt)
     return spec.source, None, None
 
 
 def load_model(spec: ModelSpec):
     """The AutoencoderKL of a spec in fp32, frozen: a run's original encoder + its trained decoder, or a VAE."""
-    from vaedec.vae import freeze, load_vae
-
     if spec.run is not None:
-        from vaedec.checkpoint import finetuned_vae
-
         return freeze(finetuned_vae(spec.run, spec.use_ema, spec.ckpt))
     return freeze(load_vae(spec.source))
 
@@ -439,9 +433,6 @@ class EvalResult:
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Compare cfg.vaes (the first is the baseline) on every data set; see the module docstring."""
-    from vaedec.losses import LPIPSWeightsMissing, load_lpips
-    from vaedec.vae import encoder_fingerprint
-
     if not cfg.data:
         raise EvalError("give at least one DATA: a shard folder or an image folder")
     if not cfg.vaes:

@@ -20,12 +20,21 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import click
 import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL
 
-from vaedec.io import setup_logging
+from vaedec.config import EncodeConfig, EvalConfig, load_train_config
+from vaedec.domains import photos, rendered_text
+from vaedec.encode import encode
+from vaedec.evaluate import evaluate
+from vaedec.io import atomic_write_bytes, setup_logging
+from vaedec.losses import LPIPSWeightsMissing, load_lpips
+from vaedec.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_VAE = ROOT / "assets" / "source-vae"
@@ -77,10 +86,6 @@ QUICK = Sizes(text_train_pages=16, text_heldout_pages=4, crops_per_page=1, photo
 
 def prepare_data(out: Path, sizes: Sizes) -> dict[str, Path]:
     """Images of the three sets into out/images/*, then shards into out/shards/*; both steps are idempotent."""
-    from vaedec.config import EncodeConfig
-    from vaedec.domains import photos, rendered_text
-    from vaedec.encode import encode
-
     images = out / "images"
     if not (images / ".complete").exists():  # the marker is written last: a killed run renders again
         shutil.rmtree(images, ignore_errors=True)
@@ -109,9 +114,6 @@ def prepare_data(out: Path, sizes: Sizes) -> dict[str, Path]:
 
 def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: Sizes, lpips_ok: bool) -> Path:
     """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run folder."""
-    from vaedec.config import load_train_config
-    from vaedec.train import train
-
     values: dict[str, object] = {"run.max_steps": sizes.max_steps, "data.shards": str(shards["text-train"]),
                                  "run.output": str(out / "runs" / variant.name)}
     if variant.replay:
@@ -127,16 +129,12 @@ def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: S
 
 def reset_accelerate() -> None:
     """accelerate keeps one process-wide state; each run of this process starts from none."""
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
 
 
 def lpips_available() -> bool:
     """Whether VGG16 weights are on this machine (then the recipes run with their LPIPS term, as shipped)."""
-    from vaedec.losses import LPIPSWeightsMissing, load_lpips
-
     try:
         load_lpips(None)
     except LPIPSWeightsMissing:
@@ -146,8 +144,6 @@ def lpips_available() -> bool:
 
 def check_encoders(runs: list[Path]) -> list[str]:
     """Each run's exported encoder (and quant_conv) against the source VAE's, tensor by tensor, bit for bit."""
-    from diffusers import AutoencoderKL
-
     source = AutoencoderKL.from_pretrained(SOURCE_VAE).state_dict()
     lines = []
     for run in runs:
@@ -163,8 +159,6 @@ def check_encoders(runs: list[Path]) -> list[str]:
 def run_minutes(run: Path, max_steps: int) -> float:
     """Wall time of a run's training from its log.txt: the first line to the first save of its last step (a rerun
     of the finished run appends lines that are not training)."""
-    from datetime import datetime
-
     lines = [ln for ln in (run / "log.txt").read_text().splitlines() if ln[:4].isdigit()]
     last = next(ln for ln in lines if f"step-{max_steps:08d}" in ln)
     first, last = (datetime.strptime(ln[:19], "%Y-%m-%d %H:%M:%S") for ln in (lines[0], last))
@@ -174,8 +168,6 @@ def run_minutes(run: Path, max_steps: int) -> float:
 def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str],
                       minutes: dict[str, float]) -> None:
     """docs/quality.md: what was run, the eval tables, the grids, how to rerun."""
-    from vaedec.io import atomic_write_bytes
-
     variants = "\n".join(f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS)
     images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
         f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
@@ -225,9 +217,6 @@ def _git_commit() -> str:
 
 def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     """The whole experiment; returns the eval report (markdown)."""
-    from vaedec.config import EvalConfig
-    from vaedec.evaluate import evaluate
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lpips_ok = lpips_available()
     shards = prepare_data(out, sizes)

@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from scipy.stats import bootstrap
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from vaedec.errors import ShardError, VaedecError
 from vaedec.images import batch_to_model, to_uint8
@@ -66,8 +69,6 @@ def paired_ci(deltas: np.ndarray, seed: int = 0, level: float = 0.95, resamples:
     The images are the unit: both models decoded the same latents, so the per-image difference removes the
     images' own difficulty from the comparison (a paired test). One image gives no interval (nan, nan).
     """
-    from scipy.stats import bootstrap
-
     d = np.asarray(deltas, dtype=np.float64)
     d = d[np.isfinite(d)]  # PSNR of a pixel-exact reconstruction is inf; it carries no difference to average
     if d.size == 0:
@@ -94,8 +95,6 @@ def _read_inception_state(path: str) -> dict[str, torch.Tensor]:
                            "weights-inception-2015-12-05-6726825d.pth (README, 'eval').")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -113,8 +112,6 @@ def load_fid(weights_path: str, device: torch.device | str = "cpu", features: in
     """torchmetrics' FrechetInceptionDistance on torch-fidelity's InceptionV3 (`features`-d activations; 2048 =
     the standard pool features) with the weights read from a local file. Real-image statistics survive
     `reset()`, so one object serves every model."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     state = _read_inception_state(weights_path)
     # torch-fidelity reads its weights with torch.load(weights_only=False). We hand it a file that we wrote
     # ourselves from the tensors read above, so no pickled code from the user's file is ever run.

@@ -31,9 +31,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+from tqdm import tqdm
 
+from vaedec.domains import photos, rendered_text
 from vaedec.images import load_rgb, to_model_range
 from vaedec.latents import encode_moments, split_moments
+from vaedec.metrics import reconstruction_metrics
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,6 @@ def train_source_vae(images: Path, cfg: SourceVAEConfig, progress: bool = True) 
 
 
 def _train(images: Path, cfg: SourceVAEConfig, progress: bool) -> tuple[AutoencoderKL, list[float]]:
-    from tqdm import tqdm
-
     vae = AutoencoderKL(**source_vae_config(cfg)).train()
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     levels = load_pyramid(images, cfg.resolution)
@@ -214,8 +215,6 @@ def tiles(path: Path, resize: int, tile: int) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_psnr(vae: AutoencoderKL, folder: Path, resize: int = 128, tile: int = 64) -> float:
     """Mean PSNR (dB, per tile) of decode(z = mean) over tile x tile pieces of every image in `folder`."""
-    from vaedec.metrics import reconstruction_metrics
-
     x = torch.cat([tiles(p, resize, tile) for p in sorted(folder.iterdir())])
     rec = torch.cat([vae.decode(split_moments(encode_moments(vae, b))[0]).sample for b in x.split(64)])
     return reconstruction_metrics(x, rec, None)["psnr"]
@@ -273,8 +272,6 @@ def main(out: Path, steps: int, seed: int, threads: int) -> None:
     reconstruction PSNR on the held-out photographs and on rendered text, and sets scaling_factor = 1 / std of
     the latent means on training crops. Everything it measured goes into OUT/training.json.
     """
-    from vaedec.domains import photos, rendered_text
-
     cfg = SourceVAEConfig(steps=steps, seed=seed, threads=threads)
     commit = _git_commit()  # now, not after training: the code that trained is the code checked out at the start
     with tempfile.TemporaryDirectory() as d, deterministic(cfg):  # evaluation too runs on cfg.threads

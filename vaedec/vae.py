@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from vaedec.config import TrainConfig
+from vaedec.convert import DEFAULT_SCALING_FACTOR, ConversionError, load_single_file_vae
 from vaedec.errors import TrainError, VaedecError
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | 
     if is_single_file(source):
         if subfolder:
             raise VAELoadError(f"{source} is a single file: --subfolder {subfolder} applies only to folders and hub ids")
-        from vaedec.convert import DEFAULT_SCALING_FACTOR, ConversionError, load_single_file_vae
 
         if scaling_factor is None:
             log.warning(
