@@ -1,11 +1,15 @@
 """Shared fixtures and helpers: tiny random AutoencoderKLs saved as diffusers folders, small image sets made here,
-one set of shards encoded once a session, and the tensor comparisons several test files make."""
+one set of shards encoded once a session, a run's metrics, the pieces of a training step built as train() builds
+them, and the comparisons several test files make."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +176,99 @@ def assert_moments_match(stored: np.ndarray, fresh: np.ndarray) -> None:
     # fp16 storage: half an ulp is 2^-11 relative; batched vs single forward adds ~1e-6.
     assert stored.dtype == np.float16 and stored.shape == fresh.shape
     np.testing.assert_allclose(stored.astype(np.float32), fresh, rtol=1e-3, atol=1e-3)
+
+
+def same_nested(a, b) -> bool:
+    """Equal nested dicts/lists/tuples of tensors and plain values (state dicts, optimizer states), tensors bit for
+    bit."""
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def same_sample(a: dict, b: dict) -> bool:
+    """Two decoded samples (as TrainStream or read_samples give them) with the same key, moments and pixels."""
+    return a["key"] == b["key"] and torch.equal(a["moments"], b["moments"]) and torch.equal(a["pixels"], b["pixels"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs
+
+
+def metrics(run: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl (training steps and validations)."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_lines(run: Path) -> list[dict]:
+    """The per-step training lines of metrics.jsonl (validation lines are separate)."""
+    return [m for m in metrics(run) if "loss/total" in m]
+
+
+def shard_list(folder: Path | str) -> list[str]:
+    """The shards a manifest lists, as the training stream takes them (paths, URLs or pipe: commands)."""
+    from vaedec.shards import read_manifest, shard_paths
+
+    return shard_paths(folder, read_manifest(folder))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for accelerate's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sd_checkpoint_parts(vae, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A stand-in full SD checkpoint around `vae`: (its VAE in LDM layout under first_stage_model., a few seeded
+    UNet and text-encoder tensors that an export --into must leave alone)."""
+    from vaedec.convert import diffusers_to_ldm
+
+    g = torch.Generator().manual_seed(seed)
+    others = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "model.diffusion_model.out.2.bias": torch.randn(4, generator=g),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
+    }
+    vae_part = {f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    return vae_part, others
+
+
+@dataclass
+class StepParts:
+    """What train() steps with, built by the functions train() builds it with, for tests that call
+    train.generator_step / discriminator_step themselves."""
+
+    cfg: object  # TrainConfig
+    decoder: torch.nn.Module  # vae.trainable_decoder: post_quant_conv + decoder, frozen parts frozen
+    disc: torch.nn.Module
+    logvar: torch.nn.Parameter  # not learned
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    samples: list[dict]  # the first decoded samples of the shards, in shard order
+
+
+def step_parts(shards: Path, overrides: list[str], samples: int, seed: int | None = 0) -> StepParts:
+    """FAST_TRAIN + `overrides` on `shards`: the decoder, PatchGAN, logvar and both optimizers as train() makes
+    them (torch seeded with `seed` first unless None), and `samples` decoded samples."""
+    from vaedec.config import load_train_config
+    from vaedec.discriminator import build_discriminator
+    from vaedec.shards import read_manifest, read_samples, shard_paths
+    from vaedec.train import build_optimizers
+    from vaedec.vae import trainable_decoder
+
+    manifest = read_manifest(shards)
+    cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", *overrides])
+    if seed is not None:
+        torch.manual_seed(seed)
+    decoder = trainable_decoder(cfg, manifest)
+    disc = build_discriminator(cfg.loss, 3)
+    if cfg.model.channels_last:
+        disc.to(memory_format=torch.channels_last)
+    logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+    opt_g, opt_d, _ = build_optimizers(cfg, decoder, disc, logvar, 1)
+    return StepParts(cfg, decoder, disc, logvar, opt_g, opt_d, list(read_samples(shard_paths(shards, manifest), samples)))

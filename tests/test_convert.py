@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sd_checkpoint_parts
 from diffusers import AutoencoderKL
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -319,13 +320,8 @@ def test_split_checkpoint_detects_each_kind() -> None:
 
 
 def _fake_sd_checkpoint(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    others = {
-        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
-        "model.diffusion_model.out.2.bias": torch.randn(4, generator=g),
-        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
-    }
-    return {PREFIX + k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()} | others
+    vae_part, others = sd_checkpoint_parts(vae, seed=7)
+    return vae_part | others
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])

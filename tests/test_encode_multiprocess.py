@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli, make_images, tar_samples
+from conftest import ROOT, cli, free_port, make_images, tar_samples
 from PIL import Image
 
 from vaedec.shards import read_manifest, read_samples, shard_paths
@@ -50,12 +49,6 @@ def save_then_die(out, state, skips):
 enc._save_rank = save_then_die
 main()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env() -> dict[str, str]:

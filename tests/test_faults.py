@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, assert_same_tensors, cli, make_images
+from conftest import FAST_TRAIN, assert_same_tensors, cli, make_images, same_nested, train_lines
 from safetensors.torch import load_file
 
 import vaedec.checkpoint as checkpoint_mod
@@ -29,14 +29,6 @@ from vaedec.transport import iter_samples
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 FAST = [*FAST_TRAIN, "data.val_shards=1"]  # the last shard (validation, grids) stays intact
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_lines(run: Path) -> list[dict]:
-    return [m for m in metrics(run) if "loss/total" in m]
 
 
 def rewrite_tar(path: Path, edit) -> str:
@@ -189,16 +181,6 @@ def snapshot(state) -> dict:
     }
 
 
-def same(a, b) -> bool:
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def spy_steps(monkeypatch) -> list[tuple[dict, dict]]:
     """(before, after) snapshots around every train_step."""
     seen, real = [], train_mod.train_step
@@ -239,15 +221,15 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, shards, mon
     cli("train", shards, "--output", run, *FAST, "run.max_steps=3", "--no-export")
 
     (b1, a1), (b2, a2), (b3, a3) = seen
-    assert not same(b1["decoder"], a1["decoder"]) and not same(b1["opt_d"], a1["opt_d"])  # step 1 trained
+    assert not same_nested(b1["decoder"], a1["decoder"]) and not same_nested(b1["opt_d"], a1["opt_d"])  # step 1 trained
     if where == "latents":
         for part in ("decoder", "disc", "opt_g", "opt_d", "ema", "ema_step"):
-            assert same(b2[part], a2[part]), f"{part} changed in the skipped step"
+            assert same_nested(b2[part], a2[part]), f"{part} changed in the skipped step"
     else:
         for part in ("disc", "opt_d"):
-            assert same(b2[part], a2[part]), f"{part} changed in the skipped discriminator step"
-        assert not same(b2["decoder"], a2["decoder"]) and not same(b2["ema"], a2["ema"])  # the generator stepped
-    assert not same(b3["decoder"], a3["decoder"]) and not same(b3["disc"], a3["disc"])  # and training goes on
+            assert same_nested(b2[part], a2[part]), f"{part} changed in the skipped discriminator step"
+        assert not same_nested(b2["decoder"], a2["decoder"]) and not same_nested(b2["ema"], a2["ema"])  # the generator stepped
+    assert not same_nested(b3["decoder"], a3["decoder"]) and not same_nested(b3["disc"], a3["disc"])  # and training goes on
     assert all(torch.isfinite(v).all() for v in a3["decoder"].values())
     lines = train_lines(run)
     assert [m["train/bad_steps"] for m in lines] == [0, 1, 1]

@@ -33,6 +33,7 @@ from conftest import (
     frozen_part,
     make_images,
     save_tiny_vae,
+    sd_checkpoint_parts,
     tar_samples,
     trained_part,
 )
@@ -373,13 +374,7 @@ def test_export_ldm_file_loads_in_diffusers_from_single_file(tmp_path, vae_dir, 
 
 def test_export_into_full_sd_checkpoint(tmp_path, vae_dir, rgb_run) -> None:
     source = AutoencoderKL.from_pretrained(vae_dir)
-    g = torch.Generator().manual_seed(11)
-    others = {
-        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
-        "model.diffusion_model.out.2.bias": torch.randn(4, generator=g),
-        "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
-    }
-    vae_part = {f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(source.state_dict()).items()}
+    vae_part, others = sd_checkpoint_parts(source, seed=11)
     sd_path = tmp_path / "sd-model.safetensors"
     save_file({**vae_part, **others}, str(sd_path), metadata={"format": "pt", "origin": "test"})
     before = sd_path.read_bytes()

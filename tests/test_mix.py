@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_TRAIN, cli, make_images, save_tiny_vae
+from conftest import FAST_TRAIN, cli, make_images, save_tiny_vae, shard_list
 from PIL import Image
 from safetensors.torch import load_file
 
 from vaedec.config import ConfigError, EncodeConfig, load_train_config, parse_mix
 from vaedec.encode import encode
 from vaedec.losses import add_anchor_grad, anchor_penalty
-from vaedec.shards import read_manifest, shard_paths
 from vaedec.stream import TrainStream
 
 RES = 32
@@ -38,14 +37,10 @@ def general(tmp_path_factory, vae_dir) -> Path:
     return encode_folder(root / "images", root / "general", vae_dir)
 
 
-def paths(folder: Path) -> list[str]:
-    return shard_paths(folder, read_manifest(folder))
-
-
 def keys_of(folder: Path) -> set[str]:
     from vaedec.shards import read_samples
 
-    return {s["key"] for s in read_samples(paths(folder))}
+    return {s["key"] for s in read_samples(shard_list(folder))}
 
 
 def take(stream: TrainStream, n: int) -> list[dict]:
@@ -55,7 +50,7 @@ def take(stream: TrainStream, n: int) -> list[dict]:
 
 def test_mix_proportions_are_within_sampling_error(shards, general) -> None:
     p, batch, n = 0.3, 8, 150
-    batches = take(TrainStream(paths(shards), batch, seed=0, shuffle_buffer=8, mix=[(paths(general), p)]), n)
+    batches = take(TrainStream(shard_list(shards), batch, seed=0, shuffle_buffer=8, mix=[(shard_list(general), p)]), n)
     source = torch.cat([b["source"] for b in batches]).numpy()
     total = n * batch
     sigma = np.sqrt(total * p * (1 - p))
@@ -71,8 +66,8 @@ def test_each_set_is_split_by_rank(shards, general) -> None:
     """Within one pass over the general set, two ranks never draw the same general sample."""
     seen = []
     for rank in (0, 1):
-        stream = TrainStream(paths(shards), 4, seed=0, rank=rank, world_size=2, shuffle_buffer=0,
-                             mix=[(paths(general), 0.5)])
+        stream = TrainStream(shard_list(shards), 4, seed=0, rank=rank, world_size=2, shuffle_buffer=0,
+                             mix=[(shard_list(general), 0.5)])
         batches = take(stream, 3)
         seen.append({k for b in batches for k, s in zip(b["key"], b["source"].tolist()) if s == 1})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
@@ -80,7 +75,7 @@ def test_each_set_is_split_by_rank(shards, general) -> None:
 
 def test_mixed_stream_resumes_exactly(shards, general) -> None:
     def make(positions: dict | None = None) -> TrainStream:
-        return TrainStream(paths(shards), 3, seed=5, shuffle_buffer=6, mix=[(paths(general), 0.4)],
+        return TrainStream(shard_list(shards), 3, seed=5, shuffle_buffer=6, mix=[(shard_list(general), 0.4)],
                            positions=positions)
 
     full = take(make(), 12)
@@ -92,8 +87,8 @@ def test_mixed_stream_resumes_exactly(shards, general) -> None:
 
 def test_unmixed_stream_is_unchanged_by_the_mix_machinery(shards) -> None:
     """No data.mix: no `source` in the batches and the order of a plain run (bit-exact resume relies on it)."""
-    a = take(TrainStream(paths(shards), 2, seed=1, shuffle_buffer=4), 4)
-    b = take(TrainStream(paths(shards), 2, seed=1, shuffle_buffer=4, mix=[]), 4)
+    a = take(TrainStream(shard_list(shards), 2, seed=1, shuffle_buffer=4), 4)
+    b = take(TrainStream(shard_list(shards), 2, seed=1, shuffle_buffer=4, mix=[]), 4)
     assert [x["key"] for x in a] == [x["key"] for x in b] and "source" not in a[0]
 
 

@@ -14,22 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, ROOT, cli
+from conftest import FAST_TRAIN, ROOT, cli, same_sample, shard_list
 
 import vaedec.stream
 from vaedec.checkpoint import list_checkpoints
-from vaedec.shards import read_manifest, shard_paths
+from vaedec.shards import read_manifest
 from vaedec.stream import TrainStream, new_position
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def paths(folder: Path) -> list[str]:
-    return shard_paths(folder, read_manifest(folder))
-
-
-def same(a: dict, b: dict) -> bool:
-    return a["key"] == b["key"] and torch.equal(a["moments"], b["moments"]) and torch.equal(a["pixels"], b["pixels"])
 
 
 @pytest.fixture
@@ -49,12 +41,12 @@ def opened(monkeypatch) -> list[str]:
 def test_resume_many_epochs_in_reads_about_one_shard(shards, opened) -> None:
     """16 samples in 6 shards of <= 3, batch 3, blocks of 3: batch 60 is 11 epochs in. Resuming there opens at
     most the two shards one block can span, while reaching it from the start opened every shard 11 times."""
-    shard_list = paths(shards)
+    listed = shard_list(shards)
     sizes = [e["samples"] for e in read_manifest(shards)["shards"]]
     assert max(sizes) >= 3  # so that one block of 3 spans at most two shards
 
     def make(positions: dict | None = None) -> TrainStream:
-        return TrainStream(shard_list, 3, seed=7, shuffle_buffer=3, positions=positions)
+        return TrainStream(listed, 3, seed=7, shuffle_buffer=3, positions=positions)
 
     it = iter(make())
     full = [next(it) for _ in range(70)]
@@ -66,8 +58,8 @@ def test_resume_many_epochs_in_reads_about_one_shard(shards, opened) -> None:
         first = next(resumed)
         assert len(opened) <= 2, (at, opened)
         rest = [first] + [next(resumed) for _ in range(69 - at)]
-        assert all(same(a, b) for a, b in zip(full[at:], rest, strict=True)), at
-    assert opened_from_start >= 11 * len(shard_list)
+        assert all(same_sample(a, b) for a, b in zip(full[at:], rest, strict=True)), at
+    assert opened_from_start >= 11 * len(listed)
 
 
 def test_resumed_dataloader_continues_with_the_right_worker(shards) -> None:
@@ -75,7 +67,7 @@ def test_resumed_dataloader_continues_with_the_right_worker(shards) -> None:
     0 plays the role whose batch is next (first_role), and the sequence goes on unchanged."""
 
     def loader(positions: dict | None = None, first_role: int = 0) -> list[dict]:
-        stream = TrainStream(paths(shards), 2, seed=3, shuffle_buffer=3, positions=positions, first_role=first_role)
+        stream = TrainStream(shard_list(shards), 2, seed=3, shuffle_buffer=3, positions=positions, first_role=first_role)
         it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
         return [next(it) for _ in range(12)]
 
@@ -84,7 +76,7 @@ def test_resumed_dataloader_continues_with_the_right_worker(shards) -> None:
     consumed = 7
     positions = {b["worker"]: b["position"] for b in full[:consumed]}  # the last of each role, as train keeps it
     resumed = loader(positions, first_role=consumed % 2)
-    assert all(same(a, b) for a, b in zip(full[consumed:], resumed[: 12 - consumed], strict=True))
+    assert all(same_sample(a, b) for a, b in zip(full[consumed:], resumed[: 12 - consumed], strict=True))
 
 
 def test_resume_with_other_stream_settings_warns_and_restarts_the_order(tmp_path, shards) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST_TRAIN
+from conftest import FAST_TRAIN, step_parts
 
 import vaedec.train as train_mod
 from vaedec.config import load_train_config
-from vaedec.discriminator import build_discriminator
 from vaedec.images import batch_to_model
 from vaedec.latents import sample_latent
-from vaedec.shards import collate, read_manifest, read_samples, shard_paths
+from vaedec.shards import collate, read_manifest
 from vaedec.vae import trainable_decoder
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -21,17 +20,10 @@ def step_grads(shards, overrides: list[str], backend: str | None = None) -> tupl
     """The decoder's gradients of one real generator step (GAN term on), taken when its optimizer steps."""
     from accelerate import Accelerator
 
-    manifest = read_manifest(shards)
-    cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", *overrides])
-    torch.manual_seed(0)
-    decoder = trainable_decoder(cfg, manifest)
-    if backend:
+    parts = step_parts(shards, overrides, 2)
+    cfg, decoder, disc, logvar, opt_g = parts.cfg, parts.decoder, parts.disc, parts.logvar, parts.opt_g
+    if backend:  # in place: the optimizer holds the same parameters
         train_mod.compile_decoder(decoder, backend)
-    disc = build_discriminator(cfg.loss, 3)
-    if cfg.model.channels_last:
-        disc.to(memory_format=torch.channels_last)
-    logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
-    opt_g, _, _ = train_mod.build_optimizers(cfg, decoder, disc, logvar, 1)
     grads: dict[str, torch.Tensor] = {}
     real_step = opt_g.step
 
@@ -40,7 +32,7 @@ def step_grads(shards, overrides: list[str], backend: str | None = None) -> tupl
         return real_step(*a, **k)
 
     opt_g.step = spy_step
-    batch = collate(list(read_samples(shard_paths(shards, manifest), 2)))
+    batch = collate(parts.samples)
     z = sample_latent(batch["moments"], "mode")
     if cfg.model.channels_last:
         z = z.contiguous(memory_format=torch.channels_last)

@@ -14,7 +14,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,9 +28,13 @@ from conftest import (
     ROOT,
     assert_same_tensors,
     cli,
+    free_port,
     frozen_part,
     make_images,
+    metrics,
     save_tiny_vae,
+    step_parts,
+    train_lines,
     trained_part,
 )
 from diffusers import AutoencoderKL
@@ -46,7 +49,6 @@ from vaedec.latents import sample_latent
 from vaedec.losses import LOG_KEYS
 from vaedec.shards import read_manifest, read_samples, shard_paths
 from vaedec.train import lr_at
-from vaedec.vae import trainable_decoder
 
 RES = 32  # pixels; the tiny VAE downsamples by 2, so latents are (4, 16, 16)
 BATCH = 2  # data.batch_size_per_device in FAST_TRAIN
@@ -60,15 +62,6 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_lines(run: Path) -> list[dict]:
-    """The per-step training lines of metrics.jsonl (validation lines are separate)."""
-    return [m for m in metrics(run) if "loss/total" in m]
 
 
 def checkpoint_tensors(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -302,17 +295,12 @@ def test_generator_and_discriminator_steps_give_gradients_only_to_their_own_mode
     """At each optimizer step of train's own phases: that optimizer's parameters have gradients, the other's none."""
     from accelerate import Accelerator
 
-    from vaedec.discriminator import build_discriminator
     from vaedec.images import batch_to_model
     from vaedec.shards import collate
 
-    manifest = read_manifest(shards)
-    cfg = load_train_config(None, [*FAST, "model.train_post_quant_conv=false", f"data.shards={shards}"])
-    torch.manual_seed(0)
-    decoder = trainable_decoder(cfg, manifest)  # as train() builds it: post_quant_conv frozen
-    disc = build_discriminator(cfg.loss, 3)
-    logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
-    opt_g, opt_d, _ = train_mod.build_optimizers(cfg, decoder, disc, logvar, 1)
+    parts = step_parts(shards, ["model.train_post_quant_conv=false"], 8)  # as train() builds them
+    cfg, decoder, disc, logvar, opt_g, opt_d = (parts.cfg, parts.decoder, parts.disc, parts.logvar, parts.opt_g,
+                                                parts.opt_d)
     params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in (("g", opt_g), ("d", opt_d))}
     # The decoder's optimizer holds the decoder only: no post_quant_conv (frozen), no logvar (not learned).
     assert {id(p) for p in params["g"]} == {id(p) for p in decoder.decoder.parameters()}
@@ -329,8 +317,7 @@ def test_generator_and_discriminator_steps_give_gradients_only_to_their_own_mode
 
         opt.step = spy_step  # this instance only; torch.optim.Adam itself is untouched
 
-    accelerator, noise = Accelerator(), torch.Generator().manual_seed(0)
-    samples = list(read_samples(shard_paths(shards, manifest), 8))
+    accelerator, noise, samples = Accelerator(), torch.Generator().manual_seed(0), parts.samples
     for step in range(2):
         batches = [collate(samples[4 * step + 2 * i : 4 * step + 2 * i + 2]) for i in range(2)]  # 2 micro-batches
         micro = [(batch_to_model(b, accelerator.device), sample_latent(b["moments"], "sample", noise)) for b in batches]
@@ -477,12 +464,6 @@ def test_processes_that_accelerate_did_not_connect_are_refused(tmp_path, shards,
 
 # ----------------------------------------------------------------------------------------------------------------
 # 6. two CPU processes with real accelerate (gloo)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

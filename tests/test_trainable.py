@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST_TRAIN, assert_same_tensors, cli, frozen_part
+from conftest import FAST_TRAIN, assert_same_tensors, cli, frozen_part, step_parts
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import vaedec.train as train_mod
 from vaedec.checkpoint import list_checkpoints
 from vaedec.config import ConfigError, load_train_config
-from vaedec.vae import select_trainable, trainable_decoder
+from vaedec.vae import select_trainable
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -73,18 +73,13 @@ def test_partial_decoder_trains_only_its_parts(tmp_path, shards, vae_dir) -> Non
 def test_frozen_parts_get_no_gradient_in_the_real_step(shards) -> None:
     from accelerate import Accelerator
 
-    from vaedec.discriminator import build_discriminator
     from vaedec.images import batch_to_model
     from vaedec.latents import sample_latent
-    from vaedec.shards import collate, read_manifest, read_samples, shard_paths
+    from vaedec.shards import collate
 
-    manifest = read_manifest(shards)
-    cfg = load_train_config(None, [*FAST_TRAIN, PATTERNS, f"data.shards={shards}"])
-    decoder = trainable_decoder(cfg, manifest)
+    parts = step_parts(shards, [PATTERNS], 2, seed=None)
+    cfg, decoder, disc, logvar, opt_g = parts.cfg, parts.decoder, parts.disc, parts.logvar, parts.opt_g
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
-    disc = build_discriminator(cfg.loss, 3)
-    logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
-    opt_g, _, _ = train_mod.build_optimizers(cfg, decoder, disc, logvar, 1)
     in_optimizer = {id(p) for g in opt_g.param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for n, p in decoder.named_parameters() if is_trained(n)}
 
@@ -96,8 +91,7 @@ def test_frozen_parts_get_no_gradient_in_the_real_step(shards) -> None:
         return real_step(*a, **k)
 
     opt_g.step = spy_step
-    samples = list(read_samples(shard_paths(shards, manifest), 2))
-    batch, noise = collate(samples), torch.Generator().manual_seed(0)
+    batch, noise = collate(parts.samples), torch.Generator().manual_seed(0)
     micro = [(batch_to_model(batch, torch.device("cpu")), sample_latent(batch["moments"], "sample", noise))]
     _, logs = train_mod.generator_step(Accelerator(), decoder, disc, opt_g, logvar, None, micro, cfg, 0)
     assert logs["loss/d_weight"] > 0  # λ still comes from conv_out's input
