@@ -3,6 +3,7 @@
 Sections, each measured side by side against its own reference in this run (see each script's docstring):
   encode        bench/encode.py        `encode` end to end vs the encoder forward alone
   train step    bench/train_step.py    (a)-(d): this trainer's step vs the alternatives
+  train loop    bench/train_loop.py    a step of `cli.py train` (subprocess) vs the bare decoder step, 128 px
   shard read    bench/shard_read.py    training's reader, images/s per DataLoader worker, 256 px
   resume        bench/shard_read.py    seconds to the first batch of a resumed stream, early and 10,000 epochs in
   bytes on disk bench/shard_read.py    shard bytes per sample, 256 px photographs
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from bench import encode as encode_bench
-from bench import shard_read, train_memory, train_step
+from bench import shard_read, train_loop, train_memory, train_step
 from bench.common import Row, machine, markdown_table
 from vaedec.io import atomic_write_bytes
 
@@ -67,6 +68,17 @@ def run_all(quick: bool, device: torch.device, dtype: str) -> tuple[list[Row], l
         f"median of {t.steps} timed steps after {t.warmup} warm-up, variants interleaved; GAN term on; "
         f"min-max s/step {spread} (ratios inside these spreads are noise)"
     )
+
+    if not cuda:  # the CPU's question: what the loop around the decoder costs (a GPU step is measured above)
+        log("train loop: `cli.py train` step vs bare decoder step (128 px)")
+        loop = train_loop.measure(rounds=1 if quick else 3, steps=4 if quick else 8)
+        rows += train_loop.rows(loop)
+        notes.append(
+            f"train loop: {train_loop.MODEL}; {loop.resolution} px, batch size {loop.batch_size}, fp32; "
+            f"{loop.rounds} rounds of a `cli.py train` subprocess ({loop.steps} steps, the first dropped) then "
+            f"{loop.steps} bare steps in this process; medians; min-max s/step train "
+            f"{min(loop.train):.2f}-{max(loop.train):.2f}, bare {min(loop.bare):.2f}-{max(loop.bare):.2f}"
+        )
 
     log("shard read + bytes on disk (256 px)")
     s = shard_read.measure(crops_per_image=4 if quick else 16, rounds=1 if quick else 3)
