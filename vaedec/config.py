@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from vaedec.errors import VaedecError
+from vaedec.redact import redact_tree
 
 log = logging.getLogger("vaedec")
 
@@ -447,7 +448,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Dataclass -> plain dict (tuples as lists) for YAML/JSON."""
+    """Dataclass -> plain dict (tuples as lists) for YAML/JSON: what run folders, checkpoints and reports store
+    and resume checks compare, so secrets in SHARDS (a signed URL's token) are `redact`ed."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -456,7 +458,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return redact_tree(plain(dataclasses.asdict(cfg)))
 
 
 def dump_config(cfg: Any) -> str:

@@ -36,6 +36,7 @@ from vaedec import __version__
 from vaedec.errors import ShardError, ShardUnreachable
 from vaedec.images import GREY16_MODES
 from vaedec.io import atomic_write_bytes, atomic_write_json, npy_bytes, png_bytes
+from vaedec.redact import redact
 from vaedec.transport import (
     NAME_FIELD,
     PIPE_EXAMPLES,
@@ -354,7 +355,7 @@ def summarize(folder: str | Path) -> str:
     c = vae["latent_channels"]
     r = pre["resolution"] // vae["downsample_factor"]
     lines = [
-        f"shards         {folder}" if is_remote(folder) else f"shard folder   {local_folder(folder).resolve()}",
+        f"shards         {redact(str(folder))}" if is_remote(folder) else f"shard folder   {local_folder(folder).resolve()}",
         f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
         f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
         f"encoder sha256 {vae['encoder_sha256']}",
