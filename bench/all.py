@@ -5,7 +5,8 @@ Sections, each measured side by side against its own reference in this run (see 
   train step    bench/train_step.py    (a)-(d): this trainer's step vs the alternatives
   train loop    bench/train_loop.py    a step of `cli.py train` (subprocess) vs the bare decoder step, 128 px
   shard read    bench/shard_read.py    training's reader, images/s per DataLoader worker, 256 px
-  resume        bench/shard_read.py    seconds to the first batch of a resumed stream, early and 10,000 epochs in
+  resume        bench/shard_read.py    seconds to the first batch of a resumed stream, early and 10,000
+                                       epochs in
   bytes on disk bench/shard_read.py    shard bytes per sample, 256 px photographs
   train memory  bench/train_memory.py  peak RSS of `cli.py train` on a small and a large data set
 `--write docs/benchmarks.md` also writes the table with the date, the command and the machine (atomically).
@@ -75,7 +76,8 @@ def run_all(quick: bool, device: torch.device, dtype: str) -> tuple[list[Row], l
         rows += train_loop.rows(loop)
         notes.append(
             f"train loop: {train_loop.MODEL}; {loop.resolution} px, batch size {loop.batch_size}, fp32; "
-            f"{loop.rounds} rounds of a `cli.py train` subprocess ({loop.steps} steps, the first dropped) then "
+            f"{loop.rounds} rounds of a `cli.py train` subprocess ({loop.steps} steps, the first dropped) "
+            "then "
             f"{loop.steps} bare steps in this process; medians; min-max s/step train "
             f"{min(loop.train):.2f}-{max(loop.train):.2f}, bare {min(loop.bare):.2f}-{max(loop.bare):.2f}"
         )
@@ -132,7 +134,8 @@ def document(
         f"- command: `{command}`",
         f"- machine: {machine(device)}; load average {load:.2f} at the start",
         (
-            "- conditions: the load average above says whether other jobs shared the cores (near or above the "
+            "- conditions: the load average above says whether other jobs shared the cores (near or above "
+            "the "
             "core count: absolute figures are inflated by contention); the ratios compare rows measured side "
             "by side (interleaved) in this same run"
         ),

@@ -57,7 +57,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_timer(vae_dir: Path, sources: list[Path], cfg: EncodeConfig, device: torch.device) -> Callable[[], float]:
+def forward_timer(
+    vae_dir: Path, sources: list[Path], cfg: EncodeConfig, device: torch.device
+) -> Callable[[], float]:
     """A function timing encode_moments over all crops, preloaded on the device (warmed up once here)."""
     vae = freeze(load_vae(str(vae_dir)))
     dtype = DTYPES[cfg.dtype]
@@ -96,7 +98,8 @@ def pipeline_time(cfg: EncodeConfig, images: int) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,18 @@ class EncodeResult:
     load_average: float
 
 
-def measure(resolution: int | None = None, images: int | None = None, batch_size: int | None = None,
-            source_size: int | None = None, num_workers: int = 2, dtype: str = "fp32", device: str | None = None,
-            repeats: int = 3) -> EncodeResult:
-    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture; None = the device's default."""
+def measure(
+    resolution: int | None = None,
+    images: int | None = None,
+    batch_size: int | None = None,
+    source_size: int | None = None,
+    num_workers: int = 2,
+    dtype: str = "fp32",
+    device: str | None = None,
+    repeats: int = 3,
+) -> EncodeResult:
+    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture; None = the device's
+    default."""
     from diffusers import AutoencoderKL
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,13 +158,23 @@ def measure(resolution: int | None = None, images: int | None = None, batch_size
         t_forward, t_pipeline = min(t_forward), min(t_pipeline)
 
         t0 = time.perf_counter()
-        freeze(load_vae(str(vae_dir)))  # what the pipeline pays before its first batch, besides the fingerprint
+        # what the pipeline pays before its first batch, besides the fingerprint
+        freeze(load_vae(str(vae_dir)))
         t_load = time.perf_counter() - t0
 
     setup = (f"{images} images {long_side}x{long_side * 3 // 4} JPEG -> {resolution}x{resolution}, "
              f"batch size {batch_size}, dtype {dtype}, {num_workers} decode workers")
-    return EncodeResult(images / t_pipeline, images / t_forward, t_pipeline, t_forward, t_load, device_name(dev),
-                        setup, repeats, load_before)
+    return EncodeResult(
+        images / t_pipeline,
+        images / t_forward,
+        t_pipeline,
+        t_forward,
+        t_load,
+        device_name(dev),
+        setup,
+        repeats,
+        load_before,
+    )
 
 
 def rows(r: EncodeResult) -> list[Row]:
@@ -166,14 +187,39 @@ def rows(r: EncodeResult) -> list[Row]:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--resolution", type=click.IntRange(8), default=None, help="Encoded side, pixels [default: 128 on CPU, 256 on CUDA].")
-@click.option("--images", type=click.IntRange(1), default=None, help="Number of source images [default: 8 on CPU, 512 on CUDA].")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Images per encoder forward [default: 4 on CPU, 32 on CUDA].")
-@click.option("--source-size", type=click.IntRange(8), default=None, help="Longer side of the source JPEGs [default: 2x resolution].")
+@click.option(
+    "--resolution",
+    type=click.IntRange(8),
+    default=None,
+    help="Encoded side, pixels [default: 128 on CPU, 256 on CUDA].",
+)
+@click.option(
+    "--images",
+    type=click.IntRange(1),
+    default=None,
+    help="Number of source images [default: 8 on CPU, 512 on CUDA].",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per encoder forward [default: 4 on CPU, 32 on CUDA].",
+)
+@click.option(
+    "--source-size",
+    type=click.IntRange(8),
+    default=None,
+    help="Longer side of the source JPEGs [default: 2x resolution].",
+)
 @click.option("--num-workers", type=click.IntRange(0), default=2, help="Decoding processes of the pipeline.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", help="Encoder compute dtype.")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
-@click.option("--repeats", type=click.IntRange(1), default=3, help="Interleaved (b), (a) rounds; the fastest of each counts.")
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    help="Interleaved (b), (a) rounds; the fastest of each counts.",
+)
 def main(resolution: int | None, images: int | None, batch_size: int | None, source_size: int | None,
          num_workers: int, dtype: str, device: str | None, repeats: int) -> None:
     """Encode pipeline vs encoder forward, images/s, on the SD 1.x VAE architecture with random weights.
@@ -185,10 +231,18 @@ def main(resolution: int | None, images: int | None, batch_size: int | None, sou
     print(f"torch           {torch.__version__}")
     print(f"model           {MODEL}")
     print(f"setup           {r.setup}")
-    print(f"timing          fastest of {r.repeats} interleaved rounds; load average {r.load_average:.2f} at the start")
-    print(f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, incl. ~{r.t_load:.2f} s model load)")
+    print(
+        f"timing          fastest of {r.repeats} interleaved rounds; load average {r.load_average:.2f} at "
+        "the start"
+    )
+    print(
+        f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, incl. ~{r.t_load:.2f} s "
+        "model load)"
+    )
     print(f"(b) forward     {r.forward:8.2f} img/s  ({r.t_forward:.2f} s, encoder only, tensors preloaded)")
-    print(f"ratio (b)/(a)   {r.forward / r.pipeline:8.2f}x  (pipeline time / forward time; 1.00 = no overhead)")
+    print(
+        f"ratio (b)/(a)   {r.forward / r.pipeline:8.2f}x  (pipeline time / forward time; 1.00 = no overhead)"
+    )
 
 
 if __name__ == "__main__":

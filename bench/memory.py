@@ -2,9 +2,9 @@
 (and with only part of the decoder trained), on the SD 1.x VAE architecture with random weights.
 
 Each variant runs in a fresh process (on CPU the peak resident set only grows, so variants cannot share one):
-decoder forward from raw z, L1 loss, backward, Adam step. Printed: the peak minus the resident memory before the
-step (what the step's activations, gradients and Adam moments add), and the step time. With --device cuda it
-reports torch.cuda.max_memory_allocated instead, and --find-max-batch searches the largest batch that fits.
+decoder forward from raw z, L1 loss, backward, Adam step. Printed: the peak minus the resident memory before
+the step (what the step's activations, gradients and Adam moments add), and the step time. With --device cuda
+it reports torch.cuda.max_memory_allocated instead, and --find-max-batch searches the largest batch that fits.
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def run_variant(resolution: int, batch: int, device: str, flags: list[str], step
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--steps", type=int, default=2, show_default=True, help="Timed steps per variant (median).")
-@click.option("--find-max-batch", is_flag=True, help="CUDA: double the batch until a variant runs out of memory.")
+@click.option(
+    "--find-max-batch", is_flag=True, help="CUDA: double the batch until a variant runs out of memory."
+)
 @click.option("--child", "child_flags", default=None, hidden=True)
 def cli(
     resolution: int, batch_size: int, device: str, steps: int, find_max_batch: bool, child_flags: str | None
@@ -100,10 +102,14 @@ def cli(
         return
     print(f"SD 1.x VAE decoder (random weights), {resolution} px, batch {batch_size}, fp32, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {steps} steps")
-    print(f"{'variant':36s} {'peak extra MiB':>15s} {'step s':>8s}" + ("  max batch" if find_max_batch else ""))
+    print(
+        f"{'variant':36s} {'peak extra MiB':>15s} {'step s':>8s}" + ("  max batch" if find_max_batch else "")
+    )
     for name, flags in VARIANTS.items():
         r = run_variant(resolution, batch_size, device, flags, steps)
-        line = f"{name:36s} " + (f"{r['extra_mib']:15.0f} {r['step_s']:8.2f}" if r else f"{'failed (stderr)':>24s}")
+        line = f"{name:36s} " + (
+            f"{r['extra_mib']:15.0f} {r['step_s']:8.2f}" if r else f"{'failed (stderr)':>24s}"
+        )
         if find_max_batch:
             b, best = batch_size, None
             while (res := run_variant(resolution, b, device, flags, 1)) is not None:

@@ -10,8 +10,9 @@ a 256x256 RGB PNG of photographic pixels. Then, in one run:
     checks that its first epoch holds every sample written, once;
   - bytes per sample on disk = shard bytes / samples, and the mean size of each member;
   - the cost of a resume: seconds to the first batch of a stream started fresh, from a position recorded a few
-    epochs in, and from the same position moved 10,000 epochs on (a week-long run), next to the seconds a replay
-    of those few epochs takes (what a resume cost before positions were recorded, growing with the step).
+    epochs in, and from the same position moved 10,000 epochs on (a week-long run), next to the seconds a
+    replay of those few epochs takes (what a resume cost before positions were recorded, growing with the
+    step).
 Timing does not depend on the VAE: the reader never runs it.
 """
 
@@ -119,8 +120,8 @@ def first_batch_seconds(shards: list[str], batch_size: int, positions: dict | No
 
 
 def resume_seconds(shards: list[str], batch_size: int, epochs: int, rounds: int) -> dict[str, float]:
-    """First-batch seconds: fresh, from a position `epochs` epochs in, from it 10,000 epochs on, and the replay of
-    those epochs' raw samples (tar parsing only, no decode) that a resume used to cost."""
+    """First-batch seconds: fresh, from a position `epochs` epochs in, from it 10,000 epochs on, and the
+    replay of those epochs' raw samples (tar parsing only, no decode) that a resume used to cost."""
     it = iter(TrainStream(shards, batch_size, seed=0, shuffle_buffer=64))
     batch = next(it)
     while batch["position"]["sets"][0]["epoch"] < epochs:
@@ -179,8 +180,19 @@ def measure(
         f"{batch_size}, {epochs} epochs a read, median of {rounds} interleaved rounds"
     )
     rates = {w: statistics.median(t) for w, t in times.items()}
-    return ReadResult(rates, resume, replay_epochs, samples, per_sample, members, resolution, batch_size, epochs,
-                      rounds, setup)
+    return ReadResult(
+        rates,
+        resume,
+        replay_epochs,
+        samples,
+        per_sample,
+        members,
+        resolution,
+        batch_size,
+        epochs,
+        rounds,
+        setup,
+    )
 
 
 def rows(r: ReadResult) -> list[Row]:
@@ -198,12 +210,30 @@ def rows(r: ReadResult) -> list[Row]:
             "of 0 workers",
         ),
         Row("resume", "first batch of a fresh stream (reference)", r.resume["fresh"], "s", 1.0),
-        Row("resume", f"first batch from a position {r.replay_epochs} epochs in", r.resume["recorded"], "s",
-            r.resume["recorded"] / r.resume["fresh"], "of fresh"),
-        Row("resume", f"first batch from a position {r.replay_epochs} + 10,000 epochs in", r.resume["far"], "s",
-            r.resume["far"] / r.resume["fresh"], "of fresh"),
-        Row("resume", f"replay of {r.replay_epochs} epochs (the cost before positions; x2,500 for the row above)",
-            r.resume["replay"], "s", r.resume["replay"] / r.resume["fresh"], "of fresh"),
+        Row(
+            "resume",
+            f"first batch from a position {r.replay_epochs} epochs in",
+            r.resume["recorded"],
+            "s",
+            r.resume["recorded"] / r.resume["fresh"],
+            "of fresh",
+        ),
+        Row(
+            "resume",
+            f"first batch from a position {r.replay_epochs} + 10,000 epochs in",
+            r.resume["far"],
+            "s",
+            r.resume["far"] / r.resume["fresh"],
+            "of fresh",
+        ),
+        Row(
+            "resume",
+            f"replay of {r.replay_epochs} epochs (the cost before positions; x2,500 for the row above)",
+            r.resume["replay"],
+            "s",
+            r.resume["replay"] / r.resume["fresh"],
+            "of fresh",
+        ),
         Row("bytes on disk", f"raw uint8 pixels, {px} (reference)", raw, "bytes/sample", 1.0),
         Row(
             "bytes on disk",
@@ -241,7 +271,9 @@ def main(resolution: int, crops_per_image: int, batch_size: int, epochs: int, ro
     for key, what in (("fresh", "fresh stream"), ("recorded", f"position {r.replay_epochs} epochs in"),
                       ("far", f"position {r.replay_epochs} + 10,000 epochs in")):
         print(f"resume   first batch, {what}: {r.resume[key]:.3f} s")
-    print(f"resume   replay of {r.replay_epochs} epochs (the cost before positions): {r.resume['replay']:.3f} s")
+    print(
+        f"resume   replay of {r.replay_epochs} epochs (the cost before positions): {r.resume['replay']:.3f} s"
+    )
     members = ", ".join(f"{ext} {b:,.0f}" for ext, b in sorted(r.member_bytes.items()))
     print(
         f"disk     {r.bytes_per_sample:,.0f} bytes/sample on disk (members, mean bytes: {members}; "

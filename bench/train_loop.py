@@ -39,7 +39,10 @@ from vaedec.latents import sample_latent
 from vaedec.shards import collate, read_manifest, read_samples, shard_paths
 from vaedec.vae import SD_VAE_CONFIG, TrainableDecoder, load_vae
 
-MODEL = f"SD 1.x VAE architecture {SD_VAE_CONFIG['block_out_channels']}, random weights; LPIPS random VGG16; PatchGAN"
+MODEL = (
+    f"SD 1.x VAE architecture {SD_VAE_CONFIG['block_out_channels']}, random weights; LPIPS random VGG16; "
+    "PatchGAN"
+)
 # The issue-15 setting: LPIPS + GAN from the first step, batch 2, fp32; nothing else changed from the defaults
 # but what makes the run short and its per-step pace readable.
 OVERRIDES = [
@@ -74,8 +77,14 @@ def prepare(root: Path, resolution: int, vae_config: dict) -> tuple[Path, Path]:
     vae_dir = root / "vae"
     AutoencoderKL(**vae_config).save_pretrained(vae_dir)
     copy_photos(root / "photos")
-    cfg = EncodeConfig(src=str(root / "photos"), out=str(root / "shards"), vae=str(vae_dir), resolution=resolution,
-                       batch_size=8, num_workers=0)
+    cfg = EncodeConfig(
+        src=str(root / "photos"),
+        out=str(root / "shards"),
+        vae=str(vae_dir),
+        resolution=resolution,
+        batch_size=8,
+        num_workers=0,
+    )
     assert encode(cfg).samples > 0
     return vae_dir, root / "shards"
 
@@ -93,8 +102,8 @@ def train_steps(shards: Path, run: Path, steps: int, batch_size: int) -> list[fl
 
 
 def bare_steps(vae_dir: Path, shards: Path, steps: int, batch_size: int) -> list[float]:
-    """Seconds of `steps` bare decoder steps (after one untimed): z from the shards' moments, forward, L1 to the
-    pixels, backward, Adam; on the decoder `train` trains (post_quant_conv + decoder)."""
+    """Seconds of `steps` bare decoder steps (after one untimed): z from the shards' moments, forward, L1 to
+    the pixels, backward, Adam; on the decoder `train` trains (post_quant_conv + decoder)."""
     keep_freed_heap()  # as train does on the CPU: the floor is the decoder's arithmetic, not page faults
     torch.manual_seed(0)
     decoder = TrainableDecoder(load_vae(str(vae_dir))).train()
@@ -136,15 +145,28 @@ def rows(r: LoopResult) -> list[Row]:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--rounds", type=click.IntRange(1), default=3, help="Alternating rounds of a train run and bare steps.")
-@click.option("--steps", type=click.IntRange(2), default=8, help="Steps per train run (the first is dropped) and bare steps per round.")
+@click.option(
+    "--rounds", type=click.IntRange(1), default=3, help="Alternating rounds of a train run and bare steps."
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(2),
+    default=8,
+    help="Steps per train run (the first is dropped) and bare steps per round.",
+)
 def main(rounds: int, steps: int) -> None:
     """Seconds per step of `cli.py train` and of the bare decoder step, 128 px, CPU, side by side."""
     r = measure(rounds, steps)
-    print(f"{MODEL}; {r.resolution} px, batch size {r.batch_size}, fp32, {torch.get_num_threads()} torch threads")
+    print(
+        f"{MODEL}; {r.resolution} px, batch size {r.batch_size}, fp32, {torch.get_num_threads()} torch "
+        "threads"
+    )
     for which, times in (("cli.py train step", r.train), ("bare decoder step", r.bare)):
-        print(f"{which:<20} median {statistics.median(times):.3f} s/step  (min-max {min(times):.2f}-{max(times):.2f}, "
-              f"{len(times)} steps)")
+        print(
+            f"{which:<20} median {statistics.median(times):.3f} s/step  (min-max "
+            f"{min(times):.2f}-{max(times):.2f}, "
+            f"{len(times)} steps)"
+        )
     print(f"ratio                {statistics.median(r.train) / statistics.median(r.bare):.3f}x the bare step")
 
 

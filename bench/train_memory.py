@@ -108,7 +108,8 @@ def run_train(
     cmd = [
         sys.executable, "-c", LAUNCHER,
         sys.executable, str(ROOT / "cli.py"), "train", str(shards),
-        "--config", str(ROOT / "configs" / "demo.yaml"), "--output", str(run), *OVERRIDES, f"run.max_steps={steps}", f"data.batch_size_per_device={batch_size}",
+        "--config", str(ROOT / "configs" / "demo.yaml"), "--output", str(run), *OVERRIDES,
+        f"run.max_steps={steps}", f"data.batch_size_per_device={batch_size}",
         f"data.shuffle_buffer={shuffle_buffer}", *extra,
     ]  # fmt: skip
     # One thread: on a busy shared machine two spinning OpenMP threads made a step of this tiny model take

@@ -1,6 +1,6 @@
-"""Shared fixtures and helpers: tiny random AutoencoderKLs saved as diffusers folders, small image sets made here,
-one set of shards encoded once a session, a run's metrics, the pieces of a training step built as train() builds
-them, and the comparisons several test files make."""
+"""Shared fixtures and helpers: tiny random AutoencoderKLs saved as diffusers folders, small image sets made
+here, one set of shards encoded once a session, a run's metrics, the pieces of a training step built as
+train() builds them, and the comparisons several test files make."""
 
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ RANDOM_LPIPS = ["loss.perceptual_weight=1.0", "loss.lpips_random_backbone=true"]
 
 
 def tar_samples(shards: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """(shard name, key, {extension: bytes}) for every sample of every shard in `shards`, in file order, read with
-    plain tarfile (not vaedec's reader); a file stored twice under one key fails the test."""
+    """(shard name, key, {extension: bytes}) for every sample of every shard in `shards`, in file order, read
+    with plain tarfile (not vaedec's reader); a file stored twice under one key fails the test."""
     for tar_path in sorted(shards.glob("shard-*.tar")):
         members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(tar_path) as tar:
@@ -110,8 +110,8 @@ def tar_samples(shards: Path) -> Iterator[tuple[str, str, dict[str, bytes]]]:
 
 
 def cli(*args: object, code: int | None = 0):
-    """Invoke vaedec's click group in this process. A traceback (any exception but SystemExit) fails the test: a
-    user mistake must end in a message. `code`: the exit code expected (None: any)."""
+    """Invoke vaedec's click group in this process. A traceback (any exception but SystemExit) fails the test:
+    a user mistake must end in a message. `code`: the exit code expected (None: any)."""
     import traceback
 
     from click.testing import CliRunner
@@ -122,11 +122,13 @@ def cli(*args: object, code: int | None = 0):
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         tb = "".join(traceback.format_exception(*result.exc_info))
         raise AssertionError(f"traceback instead of a clean exit:\n{result.output}\n{tb}")
-    assert code is None or result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
+    assert code is None or result.exit_code == code, (
+        f"exit {result.exit_code}, expected {code}:\n{result.output}"
+    )
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shards shared by the train and user-error tests
 
 SHARDS_RES = 32  # pixels; the tiny VAE downsamples by 2, so latents are (4, 16, 16)
@@ -134,8 +136,8 @@ SHARDS_RES = 32  # pixels; the tiny VAE downsamples by 2, so latents are (4, 16,
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory, vae_dir) -> Path:
-    """16 images encoded at 32 px into several small shards (some runs hold the last one out); root/images next
-    to root/shards. Tests that change shards copy them first."""
+    """16 images encoded at 32 px into several small shards (some runs hold the last one out); root/images
+    next to root/shards. Tests that change shards copy them first."""
     from vaedec.config import EncodeConfig
     from vaedec.encode import encode
 
@@ -150,7 +152,7 @@ def shards(tmp_path_factory, vae_dir) -> Path:
     return root / "shards"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # comparisons
 
 
@@ -158,7 +160,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     """Same keys, every tensor bit for bit equal."""
     assert a.keys() == b.keys(), f"{what}: keys differ {sorted(set(a) ^ set(b))[:5]}"
     for k, v in a.items():
-        assert torch.equal(v, b[k]), f"{what}: {k} differs (max |diff| {(v.float() - b[k].float()).abs().max():.3g})"
+        assert torch.equal(v, b[k]), (
+            f"{what}: {k} differs (max |diff| {(v.float() - b[k].float()).abs().max():.3g})"
+        )
 
 
 def frozen_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -179,8 +183,8 @@ def assert_moments_match(stored: np.ndarray, fresh: np.ndarray) -> None:
 
 
 def same_nested(a, b) -> bool:
-    """Equal nested dicts/lists/tuples of tensors and plain values (state dicts, optimizer states), tensors bit for
-    bit."""
+    """Equal nested dicts/lists/tuples of tensors and plain values (state dicts, optimizer states), tensors
+    bit for bit."""
     if torch.is_tensor(a):
         return torch.equal(a, b)
     if isinstance(a, dict):
@@ -191,11 +195,16 @@ def same_nested(a, b) -> bool:
 
 
 def same_sample(a: dict, b: dict) -> bool:
-    """Two decoded samples (as TrainStream or read_samples give them) with the same key, moments and pixels."""
-    return a["key"] == b["key"] and torch.equal(a["moments"], b["moments"]) and torch.equal(a["pixels"], b["pixels"])
+    """Two decoded samples (as TrainStream or read_samples give them) with the same key, moments and
+    pixels."""
+    return (
+        a["key"] == b["key"]
+        and torch.equal(a["moments"], b["moments"])
+        and torch.equal(a["pixels"], b["pixels"])
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # runs
 
 
@@ -224,8 +233,8 @@ def free_port() -> int:
 
 
 def sd_checkpoint_parts(vae, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """A stand-in full SD checkpoint around `vae`: (its VAE in LDM layout under first_stage_model., a few seeded
-    UNet and text-encoder tensors that an export --into must leave alone)."""
+    """A stand-in full SD checkpoint around `vae`: (its VAE in LDM layout under first_stage_model., a few
+    seeded UNet and text-encoder tensors that an export --into must leave alone)."""
     from vaedec.convert import diffusers_to_ldm
 
     g = torch.Generator().manual_seed(seed)
@@ -234,7 +243,9 @@ def sd_checkpoint_parts(vae, seed: int) -> tuple[dict[str, torch.Tensor], dict[s
         "model.diffusion_model.out.2.bias": torch.randn(4, generator=g),
         "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(8, generator=g),
     }
-    vae_part = {f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()}
+    vae_part = {
+        f"first_stage_model.{k}": v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict()).items()
+    }
     return vae_part, others
 
 
@@ -253,8 +264,8 @@ class StepParts:
 
 
 def step_parts(shards: Path, overrides: list[str], samples: int, seed: int | None = 0) -> StepParts:
-    """FAST_TRAIN + `overrides` on `shards`: the decoder, PatchGAN, logvar and both optimizers as train() makes
-    them (torch seeded with `seed` first unless None), and `samples` decoded samples."""
+    """FAST_TRAIN + `overrides` on `shards`: the decoder, PatchGAN, logvar and both optimizers as train()
+    makes them (torch seeded with `seed` first unless None), and `samples` decoded samples."""
     from vaedec.config import load_train_config
     from vaedec.discriminator import build_discriminator
     from vaedec.shards import read_manifest, read_samples, shard_paths
@@ -271,4 +282,6 @@ def step_parts(shards: Path, overrides: list[str], samples: int, seed: int | Non
         disc.to(memory_format=torch.channels_last)
     logvar = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
     opt_g, opt_d, _ = build_optimizers(cfg, decoder, disc, logvar, 1)
-    return StepParts(cfg, decoder, disc, logvar, opt_g, opt_d, list(read_samples(shard_paths(shards, manifest), samples)))
+    return StepParts(
+        cfg, decoder, disc, logvar, opt_g, opt_d, list(read_samples(shard_paths(shards, manifest), samples))
+    )

@@ -1,6 +1,6 @@
 """The benchmarks count what they measure: a first epoch through training's reader is exactly the samples
-written, with 0 and with 1 DataLoader worker; the train-loop bench times every step of a real run. No timing is
-asserted (benchmarks are not tests)."""
+written, with 0 and with 1 DataLoader worker; the train-loop bench times every step of a real run. No timing
+is asserted (benchmarks are not tests)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def test_train_loop_bench_reads_every_step_of_a_real_run() -> None:
     from vaedec.vae import small_vae_config
 
     train_loop = load_bench("train_loop")
-    r = train_loop.measure(rounds=1, steps=3, resolution=32, vae_config=small_vae_config((8, 16), sample_size=32))
+    r = train_loop.measure(
+        rounds=1, steps=3, resolution=32, vae_config=small_vae_config((8, 16), sample_size=32)
+    )
     assert len(r.train) == 2 and len(r.bare) == 3 and all(t > 0 for t in r.train + r.bare)
     bare, step = train_loop.rows(r)
     assert bare.ratio == 1.0 and step.ratio == pytest.approx(r.images_per_s("train") / r.images_per_s("bare"))

@@ -67,9 +67,16 @@ def test_config_files_layer_in_order(tmp_path) -> None:
                                                    "optim": {"lr": 1e-5}})
     schedule = write_yaml(tmp_path / "schedule.yaml", {"optim": {"lr": 5e-4}, "run": {"max_steps": 7}})
     cfg = load_train_config([recipe, schedule], ["run.max_steps=9"])
-    assert (cfg.loss.pixel_loss, cfg.loss.disc_weight, cfg.optim.lr, cfg.run.max_steps) == ("l2", 0.3, 5e-4, 9)
+    assert (cfg.loss.pixel_loss, cfg.loss.disc_weight, cfg.optim.lr, cfg.run.max_steps) == (
+        "l2",
+        0.3,
+        5e-4,
+        9,
+    )
     assert load_train_config([schedule, recipe]).optim.lr == 1e-5
-    result = CliRunner().invoke(main, ["train", "S", "--config", str(recipe), "--config", str(schedule), "--dry-run"])
+    result = CliRunner().invoke(
+        main, ["train", "S", "--config", str(recipe), "--config", str(schedule), "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
     dumped = yaml.safe_load(result.stdout)
     assert dumped["optim"]["lr"] == 5e-4 and dumped["loss"]["pixel_loss"] == "l2"
@@ -236,12 +243,16 @@ def test_train_arguments_keep_yaml_special_characters() -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.output)
-    assert cfg["data"]["shards"] == args[1] and cfg["run"]["output"] == args[3] and cfg["model"]["vae"] == args[5]
+    assert (
+        cfg["data"]["shards"] == args[1]
+        and cfg["run"]["output"] == args[3]
+        and cfg["model"]["vae"] == args[5]
+    )
 
 
 def test_typed_values_come_last_unparsed_and_checked_like_overrides(tmp_path) -> None:
-    """load_train_config's `values` (what the CLI hands over for SHARDS, --output, --vae, --mix) override the YAML
-    and the key=value text, keep every character, and are type-checked and validated as the rest."""
+    """load_train_config's `values` (what the CLI hands over for SHARDS, --output, --vae, --mix) override the
+    YAML and the key=value text, keep every character, and are type-checked and validated as the rest."""
     path = write_yaml(tmp_path / "c.yaml", {"run": {"max_steps": 10, "output": "from-yaml"}})
     cfg = load_train_config(path, ["run.output=from-text", "max_steps=20"],
                             {"run.output": "runs/a #1: b", "data.mix": ["x: y #z:0.25"], "max_steps": 30})

@@ -380,7 +380,8 @@ def test_convert_path_folder_to_file_and_back(tmp_path: Path) -> None:
     assert "vae.safetensors" in summary and "block_out_channels=(8, 16, 16)" in summary
     assert split_checkpoint(read_state_dict(tmp_path / "vae.safetensors"))[1] == KIND_LDM_VAE
 
-    stale = tmp_path / ".back.0123456789abcdef.tmp"  # what a killed run leaves behind (vaedec/io.py's temp names)
+    # what a killed run leaves behind (vaedec/io.py's temp names)
+    stale = tmp_path / ".back.0123456789abcdef.tmp"
     stale.mkdir()
     (stale / "half_written.json").write_text("{")
     summary = convert_path(tmp_path / "vae.safetensors", tmp_path / "back")

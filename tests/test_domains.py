@@ -1,4 +1,5 @@
-"""The demo's image domains: deterministic bytes, counts, sizes, and a train/held-out split that never overlaps."""
+"""The demo's image domains: deterministic bytes, counts, sizes, and a train/held-out split that never
+overlaps."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_rendered_text_looks_like_a_page(tmp_path):
         with Image.open(p) as im:
             assert im.mode == "RGB" and im.size == (96, 96)
             a = np.asarray(im).mean(axis=2)
-        # Light paper with dark ink on it: mostly bright pixels, and a real share of dark ones (text was drawn).
+        # Light paper with dark ink on it: mostly bright pixels, and a real share of dark ones (text was
+        # drawn).
         assert np.median(a) > 200, p.name
         assert (a < 120).mean() > 0.02, p.name
 

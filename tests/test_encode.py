@@ -1,7 +1,9 @@
-"""`cli.py encode` / `inspect`: shards read back with tarfile + numpy + PIL only and checked against diffusers.
+"""`cli.py encode` / `inspect`: shards read back with tarfile + numpy + PIL only and checked against
+diffusers.
 
-Every sample is judged independently of vaedec's reader: its moments against a fresh `vae.encode(x).latent_dist`
-of its stored pixels, its pixels against Pillow resampling the recorded crop box of the source file.
+Every sample is judged independently of vaedec's reader: its moments against a fresh
+`vae.encode(x).latent_dist` of its stored pixels, its pixels against Pillow resampling the recorded crop box
+of the source file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ RES = 32  # encoded side, pixels; the tiny VAE downsamples by 2, so moments are 
 LANCZOS = Image.Resampling.LANCZOS
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # helpers: run the CLI, read OUT without vaedec, encode with diffusers
 
 
@@ -40,7 +42,18 @@ def run_cli(*args: object) -> Result:
 
 def encode(src: Path, out: Path, vae: Path, *extra: object, workers: int = 0, batch: int = 4) -> Result:
     return run_cli(
-        "encode", src, out, "--vae", vae, "--resolution", RES, "--num-workers", workers, "--batch-size", batch, *extra
+        "encode",
+        src,
+        out,
+        "--vae",
+        vae,
+        "--resolution",
+        RES,
+        "--num-workers",
+        workers,
+        "--batch-size",
+        batch,
+        *extra,
     )
 
 
@@ -79,7 +92,11 @@ def read_out(out: Path) -> Out:
         moments = np.load(io.BytesIO(files["moments.npy"]), allow_pickle=False)
         samples.append(Sample(key, shard, moments, pixels, json.loads(files["json"])))
     skipped_path = out / "skipped.jsonl"
-    skipped = [json.loads(x) for x in skipped_path.read_text().splitlines() if x.strip()] if skipped_path.exists() else []
+    skipped = (
+        [json.loads(x) for x in skipped_path.read_text().splitlines() if x.strip()]
+        if skipped_path.exists()
+        else []
+    )
     return Out(manifest, samples, skipped)
 
 
@@ -108,7 +125,7 @@ def mtimes(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(out.iterdir())}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. what the shards hold
 
 
@@ -164,19 +181,35 @@ def test_shards_hold_diffusers_moments_of_the_stored_pixels(tmp_path, vae_dir, m
     assert not list(out.glob("*.partial")) and not list(out.glob(".*.tmp"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. kill and resume
 
 
 def _cmd(src: Path, out: Path, vae: Path) -> list[str]:
     return [
-        sys.executable, str(ROOT / "cli.py"), "encode", str(src), str(out), "--vae", str(vae), "--resolution", str(RES),
-        "--num-workers", "0", "--batch-size", "1", "--shard-size-mb", "0.03",
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "encode",
+        str(src),
+        str(out),
+        "--vae",
+        str(vae),
+        "--resolution",
+        str(RES),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "1",
+        "--shard-size-mb",
+        "0.03",
     ]
 
 
 def _assert_same_output(a: Path, b: Path, n_inputs: int) -> None:
-    names_a, names_b = sorted(p.name for p in a.glob("shard-*.tar")), sorted(p.name for p in b.glob("shard-*.tar"))
+    names_a, names_b = (
+        sorted(p.name for p in a.glob("shard-*.tar")),
+        sorted(p.name for p in b.glob("shard-*.tar")),
+    )
     assert names_a == names_b
     for name in names_a:
         assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
@@ -231,7 +264,9 @@ class _Crash(Exception):
 
 
 @pytest.mark.parametrize("crash_at_commit", [1, 2])
-def test_crash_between_shard_rename_and_manifest_update_resumes(tmp_path, vae_dir, monkeypatch, crash_at_commit):
+def test_crash_between_shard_rename_and_manifest_update_resumes(
+    tmp_path, vae_dir, monkeypatch, crash_at_commit
+):
     """The worst moment to die: a shard has its final name but the manifest does not list it yet."""
     import vaedec.encode
 
@@ -251,8 +286,26 @@ def test_crash_between_shard_rename_and_manifest_update_resumes(tmp_path, vae_di
 
     out = tmp_path / "out"
     monkeypatch.setattr(vaedec.encode, "_write_state", dying_write_state)
-    result = CliRunner().invoke(main, [str(a) for a in ("encode", src, out, "--vae", vae_dir, "--resolution", RES,
-                                                         "--num-workers", 0, "--batch-size", 1, *args)])
+    result = CliRunner().invoke(
+        main,
+        [
+            str(a)
+            for a in (
+                "encode",
+                src,
+                out,
+                "--vae",
+                vae_dir,
+                "--resolution",
+                RES,
+                "--num-workers",
+                0,
+                "--batch-size",
+                1,
+                *args,
+            )
+        ],
+    )
     assert isinstance(result.exception, _Crash)
     assert (out / f"shard-{crash_at_commit - 1:06d}.tar").exists()  # renamed, not yet in the manifest
     monkeypatch.setattr(vaedec.encode, "_write_state", real_write_state)
@@ -262,7 +315,7 @@ def test_crash_between_shard_rename_and_manifest_update_resumes(tmp_path, vae_di
     _assert_same_output(out, reference, 6)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. reruns: refused with other settings, replaced with --overwrite, a no-op when complete
 
 
@@ -326,7 +379,7 @@ def test_resolution_needs_only_the_vaes_own_downsampling_factor(tmp_path, vae_di
         assert_moments_match(s.moments, diffusers_moments(model, s.pixels))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. file lists
 
 
@@ -334,7 +387,9 @@ def test_file_list_relative_to_its_folder_missing_entries_reported(tmp_path, vae
     root = tmp_path / "data" / "train"
     make_images(root / "data" / "0", 3, size=(40, 36))
     lst = root / "file_list.txt"
-    lst.write_text("data/0/img000.png\ndata/0/gone.png\n\n# a comment\ndata/0/img002.png\ndata/0/img001.png\n")
+    lst.write_text(
+        "data/0/img000.png\ndata/0/gone.png\n\n# a comment\ndata/0/img002.png\ndata/0/img001.png\n"
+    )
     out = tmp_path / "out"
 
     result = encode(lst, out, vae_dir)
@@ -356,7 +411,7 @@ def test_file_list_relative_to_its_folder_missing_entries_reported(tmp_path, vae
     assert again.exit_code == 3 and "already complete" in again.output and mtimes(out) == before
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 5. bad and unusual inputs: one folder of them, encoded once
 
 
@@ -377,7 +432,9 @@ def _make_zoo(src: Path) -> dict[str, np.ndarray]:
     (src / "corrupt.png").write_bytes(np.random.default_rng(1).bytes(2000))
     (src / "empty.png").write_bytes(b"")
     (src / "text.jpg").write_text("this is a text file with an image suffix\n" * 20)
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(src / "t.png")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        src / "t.png"
+    )
     data = (src / "t.png").read_bytes()
     (src / "truncated.png").write_bytes(data[: len(data) // 2])
     (src / "t.png").unlink()
@@ -404,7 +461,9 @@ def _make_zoo(src: Path) -> dict[str, np.ndarray]:
     rgba[:, 16:, 3] = 255  # ... opaque on the right half only
     Image.fromarray(rgba, "RGBA").save(src / "rgba.png")
     left = np.arange(32)[None, :, None] < 16
-    expected["rgba.png"] = np.broadcast_to(np.where(left, [255, 255, 255], [255, 0, 0]), (32, 32, 3)).astype(np.uint8)
+    expected["rgba.png"] = np.broadcast_to(np.where(left, [255, 255, 255], [255, 0, 0]), (32, 32, 3)).astype(
+        np.uint8
+    )
     cmyk = np.zeros((32, 32, 4), np.uint8)
     cmyk[:, 16:, 3] = 255  # left half no ink (white), right half full black
     Image.fromarray(cmyk, "CMYK").save(src / "cmyk.jpg", quality=95)
@@ -551,7 +610,7 @@ def test_moments_beyond_fp16_are_skipped_per_sample_not_stored_as_inf(tmp_path):
     assert o.manifest["totals"]["samples_skipped"] == 4 and o.manifest["totals"]["inputs_skipped"] == 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. flips and random crops
 
 
@@ -594,7 +653,9 @@ def test_random_crops_are_seeded_and_independent_of_workers(tmp_path, vae_dir, m
         assert all(s.key.endswith(f"-c{s.record['crop_index']}") for s in crops)
         assert len({tuple(s.record["crop_box"]) for s in crops}) == 3  # distinct positions
         for s in crops:
-            np.testing.assert_array_equal(s.pixels, source_crop(src / s.record["source"], s.record["crop_box"]))
+            np.testing.assert_array_equal(
+                s.pixels, source_crop(src / s.record["source"], s.record["crop_box"])
+            )
             assert_moments_match(s.moments, diffusers_moments(model, s.pixels))
 
     def boxes(out: Out) -> dict[str, list[float]]:
@@ -606,7 +667,7 @@ def test_random_crops_are_seeded_and_independent_of_workers(tmp_path, vae_dir, m
     assert boxes(runs["seed6"]).keys() == boxes(o).keys() and boxes(runs["seed6"]) != boxes(o)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 7. inspect --verify
 
 
@@ -618,7 +679,11 @@ def test_inspect_verify_passes_then_catches_damage(tmp_path, vae_dir):
 
     ok = run_cli("inspect", out, "--verify")
     assert ok.exit_code == 0, ok.output
-    assert "complete" in ok.output and "samples        6 in" in ok.output and "every sample read back" in ok.output
+    assert (
+        "complete" in ok.output
+        and "samples        6 in" in ok.output
+        and "every sample read back" in ok.output
+    )
 
     shard1 = out / "shard-000001.tar"
     shard1.write_bytes(shard1.read_bytes()[: shard1.stat().st_size // 2])
@@ -630,10 +695,11 @@ def test_inspect_verify_passes_then_catches_damage(tmp_path, vae_dir):
     gone = run_cli("inspect", out, "--verify")
     assert gone.exit_code == 1 and "shard-000000.tar" in gone.output and "missing" in gone.output
 
-    assert run_cli("inspect", tmp_path / "imgs").exit_code == 1  # not a shard folder: an error, not a traceback
+    # not a shard folder: an error, not a traceback
+    assert run_cli("inspect", tmp_path / "imgs").exit_code == 1
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 8. bf16
 
 

@@ -1,6 +1,7 @@
-"""`accelerate launch ... cli.py encode` with two CPU processes (gloo): the ranks encode disjoint blocks of the
-inputs into their own shards, one manifest covers them, and the samples are those of a one-process encode. A
-rank killed mid-way resumes from its own progress file; another process count on an unfinished OUT is refused.
+"""`accelerate launch ... cli.py encode` with two CPU processes (gloo): the ranks encode disjoint blocks of
+the inputs into their own shards, one manifest covers them, and the samples are those of a one-process encode.
+A rank killed mid-way resumes from its own progress file; another process count on an unfinished OUT is
+refused.
 
 Both encodes run at --batch-size 1: a rank's first batch starts at its block's first input, so with larger
 batches an image can meet other batch company than in a one-process encode, which on some backends moves a
@@ -29,7 +30,8 @@ from vaedec.shards import read_manifest, read_samples, shard_paths
 
 RES = 32  # pixels; the tiny VAE downsamples by 2
 N_INPUTS = 14  # 12 images and 2 broken files: broken.png is input 0 (rank 0), zz_broken.png input 13 (rank 1)
-ARGS = ("--resolution", RES, "--num-workers", 0, "--batch-size", 1, "--shard-size-mb", 0.02)  # ~2 samples a shard
+# ~2 samples a shard
+ARGS = ("--resolution", RES, "--num-workers", 0, "--batch-size", 1, "--shard-size-mb", 0.02)
 
 # Rank 1 dies right after recording its first shard: the launcher then stops rank 0 wherever it is.
 DYING_RANK = """
@@ -58,8 +60,8 @@ def launch_env() -> dict[str, str]:
 
 def launch(script: Path | str, src: Path, out: Path, vae: Path, log: Path) -> int:
     """`accelerate launch` two gloo processes of `script encode SRC OUT`; its exit code, output in `log`.
-    (`accelerate launch --cpu --num_processes 2` starts ONE process without MPI: two need the torchrun launcher,
-    --multi_gpu, with ACCELERATE_USE_CPU=true.)"""
+    (`accelerate launch --cpu --num_processes 2` starts ONE process without MPI: two need the torchrun
+    launcher, --multi_gpu, with ACCELERATE_USE_CPU=true.)"""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -67,7 +69,9 @@ def launch(script: Path | str, src: Path, out: Path, vae: Path, log: Path) -> in
         str(script), "encode", str(src), str(out), "--vae", str(vae), *map(str, ARGS),
     ]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=launch_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             proc.wait(timeout=300)
         finally:
@@ -79,8 +83,8 @@ def launch(script: Path | str, src: Path, out: Path, vae: Path, log: Path) -> in
 
 
 def samples(out: Path) -> dict[str, tuple[np.ndarray, np.ndarray, dict]]:
-    """key -> (moments float16, pixels uint8, record) of every shard file in OUT, read with tarfile; a key stored
-    twice fails."""
+    """key -> (moments float16, pixels uint8, record) of every shard file in OUT, read with tarfile; a key
+    stored twice fails."""
     found = {}
     for _, key, files in tar_samples(out):
         assert key not in found, f"{key} stored twice"
@@ -104,11 +108,26 @@ def encoded(tmp_path_factory, vae_dir) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     (src / "broken.png").write_bytes(rng.bytes(300))
     (src / "zz_broken.png").write_bytes(rng.bytes(300))
-    # In a process of its own with the ranks' environment: one torch thread each, as CPU convolutions can round
-    # differently with another thread count.
-    one = subprocess.run([sys.executable, "cli.py", "encode", str(src), str(root / "one"), "--vae", str(vae_dir),
-                          *map(str, ARGS)], check=False, cwd=ROOT, env=launch_env(),
-                         capture_output=True, text=True, timeout=300)
+    # In a process of its own with the ranks' environment: one torch thread each, as CPU convolutions can
+    # round differently with another thread count.
+    one = subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "encode",
+            str(src),
+            str(root / "one"),
+            "--vae",
+            str(vae_dir),
+            *map(str, ARGS),
+        ],
+        check=False,
+        cwd=ROOT,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 3, one.stdout + one.stderr  # 3: the broken files were skipped
     log = root / "two.log"
     rc = launch("cli.py", src, root / "two", vae_dir, log)
@@ -116,7 +135,7 @@ def encoded(tmp_path_factory, vae_dir) -> dict[str, Path]:
     return {"src": src, "one": root / "one", "two": root / "two", "log": log}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -137,14 +156,19 @@ def test_two_processes_store_what_one_process_stores(encoded, vae_dir):
     assert sorted(names) == sorted(p.name for p in two.glob("shard-*.tar")) == names
     assert names[0].startswith("shard-r000-") and names[-1].startswith("shard-r001-")
     assert [e["inputs"][0] for e in m2["shards"]] == [0] + [e["inputs"][1] for e in m2["shards"][:-1]]
-    assert [e["inputs"] for e in m2["shards"]].count([0, 0]) == 0 and m2["shards"][-1]["inputs"][1] <= N_INPUTS
+    assert [e["inputs"] for e in m2["shards"]].count([0, 0]) == 0 and m2["shards"][-1]["inputs"][
+        1
+    ] <= N_INPUTS
     assert N_INPUTS // 2 in [e["inputs"][0] for e in m2["shards"]]  # rank 1's block starts a shard
     per_shard = Counter(shard for shard, _, _ in tar_samples(two))
     assert {e["name"]: e["samples"] for e in m2["shards"]} == per_shard
     assert {k: v for k, v in m2["totals"].items() if k != "shards"} == {
         k: v for k, v in m1["totals"].items() if k != "shards"}
     assert m2["totals"]["inputs_skipped"] == 2 and m2["totals"]["shards"] == len(names)
-    assert skipped(two) == skipped(one) and [r["source"] for r in skipped(two)] == ["broken.png", "zz_broken.png"]
+    assert skipped(two) == skipped(one) and [r["source"] for r in skipped(two)] == [
+        "broken.png",
+        "zz_broken.png",
+    ]
     assert not list(two.glob(".rank-*")) and not list(two.glob(".*.partial")) and not list(two.glob(".*.tmp"))
 
     # one summary, from the main process; the other tools read the folder as any other
@@ -178,7 +202,8 @@ def test_killed_rank_resumes_and_another_process_count_is_refused(encoded, vae_d
     assert "--overwrite" in refused.output
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
-    # the same command again: each rank resumes from its file; the result is the uninterrupted one, byte for byte
+    # the same command again: each rank resumes from its file; the result is the uninterrupted one, byte for
+    # byte
     log = tmp_path / "resumed.log"
     assert launch("cli.py", encoded["src"], out, vae_dir, log) == 0, log.read_text()
     reference = encoded["two"]

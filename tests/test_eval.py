@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, vae_dir) -> dict[str, Path]:
-    """Train shards (12 images) and held-out shards (6 other images) of the tiny VAE, a short run, its export."""
+    """Train shards (12 images) and held-out shards (6 other images) of the tiny VAE, a short run, its
+    export."""
     root = tmp_path_factory.mktemp("eval-data")
     make_images(root / "train-images", 12)
     heldout = make_images(root / "heldout-images", 6, size=(44, 40))
@@ -58,12 +59,29 @@ def by_model(rows: list[dict[str, str]], column: str) -> dict[str, np.ndarray]:
 
 
 def test_every_kind_of_model_in_one_call(tmp_path, data) -> None:
-    """Original folder, run (EMA by default), run:raw, export folder and the export's single LDM file: the same
-    weights must score identically, and the numbers must equal a plain recomputation with diffusers."""
+    """Original folder, run (EMA by default), run:raw, export folder and the export's single LDM file: the
+    same weights must score identically, and the numbers must equal a plain recomputation with diffusers."""
     out = tmp_path / "eval"
-    res = cli("eval", data["heldout"], "--out", out, "--vae", f"original={data['vae']}", "--vae", data["run"],
-              "--vae", f"{data['run']}:raw", "--vae", data["export"], "--vae", data["export"] / "vae.safetensors",
-              "--vae", data["run"] / "checkpoints" / "step-00000006", "--grid-samples", 3)
+    res = cli(
+        "eval",
+        data["heldout"],
+        "--out",
+        out,
+        "--vae",
+        f"original={data['vae']}",
+        "--vae",
+        data["run"],
+        "--vae",
+        f"{data['run']}:raw",
+        "--vae",
+        data["export"],
+        "--vae",
+        data["export"] / "vae.safetensors",
+        "--vae",
+        data["run"] / "checkpoints" / "step-00000006",
+        "--grid-samples",
+        3,
+    )
     result = json.loads((out / "eval.json").read_text())
     labels = [m["label"] for m in result["models"]]
     assert labels == ["original", "run:ema", "run:raw", "export", "vae", "run:ema#2"]
@@ -71,8 +89,8 @@ def test_every_kind_of_model_in_one_call(tmp_path, data) -> None:
     n = read_manifest(data["heldout"])["totals"]["samples"]
     assert len(rows) == 6 * n
     psnr = by_model(rows, "psnr")
-    # The export was made from the run's EMA weights; its LDM file is a lossless conversion of the same weights;
-    # the newest checkpoint folder is the run.
+    # The export was made from the run's EMA weights; its LDM file is a lossless conversion of the same
+    # weights; the newest checkpoint folder is the run.
     np.testing.assert_array_equal(psnr["run:ema"], psnr["export"])
     np.testing.assert_array_equal(psnr["export"], psnr["vae"])
     np.testing.assert_array_equal(psnr["run:ema"], psnr["run:ema#2"])
@@ -138,7 +156,9 @@ def test_bad_model_specs_are_messages(tmp_path, data) -> None:
     assert "could not load" in res.output
     res = cli("eval", tmp_path / "no-data", "--vae", data["vae"], "--out", tmp_path / "e", code=1)
     assert "does not exist" in res.output
-    res = cli("eval", data["heldout"], "--vae", data["vae"], "--val-shards", 99, "--out", tmp_path / "e", code=1)
+    res = cli(
+        "eval", data["heldout"], "--vae", data["vae"], "--val-shards", 99, "--out", tmp_path / "e", code=1
+    )
     assert "has only" in res.output
 
 
@@ -152,8 +172,17 @@ def test_lpips_absent_is_said_and_present_is_scored(tmp_path, data, monkeypatch)
     assert all(r["lpips"] == "" for r in read_csv(tmp_path / "a" / "per_image.csv"))
 
     with pytest.warns(UserWarning, match="RANDOM VGG16"):
-        res = cli("eval", data["heldout"], "--vae", data["vae"], "--vae", data["run"], "--out", tmp_path / "b",
-                  "--lpips-random-backbone")
+        res = cli(
+            "eval",
+            data["heldout"],
+            "--vae",
+            data["vae"],
+            "--vae",
+            data["run"],
+            "--out",
+            tmp_path / "b",
+            "--lpips-random-backbone",
+        )
     assert "RANDOM VGG16" in res.output
     lp = by_model(read_csv(tmp_path / "b" / "per_image.csv"), "lpips")
     assert np.isfinite(lp["run:ema"]).all() and (lp["run:ema"] >= 0).all()
@@ -161,8 +190,9 @@ def test_lpips_absent_is_said_and_present_is_scored(tmp_path, data, monkeypatch)
 
 
 def random_inception_net():
-    """torch-fidelity's InceptionV3 with RANDOM weights (the real ones cannot be downloaded here): the FID code
-    path runs for real, the values mean nothing. He-normal convolutions keep the activations from vanishing."""
+    """torch-fidelity's InceptionV3 with RANDOM weights (the real ones cannot be downloaded here): the FID
+    code path runs for real, the values mean nothing. He-normal convolutions keep the activations from
+    vanishing."""
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
     torch.manual_seed(0)
@@ -176,8 +206,9 @@ def random_inception_net():
 
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """FID (Heusel et al. 2017), plainly in float64: ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½, the last term
-    as the sum of the square roots of the eigenvalues of Σ1 Σ2 (real and >= 0: it is similar to a PSD matrix)."""
+    """FID (Heusel et al. 2017), plainly in float64: ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½, the last
+    term as the sum of the square roots of the eigenvalues of Σ1 Σ2 (real and >= 0: it is similar to a PSD
+    matrix)."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     root = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
@@ -185,7 +216,8 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 def test_rfid_with_random_inception_weights(tmp_path, data) -> None:
-    """64 Inception features keep the 2048-d eigen-decomposition out of a CPU test; the code path is the same."""
+    """64 Inception features keep the 2048-d eigen-decomposition out of a CPU test; the code path is the
+    same."""
     weights = tmp_path / "inception.pth"
     torch.save(random_inception_net().state_dict(), weights)
     out = tmp_path / "e"
@@ -215,7 +247,9 @@ def test_rfid_with_random_inception_weights(tmp_path, data) -> None:
 def test_fid_weights_that_are_not_weights_are_refused(tmp_path, data) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    res = cli("eval", data["heldout"], "--vae", data["vae"], "--fid-weights", junk, "--out", tmp_path / "e", code=1)
+    res = cli(
+        "eval", data["heldout"], "--vae", data["vae"], "--fid-weights", junk, "--out", tmp_path / "e", code=1
+    )
     assert "cannot be read as tensors" in res.output
 
     class Evil:  # unpickling this would run code; weights_only must refuse it
@@ -224,12 +258,16 @@ def test_fid_weights_that_are_not_weights_are_refused(tmp_path, data) -> None:
 
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"x": Evil()}))
-    res = cli("eval", data["heldout"], "--vae", data["vae"], "--fid-weights", evil, "--out", tmp_path / "e", code=1)
+    res = cli(
+        "eval", data["heldout"], "--vae", data["vae"], "--fid-weights", evil, "--out", tmp_path / "e", code=1
+    )
     assert "cannot be read as tensors" in res.output and not (tmp_path / "pwned").exists()
 
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(3, 3)}, wrong)
-    res = cli("eval", data["heldout"], "--vae", data["vae"], "--fid-weights", wrong, "--out", tmp_path / "e", code=1)
+    res = cli(
+        "eval", data["heldout"], "--vae", data["vae"], "--fid-weights", wrong, "--out", tmp_path / "e", code=1
+    )
     assert "not torch-fidelity's InceptionV3 weights" in res.output
 
 
@@ -264,17 +302,31 @@ def test_image_folder_is_encoded_with_the_first_models_encoder(tmp_path, data) -
     make_images(images, 5, size=(40, 40))
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "e"
-    res = cli("eval", images, "--vae", data["run"], "--vae", data["export"], "--resolution", RES, "--out", out,
-              code=3)  # finished, but an input was skipped
+    res = cli(
+        "eval",
+        images,
+        "--vae",
+        data["run"],
+        "--vae",
+        data["export"],
+        "--resolution",
+        RES,
+        "--out",
+        out,
+        code=3,
+    )  # finished, but an input was skipped
     assert "1 inputs skipped" in res.output
     s = json.loads((out / "eval.json").read_text())["sets"][0]
     assert s["samples"] == 5 and s["encoded_here"]
     manifest = read_manifest(out / "encoded" / "imgs")
-    assert manifest["settings"]["vae"]["encoder_sha256"] == read_manifest(data["train"])["settings"]["vae"]["encoder_sha256"]
+    assert (
+        manifest["settings"]["vae"]["encoder_sha256"]
+        == read_manifest(data["train"])["settings"]["vae"]["encoder_sha256"]
+    )
     assert s["deltas"]["export"]["psnr"]["mean"] == 0.0  # run:ema and its export are the same decoder
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the math
 
 

@@ -1,5 +1,6 @@
-"""`make experiment` and `make demo` end to end at smoke size: the shipped source VAE, the rendered-text and photo
-domains, every variant trained, evaluated on both held-out sets, encoders bit-identical, docs written."""
+"""`make experiment` and `make demo` end to end at smoke size: the shipped source VAE, the rendered-text and
+photo domains, every variant trained, evaluated on both held-out sets, encoders bit-identical, docs
+written."""
 
 from __future__ import annotations
 

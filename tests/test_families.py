@@ -1,7 +1,8 @@
-"""16-channel VAEs of SD3 and FLUX.1 through encode, train, export and convert, with tiny random models of each
-family's shape: 16 latent channels, no quant_conv / post_quant_conv, a scaling_factor and a shift_factor (the
-values of stabilityai/stable-diffusion-3-medium's and black-forest-labs/FLUX.1-dev's vae/config.json). FLUX also as
-BFL's own `ae.safetensors`: LDM key names without a prefix and without quant convs, read directly."""
+"""16-channel VAEs of SD3 and FLUX.1 through encode, train, export and convert, with tiny random models of
+each family's shape: 16 latent channels, no quant_conv / post_quant_conv, a scaling_factor and a shift_factor
+(the values of stabilityai/stable-diffusion-3-medium's and black-forest-labs/FLUX.1-dev's vae/config.json).
+FLUX also as BFL's own `ae.safetensors`: LDM key names without a prefix and without quant convs, read
+directly."""
 
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def test_16_channel_vae_encodes_trains_exports_and_converts(tmp_path, images, fa
     with torch.no_grad():
         assert torch.equal(judged.decode(z).sample, exported.decode(z).sample)
 
-    # convert: folder -> LDM file -> folder is bit-identical (the scale is given back, LDM files do not hold it)
+    # convert: folder -> LDM file -> folder is bit-identical (the scale is given back, LDM files do not hold
+    # it)
     cli("convert", tmp_path / "export", tmp_path / "vae.safetensors")
     cli("convert", tmp_path / "vae.safetensors", tmp_path / "back", "--scaling-factor", scaling)
     back = AutoencoderKL.from_pretrained(tmp_path / "back")
@@ -123,11 +125,14 @@ def test_flux_ae_safetensors_in_bfl_layout_is_read_directly(tmp_path, images) ->
         ma, mb = (np.load(io.BytesIO(f["moments.npy"])).astype(np.float32) for f in (fa, fb))
         assert ma.shape == (32, RES // 2, RES // 2)
         np.testing.assert_allclose(ma, mb, rtol=1e-3, atol=1e-3)  # float16 storage of the same encoder
-    # the file does not hold shift_factor: README tells FLUX users to export from the diffusers folder or set it
+    # the file does not hold shift_factor: README tells FLUX users to export from the diffusers folder or set
+    # it
     assert info_a["shift_factor"] is None
 
     run = tmp_path / "run"
     cli("train", a, "--output", run, *FAST_TRAIN, "run.max_steps=1")
     exported = load_file(str(run / "export" / "diffusion_pytorch_model.safetensors"))
-    assert_same_tensors(frozen_part(exported), frozen_part(folder_vae.state_dict()), "encoder of ae.safetensors run")
+    assert_same_tensors(
+        frozen_part(exported), frozen_part(folder_vae.state_dict()), "encoder of ae.safetensors run"
+    )
     assert np.isfinite(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss/total"])

@@ -32,7 +32,8 @@ FAST = [*FAST_TRAIN, "data.val_shards=1"]  # the last shard (validation, grids) 
 
 
 def rewrite_tar(path: Path, edit) -> str:
-    """Rewrite the tar at `path` with edit(members) applied to {name: bytes} (in order); returns the first key."""
+    """Rewrite the tar at `path` with edit(members) applied to {name: bytes} (in order); returns the first
+    key."""
     with tarfile.open(path) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     members = edit(members)
@@ -83,7 +84,7 @@ def damage(shards: Path, out: Path) -> dict[str, str]:
             tars[3].name: "missing image.png", tars[4].name: "cannot decode"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # bad samples
 
 
@@ -96,8 +97,9 @@ def test_bad_samples_are_skipped_counted_logged_and_resumed_exactly(tmp_path, sh
     cli("train", bad, "--output", run_a, *args, "run.max_steps=8")
     log = (run_a / "log.txt").read_text()
     for shard, reason in faults.items():
-        assert any(shard in line and reason in line for line in log.splitlines() if "bad sample skipped" in line), (
-            shard, reason, log)
+        assert any(
+            shard in line and reason in line for line in log.splitlines() if "bad sample skipped" in line
+        ), (shard, reason, log)
     lines = train_lines(run_a)
     assert lines[-1]["data/bad_samples"] >= len(faults)
     assert [m["step"] for m in lines] == list(range(1, 9))  # training went on
@@ -120,10 +122,23 @@ def test_on_bad_sample_error_stops_with_the_shard_and_key(tmp_path, shards) -> N
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
     tar = min(bad.glob("shard-*.tar"))
-    key = rewrite_tar(tar, lambda m: {n: (b"not an npy" if n.endswith("moments.npy") else v) for n, v in m.items()})
-    r = cli("train", bad, "--output", tmp_path / "run", *FAST, "data.on_bad_sample=error", "data.shuffle_buffer=0",
-            "run.max_steps=2", code=1)
-    assert f"{tar}: sample {key}: cannot decode" in r.output and "data.on_bad_sample=skip" in r.output, r.output
+    key = rewrite_tar(
+        tar, lambda m: {n: (b"not an npy" if n.endswith("moments.npy") else v) for n, v in m.items()}
+    )
+    r = cli(
+        "train",
+        bad,
+        "--output",
+        tmp_path / "run",
+        *FAST,
+        "data.on_bad_sample=error",
+        "data.shuffle_buffer=0",
+        "run.max_steps=2",
+        code=1,
+    )
+    assert f"{tar}: sample {key}: cannot decode" in r.output and "data.on_bad_sample=skip" in r.output, (
+        r.output
+    )
 
 
 def test_shards_with_nothing_readable_are_a_message_not_a_hang(tmp_path, shards) -> None:
@@ -164,7 +179,7 @@ def test_bad_validation_samples_are_left_out_with_a_warning(tmp_path, shards) ->
     assert f"bad sample skipped: shard {last.name}, key {key}: cannot decode" in (run / "log.txt").read_text()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # non-finite steps
 
 
@@ -174,8 +189,12 @@ def snapshot(state) -> dict:
     return {
         "decoder": {k: v.clone() for k, v in acc.unwrap_model(state.decoder).state_dict().items()},
         "disc": {k: v.clone() for k, v in acc.unwrap_model(state.disc).state_dict().items()},
-        "opt_g": torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, state.opt_g.state_dict()),
-        "opt_d": torch.utils._pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, state.opt_d.state_dict()),
+        "opt_g": torch.utils._pytree.tree_map(
+            lambda x: x.clone() if torch.is_tensor(x) else x, state.opt_g.state_dict()
+        ),
+        "opt_d": torch.utils._pytree.tree_map(
+            lambda x: x.clone() if torch.is_tensor(x) else x, state.opt_d.state_dict()
+        ),
         "ema": [p.clone() for p in state.ema.shadow_params],
         "ema_step": state.ema.optimization_step,
     }
@@ -221,15 +240,18 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, shards, mon
     cli("train", shards, "--output", run, *FAST, "run.max_steps=3", "--no-export")
 
     (b1, a1), (b2, a2), (b3, a3) = seen
-    assert not same_nested(b1["decoder"], a1["decoder"]) and not same_nested(b1["opt_d"], a1["opt_d"])  # step 1 trained
+    # step 1 trained
+    assert not same_nested(b1["decoder"], a1["decoder"]) and not same_nested(b1["opt_d"], a1["opt_d"])
     if where == "latents":
         for part in ("decoder", "disc", "opt_g", "opt_d", "ema", "ema_step"):
             assert same_nested(b2[part], a2[part]), f"{part} changed in the skipped step"
     else:
         for part in ("disc", "opt_d"):
             assert same_nested(b2[part], a2[part]), f"{part} changed in the skipped discriminator step"
-        assert not same_nested(b2["decoder"], a2["decoder"]) and not same_nested(b2["ema"], a2["ema"])  # the generator stepped
-    assert not same_nested(b3["decoder"], a3["decoder"]) and not same_nested(b3["disc"], a3["disc"])  # and training goes on
+        # the generator stepped
+        assert not same_nested(b2["decoder"], a2["decoder"]) and not same_nested(b2["ema"], a2["ema"])
+    # and training goes on
+    assert not same_nested(b3["decoder"], a3["decoder"]) and not same_nested(b3["disc"], a3["disc"])
     assert all(torch.isfinite(v).all() for v in a3["decoder"].values())
     lines = train_lines(run)
     assert [m["train/bad_steps"] for m in lines] == [0, 1, 1]
@@ -237,15 +259,26 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, shards, mon
     assert "step 2: non-finite loss or gradient, optimizer step skipped" in (run / "log.txt").read_text()
 
 
-def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_likely_causes(tmp_path, shards, monkeypatch) -> None:
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_likely_causes(
+    tmp_path, shards, monkeypatch
+) -> None:
     real = train_mod.sample_latent
     monkeypatch.setattr(train_mod, "sample_latent", lambda *a, **k: real(*a, **k) * float("nan"))
-    r = cli("train", shards, "--output", tmp_path / "run", *FAST, "run.max_bad_steps=3", "run.max_steps=10", code=1)
+    r = cli(
+        "train",
+        shards,
+        "--output",
+        tmp_path / "run",
+        *FAST,
+        "run.max_bad_steps=3",
+        "run.max_steps=10",
+        code=1,
+    )
     assert "3 optimizer steps in a row had a non-finite loss or gradient" in r.output, r.output
     assert "fp16 overflow" in r.output and "bf16" in r.output and "optim.lr" in r.output, r.output
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a full disk
 
 
@@ -270,14 +303,18 @@ def test_a_full_disk_while_encoding_keeps_every_complete_shard(tmp_path, vae_dir
     r = cli(*args, code=1)
     assert "the disk is full" in r.output and "rerunning the same command resumes" in r.output, r.output
     assert not list(out.glob(".*")), "a temp file was left behind"
-    assert json.loads((out / "manifest.json").read_text())["shards"], "no shard was complete before the disk filled"
+    assert json.loads((out / "manifest.json").read_text())["shards"], (
+        "no shard was complete before the disk filled"
+    )
     cli("inspect", out, "--verify")  # the complete shards are valid
     monkeypatch.setattr(shards_mod.ShardWriter, "write", real)
     cli(*args)  # space freed: the same command resumes and finishes
     assert json.loads((out / "manifest.json").read_text())["totals"]["samples"] == 8
 
 
-def test_a_full_disk_while_checkpointing_and_exporting_keeps_what_was_complete(tmp_path, shards, monkeypatch) -> None:
+def test_a_full_disk_while_checkpointing_and_exporting_keeps_what_was_complete(
+    tmp_path, shards, monkeypatch
+) -> None:
     from diffusers import AutoencoderKL
 
     run = tmp_path / "run"

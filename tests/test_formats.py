@@ -1,7 +1,8 @@
 """Model formats and RGB+depth, end to end through the CLI on tiny VAEs.
 
-1. a 4-channel (LDM3D-style RGB+depth) VAE: encode with --depth-dir -> shards read with plain tarfile -> train with
-   LPIPS and the GAN -> export -> diffusers loads a 4-in/4-out VAE with the source encoder; grids show depth
+1. a 4-channel (LDM3D-style RGB+depth) VAE: encode with --depth-dir -> shards read with plain tarfile -> train
+   with LPIPS and the GAN -> export -> diffusers loads a 4-in/4-out VAE with the source encoder; grids show
+   depth
 2. depth problems are reported per input (skipped.jsonl, exit 3) or refused up front (exit 1), never guessed
 3. `--vae` as one LDM .safetensors file: same fingerprint and moments as the diffusers folder; trains
 4. export --format ldm judged by diffusers' from_single_file; export --into a full SD checkpoint
@@ -50,7 +51,7 @@ LDM_YAML = ROOT / "configs" / "ldm_autoencoder_kl_f8.yaml"
 FAST = FAST_TRAIN  # tests/conftest.py: tiny, GAN on from the first step, EMA 0.9
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -58,7 +59,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def read_tar_samples(shards: Path) -> list[dict]:
-    """Every sample of every shard, read with plain tarfile / numpy / PIL (not vaedec's reader), in file order."""
+    """Every sample of every shard, read with plain tarfile / numpy / PIL (not vaedec's reader), in file
+    order."""
     samples = []
     for _, key, files in tar_samples(shards):
         sample = {"key": key, "files": sorted(files), "record": json.loads(files["json"])}
@@ -96,8 +98,9 @@ def gradient_depth(size: tuple[int, int], offset: int = 0) -> np.ndarray:
 def bilinear_weights(in0: float, in1: float, in_size: int, out_size: int) -> np.ndarray:
     """(out, in) weights of Pillow's antialiased BILINEAR resize of the span [in0, in1) of one axis.
 
-    Written out from Pillow's Resample.c (precompute_coeffs): a triangle of half-width max(1, scale) around each
-    output centre, taps at source pixel centres inside the rounded window, clipped to the image, normalised.
+    Written out from Pillow's Resample.c (precompute_coeffs): a triangle of half-width max(1, scale) around
+    each output centre, taps at source pixel centres inside the rounded window, clipped to the image,
+    normalised.
     """
     scale = (in1 - in0) / out_size
     filterscale = max(scale, 1.0)
@@ -123,7 +126,8 @@ def bilinear_crop(depth: np.ndarray, box: list[float], res: int) -> np.ndarray:
 
 @torch.no_grad()
 def fresh_moments(model: AutoencoderKL, pixels: np.ndarray, depth: np.ndarray | None) -> np.ndarray:
-    """diffusers' own posterior of stored uint8 RGB (+ uint16 depth), by the LDM3D convention; fp32 (2C, h, w)."""
+    """diffusers' own posterior of stored uint8 RGB (+ uint16 depth), by the LDM3D convention; fp32 (2C, h,
+    w)."""
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     if depth is not None:
         d = torch.from_numpy(depth.astype(np.float32))[None, None] / 65535.0 * 2.0 - 1.0
@@ -134,14 +138,29 @@ def fresh_moments(model: AutoencoderKL, pixels: np.ndarray, depth: np.ndarray | 
 
 def assert_decoder_changed(sd: dict[str, torch.Tensor], source: dict[str, torch.Tensor], what: str) -> None:
     """The trained weights differ from the source's somewhere: 'equal to the fine-tuned ones' has teeth."""
-    assert any(not torch.equal(v, source[k]) for k, v in trained_part(sd).items()), f"{what}: decoder unchanged"
+    assert any(not torch.equal(v, source[k]) for k, v in trained_part(sd).items()), (
+        f"{what}: decoder unchanged"
+    )
 
 
 def encode_args(src: Path, out: Path, vae: Path, *extra: object) -> list[object]:
-    return ["encode", src, out, "--vae", vae, "--resolution", RES, "--num-workers", 0, "--batch-size", 4, *extra]
+    return [
+        "encode",
+        src,
+        out,
+        "--vae",
+        vae,
+        "--resolution",
+        RES,
+        "--num-workers",
+        0,
+        "--batch-size",
+        4,
+        *extra,
+    ]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shared data: a 4-channel VAE with RGB+depth inputs, and an RGB VAE's shards and run
 
 
@@ -167,7 +186,7 @@ def rgb_run(tmp_path_factory, rgb_shards) -> Path:
     return run
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. RGB+depth: encode -> shards -> train -> export -> diffusers
 
 
@@ -180,7 +199,8 @@ def test_rgbd_encode_train_export_end_to_end(tmp_path, vae4_dir) -> None:
     rgb_paths = make_images(images, 3, size=SIZE)
     sources = {p.name: gradient_depth(SIZE, offset=300 * i) for i, p in enumerate(rgb_paths[:2])}
     step = np.full(SIZE[::-1], 2000, np.uint16)
-    step[:, SIZE[0] // 2 :] = 60000  # a hard edge: bilinear stays inside [2000, 60000], Lanczos would ring past it
+    # a hard edge: bilinear stays inside [2000, 60000], Lanczos would ring past it
+    step[:, SIZE[0] // 2 :] = 60000
     sources[rgb_paths[2].name] = step
     for name, depth in sources.items():
         save_depth(depths / f"{Path(name).stem}.png", depth)
@@ -215,7 +235,9 @@ def test_rgbd_encode_train_export_end_to_end(tmp_path, vae4_dir) -> None:
         np.testing.assert_allclose(s["depth"].astype(np.float64), bilinear_crop(depth, box, RES), atol=1.0)
         # The mirrored sample mirrors the pixels and the depth together.
         f = by_source[name][True]
-        assert np.array_equal(f["depth"], s["depth"][:, ::-1]) and np.array_equal(f["pixels"], s["pixels"][:, ::-1])
+        assert np.array_equal(f["depth"], s["depth"][:, ::-1]) and np.array_equal(
+            f["pixels"], s["pixels"][:, ::-1]
+        )
     assert by_source[rgb_paths[1].name][False]["depth"].max() > 30000  # really 16-bit, not 8-bit scaled
     edge = by_source[rgb_paths[2].name][False]["depth"]
     assert edge.min() >= 2000 and edge.max() <= 60000, "depth resampling rings past the measured range"
@@ -232,9 +254,12 @@ def test_rgbd_encode_train_export_end_to_end(tmp_path, vae4_dir) -> None:
     ckpt = run / "checkpoints" / "step-00000002"
     disc = load_file(str(ckpt / "disc.safetensors"))
     first = disc["main.0.weight"]  # the PatchGAN's first conv, (ndf, C_in, 4, 4)
-    assert first.shape[1] == 4, f"the discriminator's first conv sees {first.shape[1]} channels, not RGB+depth"
+    assert first.shape[1] == 4, (
+        f"the discriminator's first conv sees {first.shape[1]} channels, not RGB+depth"
+    )
 
-    # --- grid: rows = 2 samples; columns original | original decoder | decoder | EMA, each RGB tile + depth tile
+    # --- grid: rows = 2 samples; columns original | original decoder | decoder | EMA, each RGB tile + depth
+    # tile
     grids = sorted((run / "images").glob("*.png"))
     assert [g.name for g in grids] == ["step-00000002.png"]
     grid = np.asarray(Image.open(grids[0]).convert("RGB"))
@@ -242,13 +267,15 @@ def test_rgbd_encode_train_export_end_to_end(tmp_path, vae4_dir) -> None:
     assert grid.shape == (2 * (RES + PAD) + PAD, 4 * (tile_w + PAD) + PAD, 3), grid.shape
     for i in range(2):
         y0, x0 = PAD + i * (RES + PAD), PAD
-        # Which samples the grid shows is train.py's choice: find this row's by its RGB tile (the stored pixels).
+        # Which samples the grid shows is train.py's choice: find this row's by its RGB tile (the stored
+        # pixels).
         (s,) = [s for s in samples if np.array_equal(grid[y0 : y0 + RES, x0 : x0 + RES], s["pixels"])]
         d = torch.from_numpy(s["depth"].astype(np.float32))[None, None] / 65535 * 2 - 1
         want = colourise_depth(d)[0].permute(1, 2, 0).numpy()
         assert np.array_equal(grid[y0 : y0 + RES, x0 + RES : x0 + tile_w], want)
 
-    # --- export: a 4-in / 4-out AutoencoderKL, the source encoder bit for bit, the trained (EMA / raw) decoder
+    # --- export: a 4-in / 4-out AutoencoderKL, the source encoder bit for bit, the trained (EMA / raw)
+    # decoder
     source = model.state_dict()
     for name, flag, weights in (("ema", "--ema", "ema"), ("raw", "--no-ema", "decoder")):
         cli("export", run, tmp_path / name, flag)
@@ -256,13 +283,15 @@ def test_rgbd_encode_train_export_end_to_end(tmp_path, vae4_dir) -> None:
         assert exported.config.in_channels == 4 and exported.config.out_channels == 4
         sd = exported.state_dict()
         assert_same_tensors(frozen_part(sd), frozen_part(source), f"{name} export: encoder")
-        assert_same_tensors(trained_part(sd), load_file(str(ckpt / f"{weights}.safetensors")), f"{name} export")
+        assert_same_tensors(
+            trained_part(sd), load_file(str(ckpt / f"{weights}.safetensors")), f"{name} export"
+        )
         assert_decoder_changed(sd, source, f"{name} export")
         with torch.no_grad():
             assert exported(torch.zeros(1, 4, RES, RES)).sample.shape == (1, 4, RES, RES)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. depth problems are reported, not guessed
 
 
@@ -281,7 +310,10 @@ def test_depth_problems_are_skipped_with_reasons(tmp_path, vae4_dir) -> None:
     skips = {s["source"]: s["reason"] for s in skipped_lines(shards)}
     assert sorted(skips) == sorted([missing.name, wrong_size.name, eight_bit.name]), skips
     assert f"no depth map named {missing.stem}.png" in skips[missing.name]
-    assert f"{SIZE[0] // 2}x{SIZE[1] // 2}" in skips[wrong_size.name] and f"{SIZE[0]}x{SIZE[1]}" in skips[wrong_size.name]
+    assert (
+        f"{SIZE[0] // 2}x{SIZE[1] // 2}" in skips[wrong_size.name]
+        and f"{SIZE[0]}x{SIZE[1]}" in skips[wrong_size.name]
+    )
     assert "16-bit" in skips[eight_bit.name] and " L," in skips[eight_bit.name]
     for name in skips:
         assert name in result.output  # also told on the terminal
@@ -310,7 +342,7 @@ def test_depth_dir_and_vae_channels_must_agree(tmp_path, vae_dir, vae4_dir) -> N
     assert "share the stem" in r.output
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. --vae as a single LDM file
 
 
@@ -343,7 +375,7 @@ def test_single_file_vae_encodes_and_trains_like_the_folder(tmp_path, vae_dir, r
     assert_decoder_changed(exported, source, "single-file run")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. export as an LDM file, and into a full SD checkpoint
 
 
@@ -367,7 +399,9 @@ def test_export_ldm_file_loads_in_diffusers_from_single_file(tmp_path, vae_dir, 
                         trained_part(reference), "decoder.safetensors")
 
     cli("export", rgb_run, tmp_path / "both", "--format", "both")
-    assert_same_tensors(AutoencoderKL.from_pretrained(tmp_path / "both").state_dict(), reference, "--format both")
+    assert_same_tensors(
+        AutoencoderKL.from_pretrained(tmp_path / "both").state_dict(), reference, "--format both"
+    )
     assert load_file(str(tmp_path / "both" / "vae.safetensors")).keys() == load_file(
         str(tmp_path / "ldm" / "vae.safetensors")).keys()
 
@@ -404,7 +438,7 @@ def test_export_into_full_sd_checkpoint(tmp_path, vae_dir, rgb_run) -> None:
     assert_same_tensors(judged.state_dict(), finetuned, "from_single_file(--into copy)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 5. classic LDM autoencoder YAML
 
 
@@ -442,21 +476,31 @@ def test_shipped_ldm_yaml_dry_run_maps_and_warns(tmp_path) -> None:
 
 def test_ldm_yaml_loss_params_map_and_unknown_ones_warn(tmp_path) -> None:
     path = tmp_path / "my_ldm.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {
-            "base_learning_rate": 1.0e-5,
-            "params": {
-                "lossconfig": {
-                    "target": "ldm.modules.losses.LPIPSWithDiscriminator",
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "base_learning_rate": 1.0e-5,
                     "params": {
-                        "disc_start": 7, "disc_weight": 0.25, "perceptual_weight": 0.0, "disc_loss": "vanilla",
-                        "disc_factor": 0.5, "disc_num_layers": 2, "logvar_init": 0.1,
-                        "disc_in_channels": 4, "my_new_knob": 3,
+                        "lossconfig": {
+                            "target": "ldm.modules.losses.LPIPSWithDiscriminator",
+                            "params": {
+                                "disc_start": 7,
+                                "disc_weight": 0.25,
+                                "perceptual_weight": 0.0,
+                                "disc_loss": "vanilla",
+                                "disc_factor": 0.5,
+                                "disc_num_layers": 2,
+                                "logvar_init": 0.1,
+                                "disc_in_channels": 4,
+                                "my_new_knob": 3,
+                            },
+                        },
                     },
                 },
-            },
-        },
-    }))
+            }
+        )
+    )
     r = cli("train", tmp_path / "shards", "--config", path, "--dry-run", "optim.lr=2e-5")
     cfg = yaml.safe_load(r.stdout)["loss"]
     assert (cfg["disc_start_step"], cfg["disc_weight"], cfg["perceptual_weight"], cfg["disc_loss"]) == (
@@ -477,7 +521,7 @@ def test_ldm_yaml_loss_params_map_and_unknown_ones_warn(tmp_path) -> None:
     assert "loss.disc_loss" in r.output and "wasserstein" in r.output
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. convert errors
 
 
@@ -500,7 +544,8 @@ def test_convert_errors_are_messages(tmp_path, vae_dir) -> None:
     junk = {
         "junk.safetensors": (noise, "not a readable safetensors file"),
         "junk.ckpt": (text, "not a readable PyTorch checkpoint"),
-        "noise.ckpt": (noise, ""),  # whichever of the two torch.load failures it trips: a message all the same
+        # whichever of the two torch.load failures it trips: a message all the same
+        "noise.ckpt": (noise, ""),
         "junk.txt": (text, "unknown checkpoint type"),
     }
     for name, (data, message) in junk.items():
@@ -508,7 +553,9 @@ def test_convert_errors_are_messages(tmp_path, vae_dir) -> None:
         dst = tmp_path / f"{name}-out"
         r = cli("convert", tmp_path / name, dst, code=1)
         assert r.output.startswith("Error: ") and message in r.output and name in r.output, r.output
-        assert not dst.exists() and not list(tmp_path.glob(f".{dst.name}*")) and not Path(f"{dst}.tmp").exists()
+        assert (
+            not dst.exists() and not list(tmp_path.glob(f".{dst.name}*")) and not Path(f"{dst}.tmp").exists()
+        )
 
     no_vae = tmp_path / "other.safetensors"
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(4)}, str(no_vae))

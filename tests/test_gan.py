@@ -1,5 +1,6 @@
 """A steadier GAN: spectral norm in the PatchGAN, lazy R1 on real images, LeCAM, a discriminator-only warm-up.
-Each term against its formula on a plain reference; each off by default; all on in a real run that resumes exactly."""
+Each term against its formula on a plain reference; each off by default; all on in a real run that resumes
+exactly."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 def test_defaults_keep_ldm_semantics() -> None:
     cfg = LossConfig()
-    assert (cfg.disc_norm, cfg.disc_r1_weight, cfg.disc_lecam_weight, cfg.disc_warmup_steps) == ("batch", 0, 0, 0)
+    assert (cfg.disc_norm, cfg.disc_r1_weight, cfg.disc_lecam_weight, cfg.disc_warmup_steps) == (
+        "batch",
+        0,
+        0,
+        0,
+    )
     disc = build_discriminator(cfg, 3)
     assert disc.lecam is None and not any("parametrizations" in k or "lecam" in k for k in disc.state_dict())
     assert not r1_due(cfg, 0)
@@ -83,7 +89,9 @@ def test_lecam_matches_its_formula_and_anchors_are_emas() -> None:
     cfg = LossConfig(disc_start_step=0, disc_ndf=8, disc_norm="group", disc_lecam_weight=0.5)
     disc = build_discriminator(cfg, 3)
     x, x_rec = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
-    plain, _ = discriminator_loss(disc, x, x_rec, LossConfig(disc_start_step=0, disc_ndf=8, disc_norm="group"), 0)
+    plain, _ = discriminator_loss(
+        disc, x, x_rec, LossConfig(disc_start_step=0, disc_ndf=8, disc_norm="group"), 0
+    )
     loss, logs = discriminator_loss(disc, x, x_rec, cfg, 0, disc.lecam)
     lr, lf = disc(x), disc(x_rec)
     assert logs["disc/lecam"] == pytest.approx(lecam_reg(lr, lf, lr.mean(), lf.mean()).item(), rel=1e-5)
@@ -96,8 +104,16 @@ def test_warmup_delays_the_gan_term_for_the_decoder_only() -> None:
     assert generator_gan_factor(LossConfig(disc_start_step=10), 10) == 1.0  # no warm-up: LDM
 
 
-@pytest.mark.parametrize("bad", ["loss.disc_r1_every=0", "loss.disc_r1_weight=-1", "loss.disc_lecam_weight=-1",
-                                 "loss.disc_lecam_decay=1.0", "loss.disc_warmup_steps=-1"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "loss.disc_r1_every=0",
+        "loss.disc_r1_weight=-1",
+        "loss.disc_lecam_weight=-1",
+        "loss.disc_lecam_decay=1.0",
+        "loss.disc_warmup_steps=-1",
+    ],
+)
 def test_bad_values_are_refused(bad: str) -> None:
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_train_config(None, [bad])
@@ -135,8 +151,15 @@ def test_resume_refuses_lecam_switched_and_takes_checkpoints_older_than_the_new_
     cfg = config_to_dict(TrainConfig())
     on = {**cfg, "loss": {**cfg["loss"], "disc_lecam_weight": 0.3}}
     assert any("LeCAM switched on or off" in p for p in resume_conflicts(cfg, on, None, "a", 1, 1))
-    assert resume_conflicts(on, {**on, "loss": {**on["loss"], "disc_lecam_weight": 0.5}}, None, "a", 1, 1) == []
+    assert (
+        resume_conflicts(on, {**on, "loss": {**on["loss"], "disc_lecam_weight": 0.5}}, None, "a", 1, 1) == []
+    )
     # a checkpoint written before model.trainable and the GAN fields existed: their defaults, so it resumes
-    old = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k != "trainable"},
-           "loss": {k: v for k, v in cfg["loss"].items() if not k.startswith(("disc_lecam", "disc_r1", "disc_warmup"))}}
+    old = {
+        **cfg,
+        "model": {k: v for k, v in cfg["model"].items() if k != "trainable"},
+        "loss": {
+            k: v for k, v in cfg["loss"].items() if not k.startswith(("disc_lecam", "disc_r1", "disc_warmup"))
+        },
+    }
     assert resume_conflicts(old, cfg, None, "a", 1, 1) == []

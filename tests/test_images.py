@@ -1,4 +1,5 @@
-"""vaedec/images.py: sample keys, crop geometry, the 8-bit RGB conversion rule, discovery, and the pixel range."""
+"""vaedec/images.py: sample keys, crop geometry, the 8-bit RGB conversion rule, discovery, and the pixel
+range."""
 
 from __future__ import annotations
 
@@ -25,12 +26,20 @@ from vaedec.images import (
     to_uint8,
 )
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # make_key
 
 
 def test_make_key_is_dot_free_and_readable():
-    for rel in ["a/b.png", "x.y.z/photo.final.JPG", ".png", "..png", "dir.with.dots/", "ünï cødé/ß.webp", "a b/c d.png"]:
+    for rel in [
+        "a/b.png",
+        "x.y.z/photo.final.JPG",
+        ".png",
+        "..png",
+        "dir.with.dots/",
+        "ünï cødé/ß.webp",
+        "a b/c d.png",
+    ]:
         key = make_key(rel)
         assert key and "." not in key and "/" not in key and " " not in key, (rel, key)
     assert make_key("cats/tabby_01.png").startswith("cats_tabby_01-")  # the stem stays readable
@@ -53,7 +62,7 @@ def test_make_key_is_stable_across_processes():
     assert {rel: make_key(rel) for rel in golden} == golden
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # crop geometry
 
 
@@ -79,7 +88,8 @@ def test_center_box_equals_resize_then_center_crop(size, side, res):
 
 
 def test_center_box_numbers():
-    # 40x36 -> shorter side 32: 36x32 resized, central 32x32 at x=2, i.e. x 2..34 of 36 = 2.2222..37.7778 of 40.
+    # 40x36 -> shorter side 32: 36x32 resized, central 32x32 at x=2, i.e. x 2..34 of 36 = 2.2222..37.7778 of
+    # 40.
     assert crop_boxes((40, 36), 32, 32, 0, None) == [(2.2222, 0.0, 37.7778, 36.0)]
     # An image already resolution x resolution is used whole, and crop_resize then returns it unchanged.
     assert crop_boxes((32, 32), 32, 32, 0, None) == [(0.0, 0.0, 32.0, 32.0)]
@@ -122,7 +132,7 @@ def test_extreme_aspect_ratio(size):
     assert np.asarray(crop_resize(im, box, res)).shape == (res, res, 3)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the conversion rule
 
 
@@ -149,7 +159,9 @@ def test_16bit_grey_is_v_over_257(tmp_path):
     assert np.array_equal(np.asarray(to_rgb(im)), np.repeat(V8[..., None], 3, axis=2))
     # A 16-bit PNG decoded by Pillow (mode I;16 or I depending on the version) follows the same rule.
     Image.fromarray(V16).save(tmp_path / "g16.png")
-    assert np.array_equal(np.asarray(load_rgb(str(tmp_path / "g16.png"))), np.repeat(V8[..., None], 3, axis=2))
+    assert np.array_equal(
+        np.asarray(load_rgb(str(tmp_path / "g16.png"))), np.repeat(V8[..., None], 3, axis=2)
+    )
     # 32-bit integer mode I: the same mapping, clipped to 0..255.
     i32 = Image.fromarray(np.array([[-5, 257, 70000, 65535 * 4]], dtype=np.int32))
     assert i32.mode == "I"
@@ -234,7 +246,7 @@ def test_truncated_png_raises_skip(tmp_path):
         load_rgb(str(p))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # discovery
 
 
@@ -264,7 +276,10 @@ def test_discover_file_list(tmp_path):
         (root / "data" / "0" / n).write_bytes(b"x")
     (tmp_path / "abs.png").write_bytes(b"x")
     lst = root / "file_list.txt"
-    lst.write_text(f"# comment\n\ndata/0/a.png\n  data/0/missing.png  \ndata/0/b.png\ndata/0/a.png\n{tmp_path / 'abs.png'}\n")
+    lst.write_text(
+        "# comment\n\ndata/0/a.png\n  data/0/missing.png  \ndata/0/b.png\ndata/0/a.png\n"
+        f"{tmp_path / 'abs.png'}\n"
+    )
     items, skips = discover_inputs(lst)
     assert [(i.index, i.rel, i.path) for i in items] == [
         (0, "data/0/a.png", str(root / "data/0/a.png")),
@@ -279,7 +294,7 @@ def test_discover_file_list(tmp_path):
         discover_inputs(lst)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # pixel range
 
 
@@ -296,5 +311,7 @@ def test_uint8_model_range_round_trip_is_exact():
 
 
 def test_to_uint8_clamps_and_rounds():
-    x = torch.tensor([-3.0, -1.0, -0.999, 0.0, 0.999, 1.0, 5.0, float("-inf"), float("inf")]).reshape(1, 1, 1, 9)
+    x = torch.tensor([-3.0, -1.0, -0.999, 0.0, 0.999, 1.0, 5.0, float("-inf"), float("inf")]).reshape(
+        1, 1, 1, 9
+    )
     assert to_uint8(x).flatten().tolist() == [0, 0, 0, 128, 255, 255, 255, 0, 255]

@@ -37,8 +37,14 @@ def test_training_decodes_noisy_latents_at_the_scaled_std(tmp_path, shards, monk
 
     monkeypatch.setattr(vae_mod, "TrainableDecoder", spy)
     scale = read_manifest(shards)["settings"]["vae"]["scaling_factor"]
-    common = [*FAST_TRAIN, "model.latent_sample=mode", "data.shuffle_buffer=0", "run.max_steps=2", "--no-export",
-              "loss.disc_start_step=100"]
+    common = [
+        *FAST_TRAIN,
+        "model.latent_sample=mode",
+        "data.shuffle_buffer=0",
+        "run.max_steps=2",
+        "--no-export",
+        "loss.disc_start_step=100",
+    ]
     cli("train", shards, "--output", tmp_path / "plain", *common)
     plain, seen[:] = list(seen), []
     cli("train", shards, "--output", tmp_path / "noisy", *common, "model.latent_noise_std=0.1")
@@ -46,7 +52,10 @@ def test_training_decodes_noisy_latents_at_the_scaled_std(tmp_path, shards, monk
     assert len(plain) == len(noisy) == 2
     # latent_sample=mode, same data order: the only difference is the extra noise, of std 0.1 / scaling_factor
     diff = torch.cat([(b - a).flatten() for a, b in zip(plain, noisy)])
-    assert diff.std().item() == pytest.approx(0.1 / scale, rel=0.1) and abs(diff.mean().item()) < 0.1 / scale * 0.1
+    assert (
+        diff.std().item() == pytest.approx(0.1 / scale, rel=0.1)
+        and abs(diff.mean().item()) < 0.1 / scale * 0.1
+    )
     for run in ("plain", "noisy"):
         lines = [json.loads(s) for s in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         assert all(m["loss/total"] == m["loss/total"] for m in lines if "loss/total" in m)

@@ -1,5 +1,5 @@
-"""The shape of the package, kept as it was reshaped (issue 15): short functions, one error base the CLI catches,
-and an import graph without cycles, so each module sits on a floor above the ones it imports."""
+"""The shape of the package, kept as it was reshaped (issue 15): short functions, one error base the CLI
+catches, and an import graph without cycles, so each module sits on a floor above the ones it imports."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ def test_no_function_is_longer_than_80_lines() -> None:
 
 
 def test_every_user_error_is_a_vaedec_error() -> None:
-    """cli.py catches VaedecError alone: an error class outside it would reach the user as a traceback (cli.py's
-    own UserError is click's, what a VaedecError becomes)."""
+    """cli.py catches VaedecError alone: an error class outside it would reach the user as a traceback
+    (cli.py's own UserError is click's, what a VaedecError becomes)."""
     errors = {}
     for info in pkgutil.iter_modules(vaedec.__path__):
         module = importlib.import_module(f"vaedec.{info.name}")

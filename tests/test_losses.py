@@ -55,7 +55,7 @@ def flat(t: torch.Tensor) -> list[float]:
     return t.detach().flatten().tolist()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. each term against a plain hand-written reference
 
 
@@ -115,7 +115,7 @@ def test_adaptive_weight_formula_clamps_and_scaling() -> None:
     assert adaptive_weight(torch.zeros(2, dtype=F64), g_grad, 0.5).item() == 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. conv_weight_grad against autograd
 
 
@@ -143,7 +143,7 @@ def test_conv_weight_grad_computes_low_precision_inputs_in_fp32() -> None:
     torch.testing.assert_close(out, conv_weight_grad(h.bfloat16().float(), grad_out.bfloat16().float(), conv))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. generator_grads + one backward == LDM's double backward
 
 
@@ -270,7 +270,7 @@ def test_generator_grads_needs_lpips_and_disc_when_their_terms_are_on() -> None:
         generator_grads(x, x_rec, h, vae.decoder.conv_out, None, None, logvar, cfg, 0)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. gradient isolation between decoder and discriminator
 
 
@@ -305,7 +305,7 @@ def test_generator_grads_leaves_disc_grads_none() -> None:
     assert all(p.grad is None for p in disc.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 5. LPIPS on any channel count
 
 
@@ -324,7 +324,7 @@ def test_perceptual_distance_rgb_plus_depth(lpips64: nn.Module) -> None:
     )  # grey: C == 1
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # LPIPS weights, offline
 
 
@@ -361,7 +361,8 @@ def test_load_lpips_maps_a_local_vgg16_file(tmp_path) -> None:
 
 @pytest.mark.filterwarnings("ignore:LPIPS is using a RANDOM")
 def test_building_lpips_leaves_the_global_rng_alone() -> None:
-    """Else whether LPIPS is built (validation only, when weights are present) would change the PatchGAN's init."""
+    """Else whether LPIPS is built (validation only, when weights are present) would change the PatchGAN's
+    init."""
     torch.manual_seed(0)
     state = torch.get_rng_state()
     load_lpips(None, random_backbone=True)
@@ -408,7 +409,7 @@ def test_vgg_slice_state_reports_missing_keys_and_shape_mismatch() -> None:
     assert vgg_slice_state(features, target, "f.pth")["slice1.0.weight"].sum() == 64 * 27
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. the PatchGAN
 
 

@@ -1,5 +1,5 @@
-"""Keeping the decoder good outside the domain: mixed shard sets (proportions, rank/worker split, exact resume,
-refusals, per-set metrics) and the L2-SP anchor to the original weights (its formula, its effect)."""
+"""Keeping the decoder good outside the domain: mixed shard sets (proportions, rank/worker split, exact
+resume, refusals, per-set metrics) and the L2-SP anchor to the original weights (its formula, its effect)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def take(stream: TrainStream, n: int) -> list[dict]:
 
 def test_mix_proportions_are_within_sampling_error(shards, general) -> None:
     p, batch, n = 0.3, 8, 150
-    batches = take(TrainStream(shard_list(shards), batch, seed=0, shuffle_buffer=8, mix=[(shard_list(general), p)]), n)
+    batches = take(
+        TrainStream(shard_list(shards), batch, seed=0, shuffle_buffer=8, mix=[(shard_list(general), p)]), n
+    )
     source = torch.cat([b["source"] for b in batches]).numpy()
     total = n * batch
     sigma = np.sqrt(total * p * (1 - p))
@@ -86,14 +88,16 @@ def test_mixed_stream_resumes_exactly(shards, general) -> None:
 
 
 def test_unmixed_stream_is_unchanged_by_the_mix_machinery(shards) -> None:
-    """No data.mix: no `source` in the batches and the order of a plain run (bit-exact resume relies on it)."""
+    """No data.mix: no `source` in the batches and the order of a plain run (bit-exact resume relies on
+    it)."""
     a = take(TrainStream(shard_list(shards), 2, seed=1, shuffle_buffer=4), 4)
     b = take(TrainStream(shard_list(shards), 2, seed=1, shuffle_buffer=4, mix=[]), 4)
     assert [x["key"] for x in a] == [x["key"] for x in b] and "source" not in a[0]
 
 
 def test_mixed_training_resumes_exactly_and_logs_each_set(tmp_path, shards, general) -> None:
-    """4 steps in one go against 2 steps + a resumed run to 4: the same weights; per-set loss and validation."""
+    """4 steps in one go against 2 steps + a resumed run to 4: the same weights; per-set loss and
+    validation."""
     args = [*FAST_TRAIN, "data.val_shards=1", "run.val_every_steps=2", "loss.disc_norm=group"]
     cli("train", shards, "--mix", f"{general}:0.4", "--output", tmp_path / "full", *args, "run.max_steps=4",
         "--no-export")
@@ -134,13 +138,16 @@ def test_mix_entries_are_checked() -> None:
     assert "- g:0.2" in res.output and "- h:0.1" in res.output
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # anchor (L2-SP)
 
 
 def test_anchor_gradient_is_the_gradient_of_its_penalty() -> None:
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(3, 4, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)]
+    params = [
+        torch.randn(3, 4, generator=g, requires_grad=True),
+        torch.randn(5, generator=g, requires_grad=True),
+    ]
     anchors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
     alpha = 0.7
     penalty = anchor_penalty(params, anchors, alpha)

@@ -1,6 +1,7 @@
-"""Resume that costs the same at any step: the data stream starts from a recorded position (epoch, shard, sample,
-block offset per DataLoader role) after reading again at most the shards of one shuffle block, and continues
-exactly as the uninterrupted stream, also with several workers; and a preempted run (SIGTERM) checkpoints first."""
+"""Resume that costs the same at any step: the data stream starts from a recorded position (epoch, shard,
+sample, block offset per DataLoader role) after reading again at most the shards of one shuffle block, and
+continues exactly as the uninterrupted stream, also with several workers; and a preempted run (SIGTERM)
+checkpoints first."""
 
 from __future__ import annotations
 
@@ -63,18 +64,21 @@ def test_resume_many_epochs_in_reads_about_one_shard(shards, opened) -> None:
 
 
 def test_resumed_dataloader_continues_with_the_right_worker(shards) -> None:
-    """Two DataLoader workers deliver batches in turn; after an odd number of batches the resumed loader's worker
-    0 plays the role whose batch is next (first_role), and the sequence goes on unchanged."""
+    """Two DataLoader workers deliver batches in turn; after an odd number of batches the resumed loader's
+    worker 0 plays the role whose batch is next (first_role), and the sequence goes on unchanged."""
 
     def loader(positions: dict | None = None, first_role: int = 0) -> list[dict]:
-        stream = TrainStream(shard_list(shards), 2, seed=3, shuffle_buffer=3, positions=positions, first_role=first_role)
+        stream = TrainStream(
+            shard_list(shards), 2, seed=3, shuffle_buffer=3, positions=positions, first_role=first_role
+        )
         it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2))
         return [next(it) for _ in range(12)]
 
     full = loader()
     assert [b["worker"] for b in full[:4]] == [0, 1, 0, 1]
     consumed = 7
-    positions = {b["worker"]: b["position"] for b in full[:consumed]}  # the last of each role, as train keeps it
+    # the last of each role, as train keeps it
+    positions = {b["worker"]: b["position"] for b in full[:consumed]}
     resumed = loader(positions, first_role=consumed % 2)
     assert all(same_sample(a, b) for a, b in zip(full[consumed:], resumed[: 12 - consumed], strict=True))
 
@@ -84,7 +88,9 @@ def test_resume_with_other_stream_settings_warns_and_restarts_the_order(tmp_path
     args = ["train", shards, "--output", run, *FAST_TRAIN, "--no-export", "run.checkpoint_every_steps=2"]
     cli(*args, "run.max_steps=2")
     state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
-    assert state["data"]["fingerprint"] and state["data"]["positions"]["rank0"]["0"]["sets"][0] != new_position()
+    assert (
+        state["data"]["fingerprint"] and state["data"]["positions"]["rank0"]["0"]["sets"][0] != new_position()
+    )
     epochs = [json.loads(line)["data/epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0.0, 0.0]  # 4 of 12 training samples: still the first pass
     cli(*args, "run.max_steps=3", "data.shuffle_buffer=5")
@@ -93,18 +99,23 @@ def test_resume_with_other_stream_settings_warns_and_restarts_the_order(tmp_path
 
 
 def test_sigterm_checkpoints_the_step_and_exits_so_a_rerun_resumes(tmp_path, shards) -> None:
-    """SIGTERM to the whole process group (as SLURM sends it, DataLoader worker included): the run finishes its
-    step, writes a checkpoint there and exits with 128 + 15; the same command resumes from that step."""
+    """SIGTERM to the whole process group (as SLURM sends it, DataLoader worker included): the run finishes
+    its step, writes a checkpoint there and exits with 128 + 15; the same command resumes from that step."""
     run = tmp_path / "run"
     cmd = [sys.executable, "cli.py", "train", str(shards), "--output", str(run), *FAST_TRAIN, "--no-export",
            "data.num_workers=1", "run.max_steps=500", "run.checkpoint_every_steps=0", "run.log_every_steps=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "out.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 120
-            while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 2:
+            while (
+                not (run / "metrics.jsonl").is_file()
+                or len((run / "metrics.jsonl").read_text().splitlines()) < 2
+            ):
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
             os.killpg(proc.pid, signal.SIGTERM)
@@ -131,10 +142,13 @@ def _worker_that_ignores_stop_signals() -> None:
 
 def test_a_worker_ignores_foreign_stop_signals_but_not_its_parents_terminate() -> None:
     """DataLoader workers: SIGTERM/SIGUSR1 from another process (a scheduler) leave them running; the parent's
-    terminate() (DataLoader shutdown, multiprocessing's exit) still ends them, or the parent would wait for ever."""
+    terminate() (DataLoader shutdown, multiprocessing's exit) still ends them, or the parent would wait for
+    ever."""
     import multiprocessing
 
-    worker = multiprocessing.get_context("fork").Process(target=_worker_that_ignores_stop_signals, daemon=True)
+    worker = multiprocessing.get_context("fork").Process(
+        target=_worker_that_ignores_stop_signals, daemon=True
+    )
     worker.start()
     try:
         time.sleep(0.5)  # the handler thread is up

@@ -1,9 +1,10 @@
 """Secrets in SHARDS stay out of everything vaedec prints or writes, and what it writes is readable by others.
 
 A presigned URL's token (`?X-Amz-Signature=…`), a URL's `user:password@` and a `pipe:` command's environment
-assignments must not reach a log line, a message, metrics.jsonl, TensorBoard or any file of the run folder or the
-export (run folders and exports get shared and pushed to hubs); a resume with a fresh token continues the run. Every
-file vaedec writes has the umask's mode (safetensors alone makes 0600 files a ComfyUI of another user cannot read).
+assignments must not reach a log line, a message, metrics.jsonl, TensorBoard or any file of the run folder or
+the export (run folders and exports get shared and pushed to hubs); a resume with a fresh token continues the
+run. Every file vaedec writes has the umask's mode (safetensors alone makes 0600 files a ComfyUI of another
+user cannot read).
 """
 
 from __future__ import annotations
@@ -33,19 +34,36 @@ PASSWORD = "pa55wordSECRET"
 SECRETS = (TOKEN, CRED, PASSWORD)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # redact
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("https://b.s3.amazonaws.com/sh/{name}?X-Amz-Signature=abc&X-Amz-Credential=AK%2F1",
-     "https://b.s3.amazonaws.com/sh/{name}?X-Amz-Signature=***&X-Amz-Credential=***"),
-    ("https://acct.blob.core.windows.net/c/?sv=2024&sig=xyz%3D&flag", "https://acct.blob.core.windows.net/c/?sv=***&sig=***&flag"),
-    ("http://me:pw@127.0.0.1:8000/shards/ cannot be reached", "http://me:***@127.0.0.1:8000/shards/ cannot be reached"),
-    ("pipe:AWS_SECRET_ACCESS_KEY=abc AWS_ID=x aws s3 cp s3://b/{name} -", "pipe:AWS_SECRET_ACCESS_KEY=*** AWS_ID=*** aws s3 cp s3://b/{name} -"),
-    ("`pipe:env T=zz curl -s https://h/{name}?s=q` exited with status 3: no", "`pipe:env T=*** curl -s https://h/{name}?s=***` exited with status 3: no"),
-    ("pipe:cat /d/{name} | TOKEN=1 tool --key=v A=b", "pipe:cat /d/{name} | TOKEN=*** tool --key=v A=b"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "https://b.s3.amazonaws.com/sh/{name}?X-Amz-Signature=abc&X-Amz-Credential=AK%2F1",
+            "https://b.s3.amazonaws.com/sh/{name}?X-Amz-Signature=***&X-Amz-Credential=***",
+        ),
+        (
+            "https://acct.blob.core.windows.net/c/?sv=2024&sig=xyz%3D&flag",
+            "https://acct.blob.core.windows.net/c/?sv=***&sig=***&flag",
+        ),
+        (
+            "http://me:pw@127.0.0.1:8000/shards/ cannot be reached",
+            "http://me:***@127.0.0.1:8000/shards/ cannot be reached",
+        ),
+        (
+            "pipe:AWS_SECRET_ACCESS_KEY=abc AWS_ID=x aws s3 cp s3://b/{name} -",
+            "pipe:AWS_SECRET_ACCESS_KEY=*** AWS_ID=*** aws s3 cp s3://b/{name} -",
+        ),
+        (
+            "`pipe:env T=zz curl -s https://h/{name}?s=q` exited with status 3: no",
+            "`pipe:env T=*** curl -s https://h/{name}?s=***` exited with status 3: no",
+        ),
+        ("pipe:cat /d/{name} | TOKEN=1 tool --key=v A=b", "pipe:cat /d/{name} | TOKEN=*** tool --key=v A=b"),
+    ],
+)
 def test_redact_masks_url_passwords_query_values_and_pipe_environment(text: str, expected: str) -> None:
     assert redact(text) == expected
     assert redact(expected) == expected  # the redacted form is stable: resume checks compare redacted forms
@@ -59,12 +77,13 @@ def test_redact_leaves_text_without_secrets_alone(text: str) -> None:
     assert redact(text) == text
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a signed URL and a password URL, trained from end to end
 
 
 class _SigningHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; refuses (403) a request whose signature or basic-auth password is not one it accepts."""
+    """Serves a folder; refuses (403) a request whose signature or basic-auth password is not one it
+    accepts."""
 
     signatures: ClassVar[frozenset[str]] = frozenset()
 
@@ -84,7 +103,9 @@ class _SigningHandler(http.server.SimpleHTTPRequestHandler):
 @contextmanager
 def signing_server(folder: Path, signatures: set[str]) -> Iterator[int]:
     handler = type("Handler", (_SigningHandler,), {"signatures": frozenset(signatures)})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(folder))
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -112,7 +133,9 @@ def no_proxy(monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_a_signed_url_trains_resumes_with_a_fresh_token_and_is_written_nowhere(tmp_path, shards, capfd) -> None:
+def test_a_signed_url_trains_resumes_with_a_fresh_token_and_is_written_nowhere(
+    tmp_path, shards, capfd
+) -> None:
     run, export, served = tmp_path / "run", tmp_path / "export", tmp_path / "served"
     served.mkdir()
     for name in ("domain", "general"):  # two sets (the --mix one is the general set), named by their folders
@@ -140,7 +163,7 @@ def test_a_signed_url_trains_resumes_with_a_fresh_token_and_is_written_nowhere(t
     assert files_holding_secrets(run, export) == []
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # file modes
 
 
@@ -151,8 +174,16 @@ def test_every_file_written_has_the_umask_s_mode(tmp_path, shards, mask) -> None
     try:
         assert umask() == mask
         run, export = tmp_path / "run", tmp_path / "export"
-        cli("train", shards, *FAST_TRAIN, "data.val_shards=1", "run.max_steps=2", "run.checkpoint_every_steps=1",
-            "--output", run)
+        cli(
+            "train",
+            shards,
+            *FAST_TRAIN,
+            "data.val_shards=1",
+            "run.max_steps=2",
+            "run.checkpoint_every_steps=1",
+            "--output",
+            run,
+        )
         cli("export", run, export, "--format", "both")
         cli("convert", export / "vae.safetensors", tmp_path / "converted")
     finally:

@@ -1,4 +1,5 @@
-"""The stand-in pretrained VAE's training: deterministic, loadable with diffusers, and its small math right."""
+"""The stand-in pretrained VAE's training: deterministic, loadable with diffusers, and its small math
+right."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from vaedec.source_vae import (
     train_source_vae,
 )
 
-TINY = SourceVAEConfig(block_out_channels=(8, 16), resolution=16, batch_size=2, steps=3, warmup_steps=1, threads=1)
+TINY = SourceVAEConfig(
+    block_out_channels=(8, 16), resolution=16, batch_size=2, steps=3, warmup_steps=1, threads=1
+)
 
 
 def test_training_is_deterministic_and_restores_torch_settings(tmp_path):
@@ -75,7 +78,9 @@ def test_qwenimage_source_vae_trains_deterministically_and_records_per_channel_s
                           batch_size=2, steps=3, warmup_steps=1, threads=1)
     a, losses_a = train_source_vae(tmp_path / "img", cfg, progress=False)
     b, losses_b = train_source_vae(tmp_path / "img", cfg, progress=False)
-    assert isinstance(a, AutoencoderKLQwenImage) and losses_a == losses_b and all(map(math.isfinite, losses_a))
+    assert (
+        isinstance(a, AutoencoderKLQwenImage) and losses_a == losses_b and all(map(math.isfinite, losses_a))
+    )
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     stats = latent_stats(a, tmp_path / "img", cfg, n=8)
     assert len(stats["latents_mean"]) == len(stats["latents_std"]) == 16 and min(stats["latents_std"]) > 0

@@ -1,4 +1,5 @@
-"""Training at 512-1024 px: gradient checkpointing, channels-last and torch.compile give the plain step's gradients."""
+"""Training at 512-1024 px: gradient checkpointing, channels-last and torch.compile give the plain step's
+gradients."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from vaedec.vae import trainable_decoder
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def step_grads(shards, overrides: list[str], backend: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def step_grads(
+    shards, overrides: list[str], backend: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The decoder's gradients of one real generator step (GAN term on), taken when its optimizer steps."""
     from accelerate import Accelerator
 
@@ -66,8 +69,8 @@ def test_memory_and_speed_options_give_the_plain_gradients(shards, plain, overri
     assert logs["loss/d_weight"] == pytest.approx(ref_logs["loss/d_weight"], rel=max(tol * 10, 1e-6))
     expected = {k: v for k, v in ref.items() if k in grads}
     assert grads.keys() == expected.keys() and len(grads) > 2
-    # Relative to the largest gradient of the model: a conv bias in front of a GroupNorm has an exact gradient of 0,
-    # so its float noise cannot be judged relative to itself.
+    # Relative to the largest gradient of the model: a conv bias in front of a GroupNorm has an exact gradient
+    # of 0, so its float noise cannot be judged relative to itself.
     scale = max(v.abs().max().item() for v in expected.values())
     for k, g in grads.items():
         torch.testing.assert_close(g, expected[k], rtol=tol, atol=tol * scale, msg=k)
@@ -110,11 +113,14 @@ print(faults[0], faults[-1])
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_a_cpu_step_reuses_the_heap_the_last_one_freed() -> None:
-    """With keep_freed_heap (what train sets on the CPU) the memory a step frees serves the next one: the first
-    step faults its 65,536 pages of 4 KiB in, the third none. Without it glibc gives a free heap top back to the
-    system and faults it in again, every step or not, by where its other allocations happen to lie."""
+    """With keep_freed_heap (what train sets on the CPU) the memory a step frees serves the next one: the
+    first step faults its 65,536 pages of 4 KiB in, the third none. Without it glibc gives a free heap top
+    back to the system and faults it in again, every step or not, by where its other allocations happen to
+    lie."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True, check=True
+    )
     first, last = map(int, out.stdout.split())
     pages = 256 * 2**20 // 4096
     assert first > pages // 2 and last < pages // 20, (first, last)

@@ -1,6 +1,7 @@
 """Shards streamed instead of read from a folder: http(s) URLs (a real HTTP server on 127.0.0.1), file:// and
 pipe:CMD specs. Training from them equals training from the folder, bit for bit; resume, inspect --verify and
-bad-sample reports work; a shard or manifest that cannot be fetched is a one-line error naming URL or command."""
+bad-sample reports work; a shard or manifest that cannot be fetched is a one-line error naming URL or
+command."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @contextmanager
 def serve(folder: Path) -> Iterator[str]:
     """`folder` over HTTP on 127.0.0.1 (a free port) in a daemon thread; yields its base URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder))
+    )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -82,37 +85,44 @@ def assert_same_checkpoint(a: Path, b: Path, step: int) -> None:
 def one_line_error(result) -> str:
     """The CLI's error: exit code 1, one 'Error:' line, no traceback."""
     assert result.exit_code == 1, result.output
-    errors = [line[line.index("Error:") :] for line in result.output.splitlines() if "Error:" in line]  # after tqdm
+    # after tqdm
+    errors = [line[line.index("Error:") :] for line in result.output.splitlines() if "Error:" in line]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
     return errors[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the specs
 
 
 def test_spec_names_urls_and_shard_names() -> None:
     s3 = "pipe:aws s3 cp s3://bucket/photos/{name} -"
     assert spec_name(s3) == "photos" and spec_name("pipe:gsutil cat gs://b/general/{name}") == "general"
-    assert spec_name("https://host/data/coco/") == "coco" and spec_name("http://127.0.0.1:8000/") == "127.0.0.1"
+    assert (
+        spec_name("https://host/data/coco/") == "coco" and spec_name("http://127.0.0.1:8000/") == "127.0.0.1"
+    )
     assert spec_name("file:///data/coco/") == "coco"
     url = shard_url(s3, "shard-000003.tar")
     assert url == "pipe:aws s3 cp s3://bucket/photos/shard-000003.tar -"
     assert shard_name(url) == "shard-000003.tar" and shards_spec(url) == s3
     signed = shard_url("https://host/shards/?sig=abc", "shard-000003.tar")
-    assert signed == "https://host/shards/shard-000003.tar?sig=abc" and shard_name(signed) == "shard-000003.tar"
+    assert (
+        signed == "https://host/shards/shard-000003.tar?sig=abc" and shard_name(signed) == "shard-000003.tar"
+    )
     assert shard_url("https://acct.blob/c/{name}?sv=1", "manifest.json") == "https://acct.blob/c/manifest.json?sv=1"
 
 
 def test_pipe_without_name_bucket_urls_and_names_the_shell_would_read_are_refused(tmp_path, shards) -> None:
     msg = one_line_error(cli("inspect", f"pipe:cat {shards}/manifest.json", code=None))
     assert "{name}" in msg and "pipe:aws s3 cp" in msg
-    msg = one_line_error(cli("train", "pipe:gsutil cat gs://b/shards/", *FAST_TRAIN, "--output", tmp_path / "r",
-                             code=None))
+    msg = one_line_error(
+        cli("train", "pipe:gsutil cat gs://b/shards/", *FAST_TRAIN, "--output", tmp_path / "r", code=None)
+    )
     assert "{name}" in msg
     msg = one_line_error(cli("inspect", "s3://bucket/shards/", code=None))
     assert "s3:// is not read directly" in msg and "pipe:aws s3 cp s3://bucket/shards/{name} -" in msg
-    # A manifest (fetched from anywhere) names the files; its names go into a shell command, so only plain names.
+    # A manifest (fetched from anywhere) names the files; its names go into a shell command, so only plain
+    # names.
     folder = tmp_path / "edited"
     shutil.copytree(shards, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -123,7 +133,7 @@ def test_pipe_without_name_bucket_urls_and_names_the_shell_would_read_are_refuse
     assert not (tmp_path / "pwned").exists()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # reading and training
 
 
@@ -167,23 +177,31 @@ def test_damaged_remote_shard_is_reported_by_its_file_name(tmp_path, shards) -> 
             with pytest.raises(ShardError) as e:
                 list(read_samples(shard_paths(spec, read_manifest(spec))))
             # The hint names the SHARDS the user gave, quoted for a shell.
-            assert "damaged" in str(e.value) and f"vaedec inspect {shlex.quote(spec)} --verify" in str(e.value)
+            assert "damaged" in str(e.value) and f"vaedec inspect {shlex.quote(spec)} --verify" in str(
+                e.value
+            )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # what cannot be fetched
 
 
 def test_missing_shard_is_a_one_line_error_naming_url_or_command(tmp_path, shards) -> None:
-    """Not a skipped bad sample: a shard that cannot be fetched stops the run, as a missing local shard does."""
+    """Not a skipped bad sample: a shard that cannot be fetched stops the run, as a missing local shard
+    does."""
     folder = tmp_path / "gone"
     shutil.copytree(shards, folder)
     (folder / "shard-000000.tar").unlink()
     with serve(folder) as base:
         msg = one_line_error(cli("train", base, "--output", tmp_path / "url", *FAST_TRAIN, *STEPS, code=None))
         assert f"{base}shard-000000.tar: HTTP 404" in msg, msg
-    msg = one_line_error(cli("train", pipe(folder), "--output", tmp_path / "pipe", *FAST_TRAIN, *STEPS, code=None))
-    assert f"`pipe:cat {folder.resolve()}/shard-000000.tar` exited with status 1" in msg and "No such file" in msg, msg
+    msg = one_line_error(
+        cli("train", pipe(folder), "--output", tmp_path / "pipe", *FAST_TRAIN, *STEPS, code=None)
+    )
+    assert (
+        f"`pipe:cat {folder.resolve()}/shard-000000.tar` exited with status 1" in msg
+        and "No such file" in msg
+    ), msg
     with pytest.raises(ShardUnreachable):
         list(read_samples(shard_paths(pipe(folder), read_manifest(pipe(folder))), skip_bad=True))
 
@@ -195,7 +213,9 @@ def test_unreachable_manifest_is_a_one_line_error(tmp_path, url) -> None:
     assert "http://127.0.0.1:1/manifest.json cannot be reached" in msg
     msg = one_line_error(cli("inspect", "pipe:sh -c 'echo no such bucket >&2; exit 3' {name}", code=None))
     assert "exited with status 3: no such bucket" in msg
-    msg = one_line_error(cli("eval", url + "nothing/", "--vae", tmp_path, "--out", tmp_path / "eval", code=None))
+    msg = one_line_error(
+        cli("eval", url + "nothing/", "--vae", tmp_path, "--out", tmp_path / "eval", code=None)
+    )
     assert "HTTP 404" in msg
 
 

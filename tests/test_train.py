@@ -92,7 +92,7 @@ def grid_tiles(path: Path, rows: int, columns: int = 4) -> np.ndarray:
     return np.stack([np.stack([im[y : y + RES, x : x + RES] for x in left]) for y in top])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. encode -> train -> resume -> export -> diffusers
 
 
@@ -161,7 +161,7 @@ def test_encode_train_resume_export_end_to_end(tmp_path, vae_dir) -> None:
     assert not torch.equal(ckpt["ema"]["decoder.conv_out.weight"], ckpt["decoder"]["decoder.conv_out.weight"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. a resumed run equals an uninterrupted one (torchtune-style)
 
 RESUME_ARGS = [*FAST, "loss.disc_start_step=1", "data.num_workers=1", "run.checkpoint_every_steps=3",
@@ -170,7 +170,8 @@ STATE_6 = Path("checkpoints/step-00000006/state.json")
 
 
 def start(cmd: list[str], out, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`cmd` in the repository root, in its own process group (so its DataLoader workers or ranks die with it)."""
+    """`cmd` in the repository root, in its own process group (so its DataLoader workers or ranks die with
+    it)."""
     env = env or subprocess_env()
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -242,7 +243,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, shards) -> None
         assert not list((other / "checkpoints").glob(".step-*"))  # no half-written checkpoint left behind
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. gradient isolation inside the real training step
 
 
@@ -278,8 +279,8 @@ def test_training_step_isolates_encoder_decoder_and_discriminator(
     n_pqc = sum(p.numel() for p in source.post_quant_conv.parameters())
     assert f"decoder: {n_decoder:,} trainable / {n_pqc:,} frozen parameters" in (run / "log.txt").read_text()
 
-    # model.train_post_quant_conv=false: the checkpoint holds only what trains, and post_quant_conv comes out of the
-    # export bit-identical to the original while the decoder does not.
+    # model.train_post_quant_conv=false: the checkpoint holds only what trains, and post_quant_conv comes out
+    # of the export bit-identical to the original while the decoder does not.
     ckpt = checkpoint_tensors(list_checkpoints(run)[-1])
     src = source.state_dict()
     for stem in ("decoder", "ema"):
@@ -292,16 +293,25 @@ def test_training_step_isolates_encoder_decoder_and_discriminator(
 
 
 def test_generator_and_discriminator_steps_give_gradients_only_to_their_own_model(shards) -> None:
-    """At each optimizer step of train's own phases: that optimizer's parameters have gradients, the other's none."""
+    """At each optimizer step of train's own phases: that optimizer's parameters have gradients, the other's
+    none."""
     from accelerate import Accelerator
 
     from vaedec.images import batch_to_model
     from vaedec.shards import collate
 
     parts = step_parts(shards, ["model.train_post_quant_conv=false"], 8)  # as train() builds them
-    cfg, decoder, disc, logvar, opt_g, opt_d = (parts.cfg, parts.decoder, parts.disc, parts.logvar, parts.opt_g,
-                                                parts.opt_d)
-    params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in (("g", opt_g), ("d", opt_d))}
+    cfg, decoder, disc, logvar, opt_g, opt_d = (
+        parts.cfg,
+        parts.decoder,
+        parts.disc,
+        parts.logvar,
+        parts.opt_g,
+        parts.opt_d,
+    )
+    params = {
+        name: [p for g in opt.param_groups for p in g["params"]] for name, opt in (("g", opt_g), ("d", opt_d))
+    }
     # The decoder's optimizer holds the decoder only: no post_quant_conv (frozen), no logvar (not learned).
     assert {id(p) for p in params["g"]} == {id(p) for p in decoder.decoder.parameters()}
     assert {id(p) for p in params["d"]} == {id(p) for p in disc.parameters()}
@@ -319,9 +329,15 @@ def test_generator_and_discriminator_steps_give_gradients_only_to_their_own_mode
 
     accelerator, noise, samples = Accelerator(), torch.Generator().manual_seed(0), parts.samples
     for step in range(2):
-        batches = [collate(samples[4 * step + 2 * i : 4 * step + 2 * i + 2]) for i in range(2)]  # 2 micro-batches
-        micro = [(batch_to_model(b, accelerator.device), sample_latent(b["moments"], "sample", noise)) for b in batches]
-        stored, logs = train_mod.generator_step(accelerator, decoder, disc, opt_g, logvar, None, micro, cfg, step)
+        # 2 micro-batches
+        batches = [collate(samples[4 * step + 2 * i : 4 * step + 2 * i + 2]) for i in range(2)]
+        micro = [
+            (batch_to_model(b, accelerator.device), sample_latent(b["moments"], "sample", noise))
+            for b in batches
+        ]
+        stored, logs = train_mod.generator_step(
+            accelerator, decoder, disc, opt_g, logvar, None, micro, cfg, step
+        )
         assert logs["loss/d_weight"] > 0  # the GAN term was in the decoder's gradient
         d_logs = train_mod.discriminator_step(accelerator, disc, opt_d, stored, cfg, step)
         assert d_logs  # the discriminator stepped
@@ -357,7 +373,7 @@ def test_loss_phases_leave_the_other_model_without_gradients(vae_dir) -> None:
     assert all(p.grad is None for p in decoder.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4-5. user errors: one line, exit code 1, no traceback
 
 
@@ -400,11 +416,14 @@ def test_grids_and_validation_follow_their_own_cadence(tmp_path, shards) -> None
     assert (run / "metrics.jsonl").read_text() == finished
 
 
-def test_validation_uses_lpips_when_weights_are_here_even_if_the_loss_does_not(tmp_path, shards, monkeypatch) -> None:
+def test_validation_uses_lpips_when_weights_are_here_even_if_the_loss_does_not(
+    tmp_path, shards, monkeypatch
+) -> None:
     import torchvision
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no weights in the default place
-    args = ["train", shards, *FAST, "data.val_shards=1", "run.max_steps=1", "--no-export"]  # perceptual_weight=0
+    # perceptual_weight=0
+    args = ["train", shards, *FAST, "data.val_shards=1", "run.max_steps=1", "--no-export"]
     r = cli(*args, "--output", tmp_path / "without")
     assert "validation without LPIPS: no VGG16 weights" in r.output, r.output
     assert all("val/lpips" not in m for m in metrics(tmp_path / "without"))
@@ -415,7 +434,9 @@ def test_validation_uses_lpips_when_weights_are_here_even_if_the_loss_does_not(t
     cli(*args, "--output", tmp_path / "with", f"loss.lpips_vgg_weights={tmp_path / 'vgg16.pth'}")
     val = [m for m in metrics(tmp_path / "with") if "val/psnr" in m]
     assert val and all(m["val/lpips"] > 0 and m["val/lpips_orig"] > 0 for m in val)
-    assert all("loss/perceptual" not in m or m["loss/perceptual"] == 0 for m in train_lines(tmp_path / "with"))
+    assert all(
+        "loss/perceptual" not in m or m["loss/perceptual"] == 0 for m in train_lines(tmp_path / "with")
+    )
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path, shards) -> None:
@@ -462,7 +483,7 @@ def test_processes_that_accelerate_did_not_connect_are_refused(tmp_path, shards,
     assert "ACCELERATE_USE_CPU" in result.output and "Traceback" not in result.output
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 6. two CPU processes with real accelerate (gloo)
 
 
@@ -494,8 +515,8 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, shards) -> None:
                 kill_group(proc)
     out = log.read_text()
     assert proc.returncode == 0, out
-    # One summary and one log line per checkpoint, from the main process (that rank 1 also reached the last step
-    # shows in the checkpoint below: it holds rank 1's noise state after `steps` draws).
+    # One summary and one log line per checkpoint, from the main process (that rank 1 also reached the last
+    # step shows in the checkpoint below: it holds rank 1's noise state after `steps` draws).
     assert re.findall(r"run folder\s+\S+\s+\(step (\d+)\)", out) == [str(steps)], out
     assert out.count("checkpoints/step-00000002") == 1 and out.count("checkpoints/step-00000003") == 1, out
     assert [c.name for c in list_checkpoints(run)] == ["step-00000002", "step-00000003"]
@@ -513,10 +534,12 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, shards) -> None:
     assert not torch.equal(extra["noise_rank0"], extra["noise_rank1"])
     # Both ranks' data positions, gathered the same way (each resumes its own stream from it).
     positions = json.loads((run / "checkpoints/step-00000003/state.json").read_text())["data"]["positions"]
-    assert sorted(positions) == ["rank0", "rank1"] and all(p["0"]["sets"] for p in positions.values()), positions
+    assert sorted(positions) == ["rank0", "rank1"] and all(p["0"]["sets"] for p in positions.values()), (
+        positions
+    )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 7. bf16 autocast on CPU
 
 
@@ -544,7 +567,7 @@ def test_bf16_autocast_run_has_finite_losses(tmp_path, shards, monkeypatch) -> N
     assert {v.dtype for v in weights.values()} == {torch.float32}  # master weights stay fp32
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 8. the LR schedule
 
 

@@ -1,5 +1,5 @@
-"""model.trainable: only the decoder parts the patterns name train; optimizer, EMA and checkpoints hold only those,
-the export is the whole VAE (frozen parts bit for bit the original's), mistakes end in a message."""
+"""model.trainable: only the decoder parts the patterns name train; optimizer, EMA and checkpoints hold only
+those, the export is the whole VAE (frozen parts bit for bit the original's), mistakes end in a message."""
 
 from __future__ import annotations
 
@@ -29,8 +29,13 @@ def test_select_trainable_and_the_config_field() -> None:
     assert select_trainable(names, ()) == (names, [])
     assert select_trainable(names, ("decoder.up_blocks.1.*", "decoder.nothing.*")) == (
         ["decoder.up_blocks.1.resnets.0.conv1.weight"], ["decoder.nothing.*"])
-    assert load_train_config(None, [PATTERNS]).model.trainable == ("decoder.up_blocks.1.*", "decoder.conv_out.*")
-    assert load_train_config(None, ["model.trainable=decoder.conv_out.*"]).model.trainable == ("decoder.conv_out.*",)
+    assert load_train_config(None, [PATTERNS]).model.trainable == (
+        "decoder.up_blocks.1.*",
+        "decoder.conv_out.*",
+    )
+    assert load_train_config(None, ["model.trainable=decoder.conv_out.*"]).model.trainable == (
+        "decoder.conv_out.*",
+    )
     assert load_train_config(None, []).model.trainable == ()
     with pytest.raises(ConfigError, match="model.trainable"):
         load_train_config(None, ["model.trainable={a: 1}"])
@@ -42,8 +47,13 @@ def test_partial_decoder_trains_only_its_parts(tmp_path, shards, vae_dir) -> Non
     source = AutoencoderKL.from_pretrained(vae_dir).state_dict()
     trained_names = {k for k in source if is_trained(k)}
     n_trained = sum(source[k].numel() for k in trained_names)
-    n_frozen = sum(v.numel() for k, v in source.items() if k.startswith(("decoder.", "post_quant_conv."))) - n_trained
-    assert f"decoder: {n_trained:,} trainable / {n_frozen:,} frozen parameters" in (run / "log.txt").read_text()
+    n_frozen = (
+        sum(v.numel() for k, v in source.items() if k.startswith(("decoder.", "post_quant_conv.")))
+        - n_trained
+    )
+    assert (
+        f"decoder: {n_trained:,} trainable / {n_frozen:,} frozen parameters" in (run / "log.txt").read_text()
+    )
 
     # the checkpoint holds only what trains: weights, EMA and the decoder's Adam state
     ckpt = list_checkpoints(run)[-1]
@@ -52,7 +62,8 @@ def test_partial_decoder_trains_only_its_parts(tmp_path, shards, vae_dir) -> Non
     opt_g = torch.load(ckpt / "optim.pt", weights_only=True)["opt_g"]
     assert len(opt_g["state"]) == len(opt_g["param_groups"][0]["params"]) == len(trained_names)
 
-    # the export is the whole VAE: encoder and frozen decoder parts bit for bit the original's, the rest trained
+    # the export is the whole VAE: encoder and frozen decoder parts bit for bit the original's, the rest
+    # trained
     exported = AutoencoderKL.from_pretrained(run / "export").state_dict()
     assert exported.keys() == source.keys()
     assert_same_tensors(frozen_part(exported), frozen_part(source), "encoder")
@@ -64,8 +75,16 @@ def test_partial_decoder_trains_only_its_parts(tmp_path, shards, vae_dir) -> Non
     # resumed with the same patterns: fine; with others: refused before anything is written
     cli("train", shards, "--output", run, *FAST_TRAIN, PATTERNS, "run.max_steps=3", "--no-export")
     assert list_checkpoints(run)[-1].name == "step-00000003"
-    r = cli("train", shards, "--output", run, *FAST_TRAIN, "model.trainable=[decoder.conv_out.*]", "run.max_steps=4",
-            code=1)
+    r = cli(
+        "train",
+        shards,
+        "--output",
+        run,
+        *FAST_TRAIN,
+        "model.trainable=[decoder.conv_out.*]",
+        "run.max_steps=4",
+        code=1,
+    )
     assert "model.trainable was" in r.output and "decoder.conv_out.*" in r.output
     assert list_checkpoints(run)[-1].name == "step-00000003"
 
@@ -103,9 +122,30 @@ def test_frozen_parts_get_no_gradient_in_the_real_step(shards) -> None:
 
 
 def test_a_pattern_that_matches_nothing_is_a_message(tmp_path, shards) -> None:
-    r = cli("train", shards, "--output", tmp_path / "run", *FAST_TRAIN, "model.trainable=[decoder.up_blocks.7.*]",
-            "run.max_steps=1", code=1)
-    assert "'decoder.up_blocks.7.*'" in r.output and "decoder.up_blocks.1" in r.output and "Traceback" not in r.output
-    r = cli("train", shards, "--output", tmp_path / "run2", *FAST_TRAIN, "model.trainable=[post_quant_conv.*]",
-            "model.train_post_quant_conv=false", "run.max_steps=1", code=1)
+    r = cli(
+        "train",
+        shards,
+        "--output",
+        tmp_path / "run",
+        *FAST_TRAIN,
+        "model.trainable=[decoder.up_blocks.7.*]",
+        "run.max_steps=1",
+        code=1,
+    )
+    assert (
+        "'decoder.up_blocks.7.*'" in r.output
+        and "decoder.up_blocks.1" in r.output
+        and "Traceback" not in r.output
+    )
+    r = cli(
+        "train",
+        shards,
+        "--output",
+        tmp_path / "run2",
+        *FAST_TRAIN,
+        "model.trainable=[post_quant_conv.*]",
+        "model.train_post_quant_conv=false",
+        "run.max_steps=1",
+        code=1,
+    )
     assert "leaves nothing to train" in r.output

@@ -1,7 +1,7 @@
 """A user mistake ends in a message that says what to fix (exit 1, never a traceback) and never destroys data.
 
-Each case here was found by trying the CLI as a user would: exports aimed at the wrong folder, resumes that do not
-fit, wrong weight files, damaged shards, bad devices, hand-edited manifests.
+Each case here was found by trying the CLI as a user would: exports aimed at the wrong folder, resumes that do
+not fit, wrong weight files, damaged shards, bad devices, hand-edited manifests.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # export
 
 
 def test_export_never_deletes_what_it_did_not_write(tmp_path, run, shards, monkeypatch) -> None:
     before, shards_before = tree(run), tree(shards)
-    for target in (run, run.parent, run / "checkpoints"):  # the run itself, a folder above it, its checkpoints
+    # the run itself, a folder above it, its checkpoints
+    for target in (run, run.parent, run / "checkpoints"):
         r = cli("export", run, target, "--overwrite", code=1)
         assert "would delete" in r.output, r.output
     r = cli("export", run, shards, code=1)  # a folder of other files
@@ -56,7 +57,10 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, run, shards, monke
     cli("export", run, ".")  # the current (empty) folder
     AutoencoderKL.from_pretrained(tmp_path / "here")
     cli("export", run, tmp_path / "vae-out", "--format", "ldm")
-    assert not (tmp_path / "vae-out" / "config.json").exists() and (tmp_path / "vae-out" / "vae.safetensors").exists()
+    assert (
+        not (tmp_path / "vae-out" / "config.json").exists()
+        and (tmp_path / "vae-out" / "vae.safetensors").exists()
+    )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "old.txt").write_text("x")
@@ -65,17 +69,21 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, run, shards, monke
     AutoencoderKL.from_pretrained(foreign)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # resume
 
 
 def test_a_resume_that_does_not_fit_is_refused_and_leaves_the_run_as_it_was(run, shards) -> None:
     before = tree(run)
-    r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "loss.disc_num_layers=2", code=1)
+    r = cli(
+        "train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "loss.disc_num_layers=2", code=1
+    )
     assert "cannot resume" in r.output and "loss.disc_num_layers was 3, now 2" in r.output, r.output
     r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "optim.ema_decay=0", code=1)
     assert "optim.ema_decay" in r.output, r.output
-    r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "loss.learn_logvar=true", code=1)
+    r = cli(
+        "train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "loss.learn_logvar=true", code=1
+    )
     assert "loss.learn_logvar was False, now True" in r.output, r.output
     r = cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=4", "--resume", "none", code=1)
     assert "--resume none" in r.output and "another --output" in r.output, r.output
@@ -105,11 +113,13 @@ def test_a_fresh_start_drops_metrics_of_a_try_killed_before_its_first_checkpoint
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss/rec": 9.0}) + "\n" + '{"step": 2, "lo')
     cli("train", shards, "--output", run, *FAST_TRAIN, "run.max_steps=2", "--no-export")
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss/rec" in x]
+    steps = [
+        json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss/rec" in x
+    ]
     assert steps == [1, 2]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # files that are not what they should be
 
 
@@ -143,7 +153,17 @@ def test_a_manifest_without_its_fields_is_a_message(tmp_path, shards, vae_dir) -
     for args in (
         ("inspect", edited),
         ("train", edited, "--output", tmp_path / "run", *FAST_TRAIN),
-        ("encode", shards.parent / "images", edited, "--vae", vae_dir, "--resolution", RES, "--shard-size-mb", 0.02),
+        (
+            "encode",
+            shards.parent / "images",
+            edited,
+            "--vae",
+            vae_dir,
+            "--resolution",
+            RES,
+            "--shard-size-mb",
+            0.02,
+        ),
     ):
         r = cli(*args, code=1)
         assert "lacks totals.samples, settings.vae.encoder_sha256" in r.output, r.output
@@ -155,8 +175,16 @@ def test_settings_that_quietly_do_less_than_asked_are_warned_about(tmp_path, sha
     manifest = json.loads((unfinished / "manifest.json").read_text())
     manifest["complete"] = False
     (unfinished / "manifest.json").write_text(json.dumps(manifest))
-    r = cli("train", unfinished, "--output", tmp_path / "run", *FAST_TRAIN, "run.max_steps=1", "run.mixed_precision=fp16",
-            "--no-export")
+    r = cli(
+        "train",
+        unfinished,
+        "--output",
+        tmp_path / "run",
+        *FAST_TRAIN,
+        "run.max_steps=1",
+        "run.mixed_precision=fp16",
+        "--no-export",
+    )
     assert "unfinished encode" in r.output and "rerun the encode command" in r.output, r.output
     assert "fp16 has no effect on CPU" in r.output, r.output
 
@@ -165,12 +193,23 @@ def test_a_bad_device_is_a_message_and_leaves_no_output_folder(tmp_path, vae_dir
     make_images(tmp_path / "images", 2)
     for device, message in (("gpu0", "not a torch device"), ("cuda:7", "CUDA")):
         out = tmp_path / f"out-{device.replace(':', '')}"
-        r = cli("encode", tmp_path / "images", out, "--vae", vae_dir, "--resolution", RES, "--device", device, code=1)
+        r = cli(
+            "encode",
+            tmp_path / "images",
+            out,
+            "--vae",
+            vae_dir,
+            "--resolution",
+            RES,
+            "--device",
+            device,
+            code=1,
+        )
         assert f"--device {device}" in r.output and message in r.output, r.output
         assert not out.exists()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # single files and conversion
 
 
@@ -183,8 +222,19 @@ def test_a_single_file_vae_keeps_the_scaling_factor_it_is_given(tmp_path, vae_di
     r = cli("encode", tmp_path / "images", tmp_path / "assumed", "--vae", single, "--resolution", RES,
             "--num-workers", 0)
     assert "do not store the latent scaling_factor; assuming 0.18215" in r.output, r.output
-    cli("encode", tmp_path / "images", tmp_path / "xl", "--vae", single, "--resolution", RES, "--num-workers", 0,
-        "--scaling-factor", 0.13025)
+    cli(
+        "encode",
+        tmp_path / "images",
+        tmp_path / "xl",
+        "--vae",
+        single,
+        "--resolution",
+        RES,
+        "--num-workers",
+        0,
+        "--scaling-factor",
+        0.13025,
+    )
     manifest = json.loads((tmp_path / "xl" / "manifest.json").read_text())
     assert manifest["settings"]["vae"]["scaling_factor"] == 0.13025
     cli("train", tmp_path / "xl", "--output", tmp_path / "run", *FAST_TRAIN, "run.max_steps=1")
@@ -198,7 +248,10 @@ def test_convert_file_to_file_changes_layout_only(tmp_path, vae_dir) -> None:
     cli("convert", vae_dir, full, "--prefix", "first_stage_model")
     cli("convert", full, tmp_path / "plain.safetensors")
     cli("convert", vae_dir, tmp_path / "direct.safetensors")
-    plain, direct = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "direct.safetensors"))
+    plain, direct = (
+        load_file(str(tmp_path / "plain.safetensors")),
+        load_file(str(tmp_path / "direct.safetensors")),
+    )
     assert plain.keys() == direct.keys() and all(plain[k].equal(direct[k]) for k in plain)
     r = cli("convert", full, tmp_path / "vae.pt", code=1)
     assert "*.safetensors or *.ckpt" in r.output and not (tmp_path / "vae.pt").exists(), r.output

@@ -1,18 +1,21 @@
-"""The run folder, training checkpoints (what they hold, save, find latest, prune, load, resume checks) and the export.
+"""The run folder, training checkpoints (what they hold, save, find latest, prune, load, resume checks) and
+the export.
 
-A run folder RUN/ holds the files named by the RUN_* constants below: config.yaml, shards_manifest.json, log.txt,
-metrics.jsonl, TensorBoard events, images/, checkpoints/ and export/.
+A run folder RUN/ holds the files named by the RUN_* constants below: config.yaml, shards_manifest.json,
+log.txt, metrics.jsonl, TensorBoard events, images/, checkpoints/ and export/.
 
 A checkpoint is `RUN/checkpoints/step-%08d/`, the state_dict() of a `TrainState`:
-    decoder.safetensors   the post_quant_conv + decoder parameters that train (AutoencoderKL names); frozen ones
-                          (model.trainable, model.train_post_quant_conv) are the original VAE's and not stored
+    decoder.safetensors   the post_quant_conv + decoder parameters that train (AutoencoderKL names); frozen
+                          ones (model.trainable, model.train_post_quant_conv) are the original VAE's and not
+                          stored
     ema.safetensors       EMA of the same parameters (when EMA is on)
     disc.safetensors      the PatchGAN, BatchNorm buffers included
     extra.safetensors     logvar and the latent-noise generator state
     optim.pt              both optimizers' and the grad scaler's state dicts (tensors and numbers only;
                           read back with torch.load(weights_only=True))
     state.json            step, micro-batches consumed (the data position), EMA step, config
-It is written under a temp name and renamed when complete (vaedec/io.py): a folder named step-* is always whole.
+It is written under a temp name and renamed when complete (vaedec/io.py): a folder named step-* is always
+whole.
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / "state.json").is_file()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
 
 
@@ -79,13 +84,17 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int = 0,
 ) -> Path:
-    """Write one checkpoint atomically and keep the newest `keep` (0 = all). `tensors`: file stem -> state dict."""
+    """Write one checkpoint atomically and keep the newest `keep` (0 = all). `tensors`: file stem -> state
+    dict."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    with atomic_folder(final) as tmp:  # the same step saved again (the final save after a periodic one) replaces it
+    # the same step saved again (the final save after a periodic one) replaces it
+    with atomic_folder(final) as tmp:
         for stem, sd in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors"))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors")
+            )
         torch.save(optim_state, tmp / "optim.pt")
         atomic_write_json(tmp / "state.json", state)
     if keep:
@@ -100,11 +109,15 @@ def checkpoint_state(ckpt: str | Path) -> dict[str, Any]:
     """A checkpoint's state.json: step, data position, process count, the resolved config."""
     path = Path(ckpt) / "state.json"
     if not path.is_file():
-        raise CheckpointError(f"{ckpt} is not a vaedec checkpoint (no state.json); give a checkpoints/step-* folder")
+        raise CheckpointError(
+            f"{ckpt} is not a vaedec checkpoint (no state.json); give a checkpoints/step-* folder"
+        )
     return json.loads(path.read_text())
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
     """(tensors by file stem, optimizer states, state.json) of one checkpoint folder."""
     path = Path(path)
     state = checkpoint_state(path)
@@ -114,7 +127,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
 
 
 def resolve_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """'latest' -> newest checkpoint of the run or None; 'none' -> None; else an explicit checkpoint folder."""
+    """'latest' -> newest checkpoint of the run or None; 'none' -> None; else an explicit checkpoint
+    folder."""
     if resume == "none":
         return None
     if resume == "latest":
@@ -161,11 +175,13 @@ def resume_conflicts(
     if saved_encoder is not None and saved_encoder != encoder:
         problems.append("the shards come from another encoder (the manifest's encoder sha256 differs)")
     for section, key in RESUME_FIELDS:
-        before = saved[section].get(key, _DEFAULTS[section][key])  # a field newer than the checkpoint: its default
+        # a field newer than the checkpoint: its default
+        before = saved[section].get(key, _DEFAULTS[section][key])
         if before != now[section][key]:
             problems.append(f"{section}.{key} was {before!r}, now {now[section][key]!r}")
     lecam_before = saved["loss"].get("disc_lecam_weight", 0.0)
-    if (lecam_before > 0) != (now["loss"]["disc_lecam_weight"] > 0):  # the PatchGAN gains or loses LeCAM's anchors
+    # the PatchGAN gains or loses LeCAM's anchors
+    if (lecam_before > 0) != (now["loss"]["disc_lecam_weight"] > 0):
         problems.append(f"loss.disc_lecam_weight was {lecam_before}, now {now['loss']['disc_lecam_weight']} "
                         "(LeCAM switched on or off)")
     if (saved["optim"]["ema_decay"] > 0) != (now["optim"]["ema_decay"] > 0):
@@ -174,14 +190,15 @@ def resume_conflicts(
     return problems
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the state of a run
 
 
 @dataclass
 class TrainState:
-    """Everything a run continues from. `decoder`, `disc` and the optimizers are as accelerate.prepare returned
-    them; `state_dict()` is what a checkpoint holds, file by file, and `load_state_dict()` puts it back."""
+    """Everything a run continues from. `decoder`, `disc` and the optimizers are as accelerate.prepare
+    returned them; `state_dict()` is what a checkpoint holds, file by file, and `load_state_dict()` puts it
+    back."""
 
     accelerator: Accelerator
     decoder: nn.Module  # TrainableDecoder: post_quant_conv + decoder
@@ -202,8 +219,8 @@ class TrainState:
     faults: dict[str, Any] = field(default_factory=lambda: new_faults())
 
     def state_dict(self) -> dict[str, Any]:
-        """{"tensors": {file stem: state dict}, "optim": optimizer states, "state": state.json}. A collective: every
-        rank must call it (the noise states are gathered); only the main process's result is whole."""
+        """{"tensors": {file stem: state dict}, "optim": optimizer states, "state": state.json}. A collective:
+        every rank must call it (the noise states are gathered); only the main process's result is whole."""
         acc = self.accelerator
         raw = acc.unwrap_model(self.decoder)
         trained = named_trainable_parameters(raw)
@@ -237,7 +254,8 @@ class TrainState:
         names = [n for n, _ in named_trainable_parameters(raw)]
         for stem in ("decoder", "ema") if self.ema is not None else ("decoder",):
             absent = [n for n in names if n not in tensors.get(stem, {})]
-            if absent:  # another model.trainable / train_post_quant_conv: these would restart from the original
+            # another model.trainable / train_post_quant_conv: these would restart from the original
+            if absent:
                 raise ValueError(f"its {stem} weights lack {len(absent)} parameter(s) this run trains, "
                                  f"e.g. {absent[0]}")
         _, unexpected = raw.load_state_dict(tensors["decoder"], strict=False)  # frozen ones: the original's
@@ -274,7 +292,8 @@ def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str,
 
 
 def save_train_state(run_dir: str | Path, ts: TrainState, keep: int = 0) -> Path | None:
-    """Checkpoint `ts` at its step (every rank calls this; the main process writes); the path, or None elsewhere."""
+    """Checkpoint `ts` at its step (every rank calls this; the main process writes); the path, or None
+    elsewhere."""
     sd = ts.state_dict()
     if not ts.accelerator.is_main_process:
         return None
@@ -302,14 +321,17 @@ def checked_resume(
         # --resume none or another run's checkpoint: the new steps would land among this folder's checkpoints
         # (and the next plain rerun would continue whichever is newest).
         raise CheckpointError(
-            f"--resume {resume}, but {run_dir} holds checkpoints of its own (newest {own.name}); rerun without "
+            f"--resume {resume}, but {run_dir} holds checkpoints of its own (newest {own.name}); rerun "
+            "without "
             "--resume to continue them, or start the new run in another --output"
         )
     if ckpt is None:
         return None
     saved_manifest = ckpt.parent.parent / RUN_MANIFEST
     saved_encoder = (
-        json.loads(saved_manifest.read_text())["settings"]["vae"]["encoder_sha256"] if saved_manifest.is_file() else None
+        json.loads(saved_manifest.read_text())["settings"]["vae"]["encoder_sha256"]
+        if saved_manifest.is_file()
+        else None
     )
     state = checkpoint_state(ckpt)
     problems = resume_conflicts(
@@ -317,13 +339,15 @@ def checked_resume(
     )
     if problems:
         raise CheckpointError(
-            f"cannot resume from {ckpt}: " + "; ".join(problems) + ". Rerun with the settings the run was made with, "
+            f"cannot resume from {ckpt}: "
+            + "; ".join(problems)
+            + ". Rerun with the settings the run was made with, "
             "or start a new run in another --output."
         )
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # export
 
 
@@ -331,7 +355,9 @@ def run_checkpoint(run_dir: str | Path) -> Path:
     """The newest checkpoint of a run folder, or a clear error."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise CheckpointError(f"{run_dir} has no checkpoints (checkpoints/step-*): is it a `cli.py train` run folder?")
+        raise CheckpointError(
+            f"{run_dir} has no checkpoints (checkpoints/step-*): is it a `cli.py train` run folder?"
+        )
     return ckpt
 
 
@@ -340,9 +366,12 @@ def trained_weights(ckpt: str | Path, use_ema: bool) -> dict[str, torch.Tensor]:
     stem = "ema" if use_ema else "decoder"
     path = Path(ckpt) / f"{stem}.safetensors"
     if not path.is_file():
-        raise CheckpointError(f"{path} not found" + (" (the run had no EMA; export with --no-ema)" if use_ema else ""))
+        raise CheckpointError(
+            f"{path} not found" + (" (the run had no EMA; export with --no-ema)" if use_ema else "")
+        )
     weights = load_file(str(path))
-    if use_ema:  # EMA holds parameters only; buffers (none in diffusers' decoder today) come from the raw weights
+    # EMA holds parameters only; buffers (none in diffusers' decoder today) come from the raw weights
+    if use_ema:
         raw = load_file(str(Path(ckpt) / "decoder.safetensors"))
         weights = {**raw, **weights}
     return weights
@@ -363,36 +392,44 @@ def run_vae_source(run_dir: str | Path, ckpt: str | Path | None = None) -> tuple
 
 
 def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
-    """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained decoder."""
+    """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained
+    decoder."""
     model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
     vae = load_manifest_vae(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"],
                             f"the shards of run {run_dir}")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
     missing, unexpected = vae.load_state_dict(weights, strict=False)
-    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's; the ones it trained
-    # must all be there.
+    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's; the ones it
+    # trained must all be there.
     decoder_names = [n for n, _ in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
     trained, _ = select_trainable(decoder_names, tuple(model.get("trainable") or ()))
     if not model["train_post_quant_conv"]:
         trained = [n for n in trained if not n.startswith("post_quant_conv.")]
     missing = [k for k in missing if k in trained]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit the VAE: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"checkpoint does not fit the VAE: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return vae
 
 
 def check_export_target(run_dir: str | Path, ckpt: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an OUT whose replacement would delete the run, the checkpoint, or files that are not an export."""
+    """Refuse an OUT whose replacement would delete the run, the checkpoint, or files that are not an
+    export."""
     dst = out.resolve()
     for keep in (Path(run_dir).resolve(), ckpt.resolve()):
         if dst == keep or dst in keep.parents:
-            raise CheckpointError(f"{out} is or holds {keep}, which the export would delete; export into a new "
-                                  f"folder (e.g. {Path(run_dir) / 'export'} or my-vae/)")
+            raise CheckpointError(
+                f"{out} is or holds {keep}, which the export would delete; export into a new "
+                f"folder (e.g. {Path(run_dir) / 'export'} or my-vae/)"
+            )
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{out} is a file; the export is a folder: give a folder path")
     if dst.is_dir() and any(dst.iterdir()) and not (dst / "vaedec_export.json").is_file() and not overwrite:
-        raise CheckpointError(f"{out} already holds files that are not a vaedec export; choose another folder, "
-                              "or pass --overwrite to replace it")
+        raise CheckpointError(
+            f"{out} already holds files that are not a vaedec export; choose another folder, "
+            "or pass --overwrite to replace it"
+        )
 
 
 def default_use_ema(ckpt: str | Path) -> bool:
@@ -425,8 +462,15 @@ def export_run(
             write_single_file(vae, tmp / "vae.safetensors")
         if into is not None:
             replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
-        trained = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+        trained = {
+            k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))
+        }
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
-        record = {"run": str(Path(run_dir).resolve()), "ema": use_ema, "format": fmt, "into": str(into) if into else None}
+        record = {
+            "run": str(Path(run_dir).resolve()),
+            "ema": use_ema,
+            "format": fmt,
+            "into": str(into) if into else None,
+        }
         atomic_write_json(tmp / "vaedec_export.json", record)
     return out

@@ -26,7 +26,7 @@ class ConfigError(VaedecError):
     """A config file or override the user has to fix; the message says which key and why."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # encode
 
 
@@ -38,7 +38,9 @@ class EncodeConfig:
     out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
     vae: str = ""  # diffusers folder or hub id of the AutoencoderKL whose encoder is used
     subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
-    resolution: int = 256  # side of the square crop that is encoded, pixels (multiple of the VAE's downsampling factor)
+    resolution: int = (
+        256  # side of the square crop that is encoded, pixels (multiple of the VAE's downsampling factor)
+    )
     resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
     crops_per_image: int = 0  # 0 = one center crop; N > 0 = N seeded random crops per image instead
     flip: bool = False  # also encode the horizontally mirrored crop as its own sample
@@ -60,7 +62,7 @@ class EncodeConfig:
         return self.resize or self.resolution
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # eval
 
 
@@ -68,48 +70,55 @@ class EncodeConfig:
 class EvalConfig:
     """`cli.py eval`: decoders compared on the same held-out latents."""
 
-    # Shard folders (`encode` output) or image folders / file lists, which are encoded into OUT/encoded/NAME with
-    # `encode`'s preprocessing and the first model's encoder. Each is reported on its own.
+    # Shard folders (`encode` output) or image folders / file lists, which are encoded into OUT/encoded/NAME
+    # with `encode`'s preprocessing and the first model's encoder. Each is reported on its own.
     data: tuple[str, ...] = ()
-    # The models, `[LABEL=]SPEC`; the first is the baseline every other is compared with. SPEC: a diffusers folder,
-    # hub id, single .safetensors/.ckpt, an `export` folder, a run folder (newest checkpoint; RUN:ema / RUN:raw,
-    # default EMA when kept) or one checkpoints/step-* folder.
+    # The models, `[LABEL=]SPEC`; the first is the baseline every other is compared with. SPEC: a diffusers
+    # folder, hub id, single .safetensors/.ckpt, an `export` folder, a run folder (newest checkpoint; RUN:ema
+    # / RUN:raw, default EMA when kept) or one checkpoints/step-* folder.
     vaes: tuple[str, ...] = ()
     out: str = "eval"  # output folder: report.md, eval.json, per_image.csv, grids/, encoded/
     max_samples: int | None = None  # samples per data set, the first in shard order; None = all
-    val_shards: int = 0  # only the last N shards of each shard folder (train's data.val_shards); 0 = all shards
-    latent_sample: Literal["mode", "sample"] = "mode"  # z = mean, or mean + std*eps with eps seeded (same for all)
+    val_shards: int = 0
+    latent_sample: Literal["mode", "sample"] = (
+        "mode"  # z = mean, or mean + std*eps with eps seeded (same for all)
+    )
     seed: int = 0  # seeds eps for latent_sample=sample and the bootstrap resampling
     batch_size: int = 16  # samples per decoder forward
     device: str | None = None  # torch device; None = cuda if available, else cpu
     resolution: int = 256  # image folders only: side of the encoded center crop, pixels
     fid_weights: str | None = None  # torch-fidelity's InceptionV3 weights file; None = no rFID
-    fid_features: int = 2048  # Inception features for rFID: 2048 (standard), or 768 / 192 / 64 (cheaper, not comparable)
+    fid_features: int = (
+        2048  # Inception features for rFID: 2048 (standard), or 768 / 192 / 64 (cheaper, not comparable)
+    )
     lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
     lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS values are then meaningless; warns)
     grid_samples: int = 8  # rows in each PNG grid (fixed sample, most improved, most worsened)
     confidence: float = 0.95  # level of the paired bootstrap intervals of the deltas against the baseline
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # train
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Shards written by `cli.py encode` (the SHARDS argument): their folder, file:///folder/, an http(s):// URL of it,
-    # or pipe:CMD with {name} for the file name (e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -"); see shards.py.
+    # Shards written by `cli.py encode` (the SHARDS argument): their folder, file:///folder/, an http(s)://
+    # URL of it, or pipe:CMD with {name} for the file name (e.g. "pipe:aws s3 cp s3://bucket/shards/{name}
+    # -"); see shards.py.
     shards: str = ""
     batch_size_per_device: int = 12  # samples per micro-batch on each device (LDM: 12)
     num_workers: int = 2  # DataLoader processes reading shards; 0 = read in the main process
-    shuffle_buffer: int = 1000  # samples per shuffle block (each reader permutes its stream in blocks of this many;
+    shuffle_buffer: int = (
+        1000  # samples per shuffle block (each reader permutes its stream in blocks of this many;
+    )
     # a resume reads one block again); 0 or 1 = no sample shuffle
     val_shards: int = 0  # the last N shards of the manifest are held out for validation; 0 = no validation
     val_max_samples: int = 64  # validation uses at most this many held-out samples
-    # Other shard sets mixed into every batch, each "PATH:P" (PATH as `shards`: a folder, URL or pipe: spec): a
-    # sample comes from PATH with probability P, from `shards` otherwise (e.g. 10k general photos at 0.2 against
-    # forgetting outside the domain). Each set holds out its own last val_shards shards for its own validation.
-    # () = train on `shards` alone.
+    # Other shard sets mixed into every batch, each "PATH:P" (PATH as `shards`: a folder, URL or pipe: spec):
+    # a sample comes from PATH with probability P, from `shards` otherwise (e.g. 10k general photos at 0.2
+    # against forgetting outside the domain). Each set holds out its own last val_shards shards for its own
+    # validation. () = train on `shards` alone.
     mix: tuple[str, ...] = ()
     # A damaged tar, or a sample with an unreadable moments.npy / image.png, missing members, another shape or
     # non-finite moments: "skip" drops it (a damaged tar from the point it breaks), counts it in metrics
@@ -127,16 +136,20 @@ class ModelConfig:
     subfolder: str | None = None  # with a hub id or pipeline folder: "vae"; None = the manifest's choice
     train_post_quant_conv: bool = True  # also train the 1x1 conv in front of the decoder
     latent_sample: Literal["sample", "mode"] = "sample"  # z = mean + std*eps drawn each step, or z = mean
-    # Extra Gaussian noise added to z in training, std in the units a diffusion model sees ((z - shift) * scale, about
-    # unit variance), so the decoder tolerates the small errors of generated latents; 0 = off. Typical: 0.05-0.2.
+    # Extra Gaussian noise added to z in training, std in the units a diffusion model sees ((z - shift) *
+    # scale, about unit variance), so the decoder tolerates the small errors of generated latents; 0 = off.
+    # Typical: 0.05-0.2.
     latent_noise_std: float = 0.0
-    # Memory for 512-1024 px on one GPU: diffusers' own checkpointing of the decoder's mid and up blocks (recomputed
-    # in the backward, non-reentrant); False = keep every activation.
+    # Memory for 512-1024 px on one GPU: diffusers' own checkpointing of the decoder's mid and up blocks
+    # (recomputed in the backward, non-reentrant); False = keep every activation.
     gradient_checkpointing: bool = False
-    channels_last: bool = False  # decoder, PatchGAN and z in channels-last memory format (faster convs on GPUs)
+    channels_last: bool = (
+        False  # decoder, PatchGAN and z in channels-last memory format (faster convs on GPUs)
+    )
     # Train only the parameters whose names (AutoencoderKL names: decoder.up_blocks.3.resnets.0.conv1.weight,
-    # post_quant_conv.weight) match one of these fnmatch patterns, e.g. [decoder.up_blocks.3.*, decoder.conv_out.*];
-    # the rest stays frozen at the original weights. () = the whole decoder (and post_quant_conv, see above).
+    # post_quant_conv.weight) match one of these fnmatch patterns, e.g. [decoder.up_blocks.3.*,
+    # decoder.conv_out.*]; the rest stays frozen at the original weights. () = the whole decoder (and
+    # post_quant_conv, see above).
     trainable: tuple[str, ...] = ()
 
 
@@ -147,18 +160,23 @@ class LossConfig:
     pixel_loss: Literal["l1", "l2"] = "l1"  # |x - x_rec| (LDM) or (x - x_rec)^2
     perceptual_weight: float = 1.0  # weight of LPIPS in rec; 0 = LPIPS not loaded
     logvar_init: float = 0.0  # initial value of the scalar log-variance s in nll = rec/exp(s) + s
-    learn_logvar: bool = False  # LDM never hands s to an optimizer, so it stays at logvar_init; True trains it
+    learn_logvar: bool = (
+        False  # LDM never hands s to an optimizer, so it stays at logvar_init; True trains it
+    )
     disc_start_step: int = 50001  # optimizer step at which the GAN terms switch on (LDM: 50001)
     disc_factor: float = 1.0  # multiplies the GAN terms once on
     disc_weight: float = 0.5  # multiplies the adaptive weight lambda (LDM: 0.5)
     disc_loss: Literal["hinge", "vanilla"] = "hinge"  # discriminator loss
     disc_num_layers: int = 3  # PatchGAN depth (LDM: 3)
     disc_ndf: int = 64  # PatchGAN width of the first layer (LDM: 64)
-    # "batch" = LDM; "group" also works at batch size 1; "spectral" = spectral norm on every conv, no norm layers
+    # "batch" = LDM; "group" also works at batch size 1; "spectral" = spectral norm on every conv, no norm
+    # layers
     disc_norm: Literal["batch", "group", "none", "spectral"] = "batch"
     # Steadier GAN, each off by default (LDM semantics); README "A steadier GAN" says when to use which.
     disc_r1_weight: float = 0.0  # γ of the R1 penalty γ/2·E‖∇_x D(x)‖² on real images; 0 = off
-    disc_r1_every: int = 16  # lazy R1: applied every N optimizer steps, scaled by N (StyleGAN2); 1 = every step
+    disc_r1_every: int = (
+        16  # lazy R1: applied every N optimizer steps, scaled by N (StyleGAN2); 1 = every step
+    )
     disc_lecam_weight: float = 0.0  # weight of LeCAM regularisation (Tseng et al. 2021) in L_D; 0 = off
     disc_lecam_decay: float = 0.99  # EMA decay of LeCAM's anchors (mean real and fake logits), per D step
     # Optimizer steps from disc_start_step during which only D trains; the GAN term reaches the decoder at
@@ -166,9 +184,9 @@ class LossConfig:
     disc_warmup_steps: int = 0
     lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
     lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS is then meaningless; warns)
-    # L2-SP (Li et al. 2018): alpha in alpha/2 * sum ||theta - theta_0||^2 over the trained weights, pulling them
-    # toward the original decoder's, which keeps it good outside the domain; 0 = off. Costs one fp32 copy of the
-    # trained weights and one elementwise pass over them per step.
+    # L2-SP (Li et al. 2018): alpha in alpha/2 * sum ||theta - theta_0||^2 over the trained weights, pulling
+    # them toward the original decoder's, which keeps it good outside the domain; 0 = off. Costs one fp32 copy
+    # of the trained weights and one elementwise pass over them per step.
     anchor_weight: float = 0.0
 
 
@@ -176,7 +194,9 @@ class LossConfig:
 class OptimConfig:
     lr: float = 4.5e-6  # decoder learning rate (LDM base_learning_rate)
     disc_lr: float | None = None  # discriminator learning rate; None = lr
-    scale_lr: bool = False  # multiply both by batch_size_per_device * grad_accum_steps * processes (LDM main.py)
+    scale_lr: bool = (
+        False  # multiply both by batch_size_per_device * grad_accum_steps * processes (LDM main.py)
+    )
     betas: tuple[float, float] = (0.5, 0.9)  # Adam betas for both optimizers (LDM)
     weight_decay: float = 0.0  # Adam(W) weight decay
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
@@ -201,9 +221,12 @@ class RunConfig:
     val_every_steps: int = 1000  # PSNR/SSIM/LPIPS on held-out shards; 0 = only at the end
     grid_samples: int = 4  # rows in the image grids
     export_ema: bool = True  # the final export uses the EMA weights (when EMA is on)
-    compile: bool = False  # torch.compile the decoder (its forward and, through AOTAutograd, its backward); False = eager
-    # Optimizer steps in a row whose loss or gradient was non-finite (each is skipped: weights, Adam state and EMA
-    # untouched) before the run stops with a message; 0 = never stop. fp16's grad scaler skips such steps itself.
+    compile: bool = (
+        False  # torch.compile the decoder (its forward and, through AOTAutograd, its backward); False = eager
+    )
+    # Optimizer steps in a row whose loss or gradient was non-finite (each is skipped: weights, Adam state and
+    # EMA untouched) before the run stops with a message; 0 = never stop. fp16's grad scaler skips such steps
+    # itself.
     max_bad_steps: int = 20
 
 
@@ -216,7 +239,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # loading, overrides, validation
 
 
@@ -372,17 +395,19 @@ def load_train_config(
     overrides: list[str] = (),
     values: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults, then the YAML file(s) in order (ours or a classic LDM autoencoder YAML; a later file overrides
-    an earlier one field by field), then `key=value` overrides (text, read as YAML), then `values`: {'section.key'
-    or 'key': value} already typed (the CLI's SHARDS, --output, --vae, --mix), checked like the rest but never
-    parsed, so a path keeps every character."""
+    """Defaults, then the YAML file(s) in order (ours or a classic LDM autoencoder YAML; a later file
+    overrides an earlier one field by field), then `key=value` overrides (text, read as YAML), then `values`:
+    {'section.key' or 'key': value} already typed (the CLI's SHARDS, --output, --vae, --mix), checked like the
+    rest but never parsed, so a path keeps every character."""
     cfg = TrainConfig()
     files = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     for file in files:
         data = read_yaml(file)
         if is_ldm_yaml(data):
             flat, mapped, ignored = ldm_yaml_to_overrides(data)
-            log.info("%s is an LDM autoencoder config; mapped onto vaedec's:\n  %s", file, "\n  ".join(mapped))
+            log.info(
+                "%s is an LDM autoencoder config; mapped onto vaedec's:\n  %s", file, "\n  ".join(mapped)
+            )
             for key, why in ignored:
                 log.warning("LDM key %s ignored: %s", key, why)
         else:
@@ -411,8 +436,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
     """Reject values that would fail later, deep inside a run."""
     mixed = [parse_mix(e) for e in cfg.data.mix]
     if sum(p for _, p in mixed) >= 1:
-        raise ConfigError(f"data.mix probabilities add up to {sum(p for _, p in mixed):g}: they must leave some "
-                          "of each batch to data.shards (sum < 1)")
+        raise ConfigError(
+            f"data.mix probabilities add up to {sum(p for _, p in mixed):g}: they must leave some "
+            "of each batch to data.shards (sum < 1)"
+        )
     checks = [
         (cfg.data.batch_size_per_device >= 1, "data.batch_size_per_device must be >= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
@@ -425,7 +452,10 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.optim.grad_accum_steps >= 1, "optim.grad_accum_steps must be >= 1"),
         (0.0 <= cfg.optim.ema_decay < 1.0, "optim.ema_decay must be in [0, 1)"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-        (cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0, "optim.grad_clip_norm must be > 0"),
+        (
+            cfg.optim.grad_clip_norm is None or cfg.optim.grad_clip_norm > 0,
+            "optim.grad_clip_norm must be > 0",
+        ),
         (cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0"),
         (cfg.loss.disc_weight >= 0, "loss.disc_weight must be >= 0"),
         (cfg.loss.anchor_weight >= 0, "loss.anchor_weight must be >= 0"),
@@ -448,8 +478,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Dataclass -> plain dict (tuples as lists) for YAML/JSON: what run folders, checkpoints and reports store
-    and resume checks compare, so secrets in SHARDS (a signed URL's token) are `redact`ed."""
+    """Dataclass -> plain dict (tuples as lists) for YAML/JSON: what run folders, checkpoints and reports
+    store and resume checks compare, so secrets in SHARDS (a signed URL's token) are `redact`ed."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -466,7 +496,7 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # classic LDM autoencoder YAML (CompVis latent-diffusion configs/autoencoder/*.yaml)
 
 # lossconfig.params of ldm.modules.losses.LPIPSWithDiscriminator -> our keys
@@ -529,7 +559,9 @@ def ldm_yaml_to_overrides(data: dict[str, Any]) -> tuple[dict[str, Any], list[st
             if not str(value).endswith("LPIPSWithDiscriminator"):
                 ignored.append((key, f"only LPIPSWithDiscriminator semantics are implemented, not {value}"))
         elif key.startswith(("model.params.ddconfig", "model.params.embed_dim")):
-            ignored.append((key, "the architecture comes from the VAE named in the shard manifest (or --vae)"))
+            ignored.append(
+                (key, "the architecture comes from the VAE named in the shard manifest (or --vae)")
+            )
         elif key == "data.params.batch_size":
             take(key, "data.batch_size_per_device", value)
         elif key == "data.params.num_workers":

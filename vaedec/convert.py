@@ -574,7 +574,8 @@ def _file_to_file(src: Path, dst: Path, prefix: str) -> str:
     write_single_file(vae, dst, prefix=prefix)
     style = f"full-checkpoint style (prefix {prefix!r})" if prefix else "stand-alone VAE style (no prefix)"
     return (
-        f"Read {KIND_DESCRIPTIONS[kind]} from {src} ({len(ldm_sd)} VAE tensors; {_describe_config(vae.config)}). "
+        f"Read {KIND_DESCRIPTIONS[kind]} from {src} ({len(ldm_sd)} VAE tensors; "
+        f"{_describe_config(vae.config)}). "
         f"Wrote them in LDM layout, {style}, to {dst}."
     )
 
@@ -582,8 +583,9 @@ def _file_to_file(src: Path, dst: Path, prefix: str) -> str:
 def convert_path(
     src: str | os.PathLike, dst: str | os.PathLike, *, prefix: str = "", scaling_factor: float | None = None
 ) -> str:
-    """diffusers folder -> one LDM file, one file -> diffusers folder, or one file -> another LDM file (.ckpt ->
-    .safetensors, another key prefix, the VAE out of a full SD checkpoint); returns a one-paragraph summary."""
+    """diffusers folder -> one LDM file, one file -> diffusers folder, or one file -> another LDM file (.ckpt
+    -> .safetensors, another key prefix, the VAE out of a full SD checkpoint); returns a one-paragraph
+    summary."""
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise ConversionError(f"{dst} already exists; remove it first or choose another output path.")
@@ -604,9 +606,12 @@ def convert_path(
                 "LDM files do not store it."
             )
         return _folder_to_file(folder[0], folder[1], dst, prefix)
-    if dst.suffix.lower() in (".safetensors", ".ckpt"):  # file -> file: .ckpt -> .safetensors, prefix, extraction
+    # file -> file: .ckpt -> .safetensors, prefix, extraction
+    if dst.suffix.lower() in (".safetensors", ".ckpt"):
         if scaling_factor is not None:
-            raise ConversionError("scaling_factor only applies when writing a diffusers folder; LDM files do not store it.")
+            raise ConversionError(
+                "scaling_factor only applies when writing a diffusers folder; LDM files do not store it."
+            )
         return _file_to_file(src, dst, prefix)
     if dst.suffix.lower() in (".pt", ".pth", ".bin"):  # a weights file name, which would become a folder
         raise ConversionError(

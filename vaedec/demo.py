@@ -20,7 +20,8 @@ from vaedec.experiment import ROOT, SOURCE_VAE, Sizes, prepare_data, reset_accel
 from vaedec.io import setup_logging
 from vaedec.train import train
 
-DEMO = Sizes(text_train_pages=120, text_heldout_pages=16, crops_per_page=2, replay_set=False)  # steps: demo.yaml
+# steps: demo.yaml
+DEMO = Sizes(text_train_pages=120, text_heldout_pages=16, crops_per_page=2, replay_set=False)
 
 
 @click.command()
@@ -31,7 +32,9 @@ def main(out: Path, max_steps: int | None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     setup_logging()
     shards = prepare_data(out, DEMO)
-    click.echo(f"[1/3] rendered text pages and held-out photographs encoded with {SOURCE_VAE} -> {out / 'shards'}")
+    click.echo(
+        f"[1/3] rendered text pages and held-out photographs encoded with {SOURCE_VAE} -> {out / 'shards'}"
+    )
     values = {"data.shards": str(shards["text-train"]), "run.output": str(out / "run")}
     if max_steps:
         values["run.max_steps"] = max_steps
@@ -51,8 +54,13 @@ def main(out: Path, max_steps: int | None) -> None:
     click.echo(f"  tables   {out / 'eval' / 'report.md'}, eval.json, per_image.csv")
     click.echo(f"  run      {info.run_dir}  (tensorboard --logdir {info.run_dir})")
     click.echo(f"  export   {info.export_dir}  (AutoencoderKL.from_pretrained)")
-    click.echo("\n  Better on text, worse on photographs: a domain-only fine-tune forgets. Mixing general data in")
-    click.echo("  (`vaedec train ... --mix GENERAL:0.2`) keeps most of the gain and little of the loss: docs/quality.md.")
+    click.echo(
+        "\n  Better on text, worse on photographs: a domain-only fine-tune forgets. Mixing general data in"
+    )
+    click.echo(
+        "  (`vaedec train ... --mix GENERAL:0.2`) keeps most of the gain and little of the loss: "
+        "docs/quality.md."
+    )
 
 
 if __name__ == "__main__":

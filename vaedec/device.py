@@ -39,12 +39,12 @@ MMAP_THRESHOLD_BYTES = 32 << 20  # what glibc's dynamic mmap threshold grows to 
 def keep_freed_heap() -> bool:
     """Have glibc keep the heap memory a training step frees, for the next step; True when it was set.
 
-    A step on the CPU frees its activations when it returns (about 400 MB for SD's decoder at 128 px, batch 2);
-    glibc then gives the free top of its heap back to the system (M_TRIM_THRESHOLD) and the next step faults
-    every page in again, zero-filled: some 100k minor page faults, a tenth of the step's time. Trimming is
-    switched off; since any mallopt ends glibc's dynamic thresholds, the mmap threshold is fixed at the value the
-    dynamic one reaches. Results are the same bits; the process keeps its peak heap until it exits. Without
-    glibc (no mallopt) nothing changes."""
+    A step on the CPU frees its activations when it returns (about 400 MB for SD's decoder at 128 px, batch
+    2); glibc then gives the free top of its heap back to the system (M_TRIM_THRESHOLD) and the next step
+    faults every page in again, zero-filled: some 100k minor page faults, a tenth of the step's time. Trimming
+    is switched off; since any mallopt ends glibc's dynamic thresholds, the mmap threshold is fixed at the
+    value the dynamic one reaches. Results are the same bits; the process keeps its peak heap until it exits.
+    Without glibc (no mallopt) nothing changes."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

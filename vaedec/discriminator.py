@@ -73,13 +73,14 @@ class NLayerDiscriminator(nn.Module):
         self.main = nn.Sequential(*layers)
         self.apply(weights_init)
         if norm == "spectral":
-            # Miyato et al. 2018: each conv's weight divided by its largest singular value (one power iteration per
-            # training forward), so D is 1-Lipschitz per layer; taming's init first, then the parametrization.
+            # Miyato et al. 2018: each conv's weight divided by its largest singular value (one power
+            # iteration per training forward), so D is 1-Lipschitz per layer; taming's init first, then the
+            # parametrization.
             for i, layer in enumerate(self.main):
                 if isinstance(layer, nn.Conv2d):
                     self.main[i] = nn.utils.parametrizations.spectral_norm(layer)
-        # LeCAM's anchors (EMAs of D's mean real and fake logits) live here so checkpoints and resume carry them;
-        # only when LeCAM is on, so the state dict keeps taming's keys otherwise.
+        # LeCAM's anchors (EMAs of D's mean real and fake logits) live here so checkpoints and resume carry
+        # them; only when LeCAM is on, so the state dict keeps taming's keys otherwise.
         self.lecam: LeCAMAnchors | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,8 @@ class LeCAMAnchors(nn.Module):
         self.decay = decay
         self.register_buffer("real", torch.zeros(()))
         self.register_buffer("fake", torch.zeros(()))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # 0 = not yet set: the first value is taken
+        # 0 = not yet set: the first value is taken
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:

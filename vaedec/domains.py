@@ -67,7 +67,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _word(rng: random.Random) -> str:
     if rng.random() < 0.15:  # numbers, dates, amounts: digits are the densest glyphs on a page
-        return rng.choice(["{}", "{}.{:02d}", "{}/{}", "#{}"]).format(*(rng.randint(1, 999) for _ in range(2)))
+        return rng.choice(["{}", "{}.{:02d}", "{}/{}", "#{}"]).format(
+            *(rng.randint(1, 999) for _ in range(2))
+        )
     w = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(1, 9)))
     return w.capitalize() if rng.random() < 0.2 else w
 
@@ -111,12 +113,12 @@ def rendered_text(
 
     Why this domain: documents, screenshots, UI and comic lettering are where SD-class VAEs are known to fail.
     Their fine, high-contrast glyph edges (1-2 px strokes, dark ink on light paper) are what a VAE trained on
-    photographs spends the least capacity on, so its decoder blurs and smears them; a decoder fine-tuned on text
-    can sharpen them without touching the encoder. Use different seeds for train and held-out sets.
+    photographs spends the least capacity on, so its decoder blurs and smears them; a decoder fine-tuned on
+    text can sharpen them without touching the encoder. Use different seeds for train and held-out sets.
 
-    `font_sizes`: body text sizes in px at size=128, one drawn per page; with the default, a 64 px crop of a page
-    holds 2 to 3 lines, glyphs 3 to 5 latent pixels tall at factor 4 (at 8-14 px, a VAE this small keeps too
-    little of a glyph in its latent for any decoder to redraw it).
+    `font_sizes`: body text sizes in px at size=128, one drawn per page; with the default, a 64 px crop of a
+    page holds 2 to 3 lines, glyphs 3 to 5 latent pixels tall at factor 4 (at 8-14 px, a VAE this small keeps
+    too little of a glyph in its latent for any decoder to redraw it).
     """
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):

@@ -76,7 +76,7 @@ class EncodeResult:
     main_process: bool = True  # False: another process reports the whole encode, this one only its block
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # per-input preprocessing (runs in DataLoader workers)
 
 
@@ -105,7 +105,9 @@ class PreparedInputs(torch.utils.data.Dataset):
             return {"item": item, "skip": str(e)}
 
 
-def prepare_input(item: InputItem, cfg: EncodeConfig, depth_index: dict[str, str] | None) -> list[PreparedSample]:
+def prepare_input(
+    item: InputItem, cfg: EncodeConfig, depth_index: dict[str, str] | None
+) -> list[PreparedSample]:
     """Decode, crop and optionally mirror one input; depth maps get the same boxes."""
     im = load_rgb(item.path)
     depth_im = load_depth(item, depth_index, im.size) if depth_index is not None else None
@@ -128,14 +130,15 @@ def prepare_input(item: InputItem, cfg: EncodeConfig, depth_index: dict[str, str
         key = base if not cfg.crops_per_image else f"{base}-c{c}"
         samples.append(PreparedSample(key, np.asarray(crop), depth, record))
         if cfg.flip:
-            # The mirrored crop is encoded on its own: a mirrored latent is not the latent of the mirrored image.
+            # The mirrored crop is encoded on its own: a mirrored latent is not the latent of the mirrored
+            # image.
             flipped = np.ascontiguousarray(np.asarray(crop)[:, ::-1])
             fdepth = None if depth is None else np.ascontiguousarray(depth[:, ::-1])
             samples.append(PreparedSample(f"{key}-flip", flipped, fdepth, {**record, "flip": True}))
     return samples
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -152,7 +155,8 @@ def settings_of(cfg: EncodeConfig, vae_info: dict[str, Any], items: list[InputIt
             "seed": cfg.seed,
             "dtype": cfg.dtype,
             "resample": "lanczos (depth: bilinear)",
-            "conversion_rule": "vaedec.images: EXIF transpose; alpha over white; 16-bit grey /257; CMYK via Pillow",
+            "conversion_rule": "vaedec.images: EXIF transpose; alpha over white; 16-bit grey /257; CMYK via "
+                               "Pillow",
             "depth": cfg.depth_dir is not None,
             "depth_dir": str(Path(cfg.depth_dir).resolve()) if cfg.depth_dir else None,
         },
@@ -179,7 +183,8 @@ def _clear_out(out: Path) -> None:
 
 def encode(cfg: EncodeConfig) -> EncodeResult:
     """Encode SRC into OUT; resumes a killed run with the same settings; see the module docstring. Under
-    `accelerate launch` with several processes, this process encodes its own block of the inputs (`_encode_ranks`)."""
+    `accelerate launch` with several processes, this process encodes its own block of the inputs
+    (`_encode_ranks`)."""
     # 1. inputs and settings -------------------------------------------------------------------------------
     items, list_skips, depth_index = _inputs(cfg)
     procs = launched_processes(cfg)  # None: this one process encodes everything (no accelerate involved)
@@ -208,8 +213,14 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
     _encoder_on(vae, device, dtype)
     start = manifest["next_input"]
     todo = items[start:]
-    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype),
-                      save=lambda m, sk: _write_state(out, m, sk))
+    sink = _ShardSink(
+        out,
+        manifest,
+        skips,
+        cfg.shard_size_mb * 2**20,
+        lambda b: _encode_batch(vae, b, device, dtype),
+        save=lambda m, sk: _write_state(out, m, sk),
+    )
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
     _feed(cfg, todo, depth_index, sink, skips, len(items), bar)
@@ -231,7 +242,8 @@ def _feed(
     cfg: EncodeConfig, todo: list[InputItem], depth_index: dict[str, str] | None, sink: _ShardSink,
     skips: list[Skip], end: int, bar: Any,
 ) -> None:
-    """Prepare `todo` in DataLoader workers and pass it to the sink; `end` = the index after the last input."""
+    """Prepare `todo` in DataLoader workers and pass it to the sink; `end` = the index after the last
+    input."""
     loader = torch.utils.data.DataLoader(
         PreparedInputs(todo, cfg, depth_index),
         batch_size=None,
@@ -256,7 +268,8 @@ def _feed(
 def _inputs(cfg: EncodeConfig) -> tuple[list[InputItem], list[Skip], dict[str, str] | None]:
     """(inputs, file-list entries that are no input, depth index or None), checking what needs no VAE."""
     if cfg.resolution < 8:
-        raise EncodeError(f"--resolution {cfg.resolution} must be at least 8")  # the VAE's own factor: _encoder_vae
+        # the VAE's own factor: _encoder_vae
+        raise EncodeError(f"--resolution {cfg.resolution} must be at least 8")
     if cfg.resize is not None and cfg.resize < cfg.resolution:
         raise EncodeError(f"--resize {cfg.resize} must be >= --resolution {cfg.resolution}")
     items, list_skips = discover_inputs(cfg.src)
@@ -276,19 +289,30 @@ def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
     expected_in = 4 if depth else 3
     if info["in_channels"] != expected_in:
         hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
-        raise EncodeError(f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}")
+        raise EncodeError(
+            f"the VAE takes {info['in_channels']} input channels, this encode gives {expected_in}: {hint}"
+        )
     if cfg.resolution % info["downsample_factor"]:
         raise EncodeError(
-            f"--resolution {cfg.resolution} must be a multiple of the VAE's downsampling factor {info['downsample_factor']}"
+            f"--resolution {cfg.resolution} must be a multiple of the VAE's downsampling factor "
+            f"{info['downsample_factor']}"
         )
-    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as given.
+    # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as
+    # given.
     source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
-    return vae, {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": encoder_fingerprint(vae), **info}
+    return vae, {
+        "source": source,
+        "subfolder": cfg.subfolder,
+        "encoder_sha256": encoder_fingerprint(vae),
+        **info,
+    }
 
 
-def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool, processes: int = 1) -> dict[str, Any]:
-    """OUT's manifest to continue (a new one for a fresh or overwritten OUT), refusing OUT of other settings, and
-    an unfinished OUT of another process count (each process resumes its own block of inputs)."""
+def _resume_or_refuse(
+    out: Path, settings: dict[str, Any], overwrite: bool, processes: int = 1
+) -> dict[str, Any]:
+    """OUT's manifest to continue (a new one for a fresh or overwritten OUT), refusing OUT of other settings,
+    and an unfinished OUT of another process count (each process resumes its own block of inputs)."""
     manifest = None
     if overwrite:
         _clear_out(out)
@@ -297,16 +321,23 @@ def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool, proc
         changed = _diff(manifest["settings"], settings)
         if changed:
             raise EncodeError(
-                f"{out} holds shards made with other settings:\n  " + "\n  ".join(changed)
-                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to replace them."
+                f"{out} holds shards made with other settings:\n  "
+                + "\n  ".join(changed)
+                + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to "
+                  "replace them."
             )
         before = manifest.get("processes", 1)
         if not manifest["complete"] and before != processes:
-            by, how = ((f"{before} processes", f"`accelerate launch --num_processes {before} ... encode`") if before > 1
-                       else ("one process", "one process, without accelerate launch"))
+            by, how = (
+                (f"{before} processes", f"`accelerate launch --num_processes {before} ... encode`")
+                if before > 1
+                else ("one process", "one process, without accelerate launch")
+            )
             raise EncodeError(
-                f"{out} is an unfinished encode by {by}, this run has {processes}: each process resumes its own "
-                f"block of the inputs. Rerun the same command with {how} to finish it, or pass --overwrite to "
+                f"{out} is an unfinished encode by {by}, this run has {processes}: each process resumes its "
+                "own "
+                f"block of the inputs. Rerun the same command with {how} to finish it, or pass --overwrite "
+                "to "
                 "start again."
             )
     elif any(out.glob("shard-*.tar")):
@@ -315,7 +346,8 @@ def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool, proc
         stale.unlink()  # the unfinished tar of a killed run; its inputs are encoded again below
     for pattern in (f".{MANIFEST}.*.tmp", f".{SKIPPED}.*.tmp", f"{RANK_FILES}.*.tmp"):
         for stale in out.glob(pattern):
-            stale.unlink()  # a record a killed run was replacing (vaedec/io.py's temp names); the old one stands
+            # a record a killed run was replacing (vaedec/io.py's temp names); the old one stands
+            stale.unlink()
     if manifest is None:
         manifest = new_manifest(settings)
         if processes > 1:
@@ -328,7 +360,7 @@ def _resume_or_refuse(out: Path, settings: dict[str, Any], overwrite: bool, proc
     return manifest
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # several processes (accelerate launch): each encodes a contiguous block of the inputs into its own shards
 
 RANK_FILES = ".rank-*-of-*.json"
@@ -341,8 +373,10 @@ def launched_processes(cfg: EncodeConfig) -> Any:
     if launched <= 1:
         return None
     if cfg.device is not None:
-        raise EncodeError(f"--device {cfg.device}: under accelerate launch each process uses its own device; drop "
-                          "--device (for CPU processes set ACCELERATE_USE_CPU=true)")
+        raise EncodeError(
+            f"--device {cfg.device}: under accelerate launch each process uses its own device; drop "
+            "--device (for CPU processes set ACCELERATE_USE_CPU=true)"
+        )
 
     # CPU processes (gloo): AcceleratorState reads ACCELERATE_USE_CPU itself, PartialState has to be told.
     procs = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -357,8 +391,9 @@ def launched_processes(cfg: EncodeConfig) -> Any:
 
 
 def share_of(n_inputs: int, rank: int, processes: int) -> tuple[int, int]:
-    """Rank r's inputs [lo, hi): contiguous blocks of the one-process order, so the shards listed rank after rank
-    hold the inputs in that order and every shard covers one contiguous input range, as in a one-process encode."""
+    """Rank r's inputs [lo, hi): contiguous blocks of the one-process order, so the shards listed rank after
+    rank hold the inputs in that order and every shard covers one contiguous input range, as in a one-process
+    encode."""
     return n_inputs * rank // processes, n_inputs * (rank + 1) // processes
 
 
@@ -385,7 +420,9 @@ def _save_rank(out: Path, state: dict[str, Any], skips: list[Skip]) -> None:
     atomic_write_json(_rank_file(out, state["rank"], state["processes"]), state)
 
 
-def _merge(out: Path, manifest: dict[str, Any], states: list[dict[str, Any]], list_skips: list[Skip]) -> list[Skip]:
+def _merge(
+    out: Path, manifest: dict[str, Any], states: list[dict[str, Any]], list_skips: list[Skip]
+) -> list[Skip]:
     """Write the one manifest (and skipped.jsonl) of all ranks' committed shards, rank after rank; returns its
     skips. `next_input`: every input before it is encoded (the first unfinished rank's position)."""
     manifest["shards"] = [e for st in states for e in st["shards"]]
@@ -402,9 +439,10 @@ def _encode_ranks(
     depth_index: dict[str, str] | None, vae: Any, settings: dict[str, Any], dtype: torch.dtype,
 ) -> EncodeResult:
     """This process' part of a multi-process encode. The main process decides resume or refusal for all; each
-    rank then encodes its block into shard-rRRR-*.tar, recording its progress in OUT/.rank-RRR-of-NNN.json after
-    every commit (a rerun of the same command resumes each rank from its file); the main process merges the rank
-    files into manifest.json as they progress and, once every file says complete, writes the final one."""
+    rank then encodes its block into shard-rRRR-*.tar, recording its progress in OUT/.rank-RRR-of-NNN.json
+    after every commit (a rerun of the same command resumes each rank from its file); the main process merges
+    the rank files into manifest.json as they progress and, once every file says complete, writes the final
+    one."""
     rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
     out, n = Path(cfg.out), len(items)
     list_skips = [Skip(-1, s.rel, s.reason) for s in list_skips]
@@ -419,7 +457,8 @@ def _encode_ranks(
             manifest = _resume_or_refuse(out, settings, cfg.overwrite, world)
             states = [_rank_state(out, r, world, n) for r in range(world)]
             if not manifest["complete"]:
-                _merge(out, manifest, states, list_skips)  # what a killed run's ranks committed after its last merge
+                # what a killed run's ranks committed after its last merge
+                _merge(out, manifest, states, list_skips)
             decision = [None, manifest, states]
         except (EncodeError, ShardError) as e:
             decision = [str(e), None, None]
@@ -432,14 +471,24 @@ def _encode_ranks(
         raise EncodeError(error)
     differ = _diff(manifest["settings"], settings)
     if differ:  # blocks are index ranges: every process must see the same inputs (and encoder)
-        raise EncodeError(f"process {rank} sees other settings than the main process:\n  " + "\n  ".join(differ)
-                          + "\nSRC, --vae and --depth-dir must be the same files at the same paths on every machine.")
+        raise EncodeError(
+            f"process {rank} sees other settings than the main process:\n  "
+            + "\n  ".join(differ)
+            + "\nSRC, --vae and --depth-dir must be the same files at the same paths on every machine."
+        )
     if manifest["complete"]:
         log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
         skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
-        return replace(_result(out, manifest, skips, already_complete=True), processes=world, main_process=main)
-    log.info("%d processes encode %d inputs, a block of about %d each (%d already encoded)", world, n, n // world,
-             sum(st["next_input"] - st["inputs"][0] for st in states))
+        return replace(
+            _result(out, manifest, skips, already_complete=True), processes=world, main_process=main
+        )
+    log.info(
+        "%d processes encode %d inputs, a block of about %d each (%d already encoded)",
+        world,
+        n,
+        n // world,
+        sum(st["next_input"] - st["inputs"][0] for st in states),
+    )
 
     # 3. encode this rank's block ----------------------------------------------------------------------------
     state = states[rank]
@@ -452,8 +501,12 @@ def _encode_ranks(
         def save(st: dict[str, Any], sk: list[Skip]) -> None:
             _save_rank(out, st, sk)
             if main:  # the main process alone writes manifest.json: one writer, no race between ranks
-                _merge(out, manifest, [st if r == rank else _rank_state(out, r, world, n) for r in range(world)],
-                       list_skips)
+                _merge(
+                    out,
+                    manifest,
+                    [st if r == rank else _rank_state(out, r, world, n) for r in range(world)],
+                    list_skips,
+                )
 
         sink = _ShardSink(out, state, skips, cfg.shard_size_mb * 2**20,
                           lambda b: _encode_batch(vae, b, procs.device, dtype), save=save,
@@ -462,14 +515,26 @@ def _encode_ranks(
                    dynamic_ncols=True, disable=not main)
         _feed(cfg, items[start:hi], depth_index, sink, skips, hi, bar)
     elapsed = time.perf_counter() - t0
-    log.info("rank 0 encoded %d inputs in %.1f s (%.1f img/s)", hi - start, elapsed, (hi - start) / max(elapsed, 1e-9))
+    log.info(
+        "rank 0 encoded %d inputs in %.1f s (%.1f img/s)",
+        hi - start,
+        elapsed,
+        (hi - start) / max(elapsed, 1e-9),
+    )
     if not main:
-        return EncodeResult(out=out, samples=sum(e["samples"] for e in state["shards"]), inputs=hi - lo,
-                            skipped_inputs=sum(1 for s in skips if s.key is None), skipped_list_entries=0,
-                            skipped_samples=sum(1 for s in skips if s.key is not None), shards=len(state["shards"]),
-                            processes=world, main_process=False)
+        return EncodeResult(
+            out=out,
+            samples=sum(e["samples"] for e in state["shards"]),
+            inputs=hi - lo,
+            skipped_inputs=sum(1 for s in skips if s.key is None),
+            skipped_list_entries=0,
+            skipped_samples=sum(1 for s in skips if s.key is not None),
+            shards=len(state["shards"]),
+            processes=world,
+            main_process=False,
+        )
 
-    # 4. the main process: wait until every rank's file says complete, then write the one manifest -------------
+    # 4. the main process: wait until every rank's file says complete, then write the one manifest -----------
     states = _wait_for_ranks(out, manifest, state, list_skips, n)
     skips = _merge(out, manifest, states, list_skips)
     for p in out.glob(RANK_FILES):
@@ -479,7 +544,8 @@ def _encode_ranks(
 
 def _wait_for_ranks(out: Path, manifest: dict[str, Any], own: dict[str, Any], list_skips: list[Skip], n: int,
                     poll_s: float = 0.5) -> list[dict[str, Any]]:
-    """Every rank's state once all are complete, refreshing manifest.json whenever one has committed a shard."""
+    """Every rank's state once all are complete, refreshing manifest.json whenever one has committed a
+    shard."""
     world, seen, last_log = own["processes"], None, time.monotonic()
     while True:
         states = [own if r == own["rank"] else _rank_state(out, r, world, n) for r in range(world)]
@@ -497,9 +563,9 @@ def _wait_for_ranks(out: Path, manifest: dict[str, Any], own: dict[str, Any], li
 
 
 class _ShardSink:
-    """Encodes prepared samples in batches and writes them into shards. A shard is committed (then the manifest
-    updated) only at the end of an input, once it holds `limit` bytes: an input's samples never span two shards,
-    so a resumed encode restarts at an input boundary.
+    """Encodes prepared samples in batches and writes them into shards. A shard is committed (then the
+    manifest updated) only at the end of an input, once it holds `limit` bytes: an input's samples never span
+    two shards, so a resumed encode restarts at an input boundary.
 
     `manifest` is OUT's manifest, or in a multi-process encode this rank's state (the same "shards",
     "next_input" and "complete" fields); `save(manifest, skips)` records it after each commit; `shard_name(i)`
@@ -507,10 +573,17 @@ class _ShardSink:
 
     def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any,
                  save: Callable[[dict, list[Skip]], None], shard_name: Callable[[int], str] | None = None):
-        self.out, self.manifest, self.skips, self.limit, self.encode_batch = out, manifest, skips, limit, encode_batch
+        self.out, self.manifest, self.skips, self.limit, self.encode_batch = (
+            out,
+            manifest,
+            skips,
+            limit,
+            encode_batch,
+        )
         self.save, self.shard_name = save, shard_name
         self.writer: ShardWriter | None = None
-        self.pending: list[tuple[int, PreparedSample, bool]] = []  # (input index, sample, last sample of its input)
+        # (input index, sample, last sample of its input)
+        self.pending: list[tuple[int, PreparedSample, bool]] = []
 
     def add(self, index: int, samples: list[PreparedSample], batch_size: int) -> None:
         """Queue one input's samples; encode once a batch is full."""
@@ -523,7 +596,9 @@ class _ShardSink:
         batch, self.pending = self.pending, []
         for (index, sample, last), m in zip(batch, self.encode_batch(batch)):
             if not np.isfinite(m).all():
-                self.skips.append(Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key))
+                self.skips.append(
+                    Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key)
+                )
             else:
                 if self.writer is None:
                     i = len(self.manifest["shards"])
@@ -557,7 +632,8 @@ def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtyp
     pixels = torch.from_numpy(np.stack([s.pixels for _, s, _ in batch])).permute(0, 3, 1, 2)  # (B, 3, H, W)
     x = to_model_range(pixels)
     if batch[0][1].depth is not None:
-        depth = torch.from_numpy(np.stack([s.depth.astype(np.int32) for _, s, _ in batch]))[:, None]  # (B, 1, H, W)
+        # (B, 1, H, W)
+        depth = torch.from_numpy(np.stack([s.depth.astype(np.int32) for _, s, _ in batch]))[:, None]
         x = torch.cat([x, depth_to_model_range(depth)], dim=1)
     moments = encode_moments(vae, x.to(device=device, dtype=dtype))
     # fp16 storage: values beyond its range become inf and are caught as non-finite, not silently clipped.
@@ -590,7 +666,8 @@ def _totals(shards: list[dict], done: list[Skip]) -> dict[str, int]:
         "shards": len(shards),
         "inputs_skipped": sum(1 for s in done if s.key is None and s.index >= 0),
         "samples_skipped": sum(1 for s in done if s.key is not None),
-        "list_entries_skipped": sum(1 for s in done if s.index < 0),  # missing/duplicate list lines, broken links
+        # missing/duplicate list lines, broken links
+        "list_entries_skipped": sum(1 for s in done if s.index < 0),
     }
 
 

@@ -61,7 +61,7 @@ class EvalError(VaedecError):
     """The evaluation cannot run as asked; the message says what to change."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 1. data
 
 
@@ -92,8 +92,8 @@ def _set_name(path: str, taken: set[str]) -> str:
 
 
 def prepare_sets(cfg: EvalConfig, first: ModelSpec, out: Path) -> list[EvalSet]:
-    """Every DATA as shards to read: shard folders (or their URL, file:// or pipe: spec) as they are, image folders
-    encoded into OUT/encoded."""
+    """Every DATA as shards to read: shard folders (or their URL, file:// or pipe: spec) as they are, image
+    folders encoded into OUT/encoded."""
     sets: list[EvalSet] = []
     taken: set[str] = set()
     for path in cfg.data:
@@ -101,8 +101,10 @@ def prepare_sets(cfg: EvalConfig, first: ModelSpec, out: Path) -> list[EvalSet]:
         folder, encoded_here, skipped = path if is_remote(path) else local_folder(path), False, 0
         if not is_remote(path) and not (folder / MANIFEST).is_file():
             if not folder.exists():
-                raise EvalError(f"DATA {path} does not exist; give a shard folder (`vaedec encode` output) or "
-                                "an image folder or file list")
+                raise EvalError(
+                    f"DATA {path} does not exist; give a shard folder (`vaedec encode` output) or "
+                    "an image folder or file list"
+                )
             src = path if folder == Path(path) else str(folder)  # file:///images/ names a local folder too
             folder, skipped = _encode_images(src, out / "encoded" / name, cfg, first)
             encoded_here = True
@@ -115,7 +117,9 @@ def prepare_sets(cfg: EvalConfig, first: ModelSpec, out: Path) -> list[EvalSet]:
             shards, counts = shards[-cfg.val_shards :], counts[-cfg.val_shards :]
         n = sum(counts) if cfg.max_samples is None else min(sum(counts), cfg.max_samples)
         if n == 0:
-            raise EvalError(f"{folder} holds no samples to evaluate (every input skipped? see its skipped.jsonl)")
+            raise EvalError(
+                f"{folder} holds no samples to evaluate (every input skipped? see its skipped.jsonl)"
+            )
         sets.append(EvalSet(name, folder, manifest, shards, n, encoded_here, skipped))
     return sets
 
@@ -126,11 +130,23 @@ def _encode_images(src: str, dst: Path, cfg: EvalConfig, first: ModelSpec) -> tu
     source, subfolder, scaling = encoder_source(first)
     log.info("encoding %s with the encoder of %s -> %s", src, first.label, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    result = encode(EncodeConfig(src=src, out=str(dst), vae=source, subfolder=subfolder, resolution=cfg.resolution,
-                                 batch_size=cfg.batch_size, device=cfg.device, scaling_factor=scaling))
+    result = encode(
+        EncodeConfig(
+            src=src,
+            out=str(dst),
+            vae=source,
+            subfolder=subfolder,
+            resolution=cfg.resolution,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            scaling_factor=scaling,
+        )
+    )
     skipped = result.skipped_inputs + result.skipped_samples + result.skipped_list_entries
     if skipped:
-        log.warning("%s: %d inputs skipped while encoding (reasons in %s)", src, skipped, dst / "skipped.jsonl")
+        log.warning(
+            "%s: %d inputs skipped while encoding (reasons in %s)", src, skipped, dst / "skipped.jsonl"
+        )
     return dst, skipped
 
 
@@ -146,7 +162,7 @@ def iter_batches(evalset: EvalSet, batch_size: int) -> Iterator[dict[str, Any]]:
         yield collate(pending)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2. models
 
 
@@ -158,7 +174,8 @@ class ModelSpec:
     source: str  # the path or hub id as given, without LABEL= and :ema/:raw
     run: Path | None = None  # the run folder, when source is a run or one of its checkpoints
     ckpt: Path | None = None  # the checkpoint folder (run: its newest)
-    use_ema: bool = False  # run weights: the EMA copy (default when the checkpoint kept one) or the raw weights
+    # run weights: the EMA copy (default when the checkpoint kept one) or the raw weights
+    use_ema: bool = False
 
 
 _LABEL_RE = re.compile(r"^([A-Za-z0-9][\w.+:-]*)=(.+)$")
@@ -180,8 +197,10 @@ def parse_model_spec(text: str) -> ModelSpec:
     elif path.is_dir() and latest_checkpoint(path) is not None:
         run, ckpt = path, latest_checkpoint(path)
     if choice is not None and ckpt is None:
-        raise EvalError(f"--vae {text}:{choice}: ':{choice}' applies to run folders only, and {text} is not one "
-                        "(no checkpoints/step-* inside)")
+        raise EvalError(
+            f"--vae {text}:{choice}: ':{choice}' applies to run folders only, and {text} is not one "
+            "(no checkpoints/step-* inside)"
+        )
     if ckpt is None:
         return ModelSpec(label or _default_label(path, text), text)
     has_ema = default_use_ema(ckpt)  # export's default too: the EMA weights whenever the run kept them
@@ -218,13 +237,14 @@ def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
 
 
 def load_model(spec: ModelSpec):
-    """The AutoencoderKL of a spec in fp32, frozen: a run's original encoder + its trained decoder, or a VAE."""
+    """The AutoencoderKL of a spec in fp32, frozen: a run's original encoder + its trained decoder, or a
+    VAE."""
     if spec.run is not None:
         return freeze(finetuned_vae(spec.run, spec.use_ema, spec.ckpt))
     return freeze(load_vae(spec.source))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 3. decoding and scoring
 
 
@@ -238,9 +258,12 @@ def eval_latents(moments: torch.Tensor, keys: list[str], mode: str, seed: int) -
     mean, logvar = split_moments(moments)
     if mode == "mode":
         return mean
-    eps = torch.stack([
-        torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(sample_seed(seed, k))) for k in keys
-    ])
+    eps = torch.stack(
+        [
+            torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(sample_seed(seed, k)))
+            for k in keys
+        ]
+    )
     return mean + torch.exp(0.5 * logvar) * eps
 
 
@@ -290,7 +313,7 @@ def score_model(vae: Any, evalset: EvalSet, cfg: EvalConfig, device: torch.devic
     return scores
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 4. summaries, files
 
 
@@ -337,7 +360,9 @@ def format_report(result: dict[str, Any]) -> str:
     level = round(100 * result["config"]["confidence"])
     lines = []
     for s in result["sets"]:
-        enc = f", encoded here from images ({s['skipped_inputs']} inputs skipped)" if s["encoded_here"] else ""
+        enc = (
+            f", encoded here from images ({s['skipped_inputs']} inputs skipped)" if s["encoded_here"] else ""
+        )
         z = "z = mean" if s["latent"] == "mode" else "z = mean + std·eps (seeded per sample)"
         lines += [f"### {s['name']} — {s['samples']} samples, {z}{enc}", ""]
         cols = ["model", "PSNR dB", "SSIM", "LPIPS", "rFID", "colour shift (8-bit levels)"]
@@ -375,7 +400,9 @@ def write_per_image_csv(path: Path, sets: list[EvalSet], scores: dict[str, dict[
             channels = channel_names(shift.shape[1])
             if writer is None:
                 writer = csv.writer(buf)
-                writer.writerow(["set", "key", "model", "psnr", "ssim", "lpips", *(f"shift_{c}" for c in channels)])
+                writer.writerow(
+                    ["set", "key", "model", "psnr", "ssim", "lpips", *(f"shift_{c}" for c in channels)]
+                )
             lp = s.array("lpips")
             for i, key in enumerate(s.keys):
                 row = [evalset.name, key, label, f"{s.array('psnr')[i]:.4f}", f"{s.array('ssim')[i]:.5f}",
@@ -401,7 +428,8 @@ def grid_keys(scores: dict[str, ModelScores], specs: list[ModelSpec], n: int) ->
 
 def write_grids(out: Path, evalset: EvalSet, specs: list[ModelSpec], models: dict[str, Any],
                 picks: dict[str, list[str]], cfg: EvalConfig, device: torch.device) -> list[Path]:
-    """PNG grids, one row per sample: original | baseline | model (improved/worsened) or | every model (sample)."""
+    """PNG grids, one row per sample: original | baseline | model (improved/worsened) or | every model
+    (sample)."""
     wanted = {k for keys in picks.values() for k in keys}
     found = {s["key"]: s for s in read_samples(evalset.shards, evalset.samples) if s["key"] in wanted}
     written = []
@@ -409,7 +437,9 @@ def write_grids(out: Path, evalset: EvalSet, specs: list[ModelSpec], models: dic
         batch = collate([found[k] for k in keys])
         z = eval_latents(batch["moments"], batch["key"], cfg.latent_sample, cfg.seed)
         labels = [s.label for s in specs] if name == "sample" else [specs[0].label, name.split("-", 1)[1]]
-        columns = [batch_to_model(batch, torch.device("cpu"))] + [decode(models[lb], z, device) for lb in labels]
+        columns = [batch_to_model(batch, torch.device("cpu"))] + [
+            decode(models[lb], z, device) for lb in labels
+        ]
         path = out / "grids" / f"{evalset.name}-{_file_safe(name)}.png"
         save_grid(columns, path)
         written.append(path)
@@ -420,7 +450,7 @@ def _file_safe(text: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", text)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -436,9 +466,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     if not cfg.data:
         raise EvalError("give at least one DATA: a shard folder or an image folder")
     if not cfg.vaes:
-        raise EvalError("give at least one --vae (the first is the baseline; add the decoders to compare with it)")
+        raise EvalError(
+            "give at least one --vae (the first is the baseline; add the decoders to compare with it)"
+        )
     if cfg.fid_features not in FID_FEATURES:
-        raise EvalError(f"--fid-features {cfg.fid_features}: InceptionV3 offers {', '.join(map(str, FID_FEATURES))}")
+        raise EvalError(
+            f"--fid-features {cfg.fid_features}: InceptionV3 offers {', '.join(map(str, FID_FEATURES))}"
+        )
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -454,7 +488,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             if fingerprint != s.encoder_sha256:
                 raise EvalError(
                     f"--vae {spec.label} ({spec.source}) has another encoder than the one that made {s.name} "
-                    f"({s.folder}): its decoder would be scored on latents it was never meant to decode. Compare "
+                    f"({s.folder}): its decoder would be scored on latents it was never meant to decode. "
+                    "Compare "
                     "decoders of the same encoder, or re-encode the data with this model."
                 )
         models[spec.label] = vae.to(device)
@@ -467,17 +502,23 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         lpips_model = None
         notes["lpips"] = ("LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, README "
                           "'LPIPS offline').")
-    notes["fid"] = (f"rFID: torchmetrics FID on torch-fidelity's InceptionV3 ({cfg.fid_features} features), RGB "
-                    "channels, the set's originals as the reference (small sets give a biased FID: compare models, "
-                    "not papers)."
-                    if cfg.fid_weights else "rFID not computed (--fid-weights).")
+    notes["fid"] = (
+        f"rFID: torchmetrics FID on torch-fidelity's InceptionV3 ({cfg.fid_features} features), RGB "
+        "channels, the set's originals as the reference (small sets give a biased FID: compare models, "
+        "not papers)."
+        if cfg.fid_weights
+        else "rFID not computed (--fid-weights)."
+    )
 
-    # 3. every model on every set; each set gets its own FID object, whose real statistics the first model fills
+    # 3. every model on every set; each set gets its own FID object, whose real statistics the first model
+    #    fills
     scores: dict[str, dict[str, ModelScores]] = {}
     for s in sets:
         fid = load_fid(cfg.fid_weights, device, cfg.fid_features) if cfg.fid_weights else None
-        scores[s.name] = {spec.label: score_model(models[spec.label], s, cfg, device, lpips_model, fid, spec.label)
-                          for spec in specs}
+        scores[s.name] = {
+            spec.label: score_model(models[spec.label], s, cfg, device, lpips_model, fid, spec.label)
+            for spec in specs
+        }
 
     # 4. summaries and files
     result = {

@@ -1,12 +1,13 @@
-"""`make experiment`: does fine-tuning only the decoder make a pretrained VAE better on a new domain, what does it
-cost outside that domain, and which shipped loss recipe does it best? Offline, rerunnable (every step resumes
-or finds its output complete), about 15 minutes on 2 CPU cores; writes docs/quality.md.
+"""`make experiment`: does fine-tuning only the decoder make a pretrained VAE better on a new domain, what
+does it cost outside that domain, and which shipped loss recipe does it best? Offline, rerunnable (every step
+resumes or finds its output complete), about 15 minutes on 2 CPU cores; writes docs/quality.md.
 
 1. data (vaedec/domains.py): rendered text pages, the target (train + held-out, other seeds), and the held-out
    photographs of the source domain, which the source VAE never saw
-2. encode all three once with the source VAE (assets/source-vae: encoder and decoder pretrained on photographs)
-3. one run per variant: the loss terms of a shipped config (configs/ldm_kl_f8.yaml, configs/ft_mse.yaml) on one
-   shared schedule (configs/experiment.yaml), so the variants differ only in their loss
+2. encode all three once with the source VAE (assets/source-vae: encoder and decoder pretrained on
+   photographs)
+3. one run per variant: the loss terms of a shipped config (configs/ldm_kl_f8.yaml, configs/ft_mse.yaml) on
+   one shared schedule (configs/experiment.yaml), so the variants differ only in their loss
 4. `eval`: the original decoder against each run's current and EMA decoders, on held-out text and photos
 5. the encoder of every export is checked bit-identical to the source VAE's; docs/quality.md gets the table,
    the grids, the settings and the wall times
@@ -85,7 +86,8 @@ QUICK = Sizes(text_train_pages=16, text_heldout_pages=4, crops_per_page=1, photo
 
 
 def prepare_data(out: Path, sizes: Sizes) -> dict[str, Path]:
-    """Images of the three sets into out/images/*, then shards into out/shards/*; both steps are idempotent."""
+    """Images of the three sets into out/images/*, then shards into out/shards/*; both steps are
+    idempotent."""
     images = out / "images"
     if not (images / ".complete").exists():  # the marker is written last: a killed run renders again
         shutil.rmtree(images, ignore_errors=True)
@@ -113,7 +115,8 @@ def prepare_data(out: Path, sizes: Sizes) -> dict[str, Path]:
 
 
 def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: Sizes, lpips_ok: bool) -> Path:
-    """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run folder."""
+    """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run
+    folder."""
     values: dict[str, object] = {"run.max_steps": sizes.max_steps, "data.shards": str(shards["text-train"]),
                                  "run.output": str(out / "runs" / variant.name)}
     if variant.replay:
@@ -121,8 +124,9 @@ def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: S
     if not lpips_ok:
         values["loss.perceptual_weight"] = 0.0  # after the variant's: LPIPS cannot run here
     # The variant's shipped config for its loss terms, then the shared schedule over it.
-    cfg = load_train_config([ROOT / variant.config, ROOT / "configs" / "experiment.yaml"], list(variant.overrides),
-                            values)
+    cfg = load_train_config(
+        [ROOT / variant.config, ROOT / "configs" / "experiment.yaml"], list(variant.overrides), values
+    )
     reset_accelerate()
     return train(cfg).run_dir
 
@@ -143,7 +147,8 @@ def lpips_available() -> bool:
 
 
 def check_encoders(runs: list[Path]) -> list[str]:
-    """Each run's exported encoder (and quant_conv) against the source VAE's, tensor by tensor, bit for bit."""
+    """Each run's exported encoder (and quant_conv) against the source VAE's, tensor by tensor, bit for
+    bit."""
     source = AutoencoderKL.from_pretrained(SOURCE_VAE).state_dict()
     lines = []
     for run in runs:
@@ -152,13 +157,15 @@ def check_encoders(runs: list[Path]) -> list[str]:
         same = all(torch.equal(source[k], exported[k]) for k in frozen)
         lines.append(f"{run.name}: {len(frozen)} encoder tensors {'bit-identical' if same else 'CHANGED'}")
         if not same:
-            raise RuntimeError(f"the encoder of {run / 'export'} differs from {SOURCE_VAE}: a bug, please report")
+            raise RuntimeError(
+                f"the encoder of {run / 'export'} differs from {SOURCE_VAE}: a bug, please report"
+            )
     return lines
 
 
 def run_minutes(run: Path, max_steps: int) -> float:
-    """Wall time of a run's training from its log.txt: the first line to the first save of its last step (a rerun
-    of the finished run appends lines that are not training)."""
+    """Wall time of a run's training from its log.txt: the first line to the first save of its last step (a
+    rerun of the finished run appends lines that are not training)."""
     lines = [ln for ln in (run / "log.txt").read_text().splitlines() if ln[:4].isdigit()]
     last = next(ln for ln in lines if f"step-{max_steps:08d}" in ln)
     first, last = (datetime.strptime(ln[:19], "%Y-%m-%d %H:%M:%S") for ln in (lines[0], last))
@@ -168,23 +175,30 @@ def run_minutes(run: Path, max_steps: int) -> float:
 def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str],
                       minutes: dict[str, float]) -> None:
     """docs/quality.md: what was run, the eval tables, the grids, how to rerun."""
-    variants = "\n".join(f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS)
-    images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
-        f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
+    variants = "\n".join(
+        f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS
+    )
+    images = "\n\n".join(
+        f"**{title}** — original | original decoder | "
+        + " | ".join(f"{v.name} current | {v.name} EMA" for v in VARIANTS)
+        + f"\n\n![{title}]({name})"
+        for title, name in grids.items()
+    )
     text = f"""# Quality: a pretrained decoder fine-tuned on a new domain
 
-`make experiment` ({facts['wall']} of training on {facts['machine']}; {facts['date']}; written at commit {facts['commit']}) fine-tunes only
-the decoder of the source VAE ([assets/source-vae](../assets/source-vae/README.md), encoder and decoder pretrained
-on photographs) on rendered text pages, then scores the original decoder against each fine-tuned one (current
-weights and EMA) on **held-out text** (the target domain) and on **held-out photographs** (the source domain: what
-the fine-tune costs outside its domain). Every model decodes the same latents, z = mean of the stored posterior.
+`make experiment` ({facts["wall"]} of training on {facts["machine"]}; {facts["date"]}; written at commit
+{facts["commit"]}) fine-tunes only the decoder of the source VAE
+([assets/source-vae](../assets/source-vae/README.md), encoder and decoder pretrained on photographs) on
+rendered text pages, then scores the original decoder against each fine-tuned one (current weights and EMA) on
+**held-out text** (the target domain) and on **held-out photographs** (the source domain: what the fine-tune
+costs outside its domain). Every model decodes the same latents, z = mean of the stored posterior.
 
 Variants (each uses a shipped config's loss terms on one shared schedule, `configs/experiment.yaml`:
-{facts['schedule']}):
+{facts["schedule"]}):
 
 {variants}
 
-{facts['lpips']}
+{facts["lpips"]}
 
 ## Results
 
@@ -195,22 +209,24 @@ Variants (each uses a shipped config's loss terms on one shared schedule, `confi
 
 ## Checks
 
-{facts['encoders']}
+{facts["encoders"]}
 
 ## Rerun
 
 ```bash
 make experiment            # python -m vaedec.experiment --out experiment --docs docs
 ```
-Every step resumes or finds its output complete; `experiment/eval/` holds eval.json, per_image.csv and all grids.
+Every step resumes or finds its output complete; `experiment/eval/` holds eval.json, per_image.csv and all
+grids.
 """
     atomic_write_bytes(path, text.encode())
 
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -221,32 +237,54 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     lpips_ok = lpips_available()
     shards = prepare_data(out, sizes)
     runs = [train_variant(v, shards, out, sizes, lpips_ok) for v in VARIANTS]
-    vaes = [f"original={SOURCE_VAE}"] + [f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")]
-    result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
-                                 out=str(out / "eval"), batch_size=32, grid_samples=6))
+    vaes = [f"original={SOURCE_VAE}"] + [
+        f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")
+    ]
+    result = evaluate(
+        EvalConfig(
+            data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),
+            vaes=tuple(vaes),
+            out=str(out / "eval"),
+            batch_size=32,
+            grid_samples=6,
+        )
+    )
     encoders = check_encoders(runs)
     if docs is not None:
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
         docs.mkdir(parents=True, exist_ok=True)
         grids = {}
-        for title, set_name in (("held-out text", "text-heldout"), ("held-out photographs", "photos-heldout")):
+        for title, set_name in (
+            ("held-out text", "text-heldout"),
+            ("held-out photographs", "photos-heldout"),
+        ):
             name = f"quality-{set_name}.png"
             shutil.copyfile(out / "eval" / "grids" / f"{set_name}-sample.png", docs / name)
             grids[title] = name
         cores, load = os.cpu_count(), os.getloadavg()[1]
         facts = {
             "wall": f"{sum(minutes.values()):.0f} minutes",
-            "machine": (f"{cores} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} "
-                        f"torch thread(s), torch {torch.__version__}, load average {load:.1f} at the end"
-                        + (" (above the core count: other jobs shared the cores, the minutes are inflated)"
-                           if load > (cores or 1) else "")),
+            "machine": (
+                f"{cores} CPU cores ({platform.processor() or platform.machine()}), "
+                f"{torch.get_num_threads()} "
+                f"torch thread(s), torch {torch.__version__}, load average {load:.1f} at the end"
+                + (
+                    " (above the core count: other jobs shared the cores, the minutes are inflated)"
+                    if load > (cores or 1)
+                    else ""
+                )
+            ),
             "date": time.strftime("%Y-%m-%d"),
             "commit": _git_commit(),
             "schedule": f"{sizes.max_steps} steps, batch 8, 64 px crops of {sizes.text_train_pages} pages",
-            "lpips": ("LPIPS ran with VGG16 weights found on this machine." if lpips_ok else
-                      "**LPIPS could not run here** (no VGG16 weights offline): every variant ran with its LPIPS "
-                      "term at 0, so ldm = L1 + GAN and ft-mse = MSE. With the weights in place (README, "
-                      "'LPIPS offline') the recipes run as shipped and the table gains an LPIPS column."),
+            "lpips": (
+                "LPIPS ran with VGG16 weights found on this machine."
+                if lpips_ok
+                else "**LPIPS could not run here** (no VGG16 weights offline): every variant ran with its "
+                     "LPIPS "
+                "term at 0, so ldm = L1 + GAN and ft-mse = MSE. With the weights in place (README, "
+                "'LPIPS offline') the recipes run as shipped and the table gains an LPIPS column."
+            ),
             "encoders": "\n".join(f"- {line}" for line in encoders),
         }
         write_quality_doc(docs / "quality.md", result.report, grids, facts, minutes)
@@ -254,11 +292,18 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
 
 
 @click.command()
-@click.option("--out", default="experiment", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Work folder: images/, shards/, runs/, eval/.")
+@click.option(
+    "--out",
+    default="experiment",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Work folder: images/, shards/, runs/, eval/.",
+)
 @click.option("--docs", default="docs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where quality.md and its grids are written.")
-@click.option("--quick", is_flag=True, help="A smoke run of a minute (tiny data, 4 steps); its numbers mean nothing.")
+@click.option(
+    "--quick", is_flag=True, help="A smoke run of a minute (tiny data, 4 steps); its numbers mean nothing."
+)
 def main(out: Path, docs: Path, quick: bool) -> None:
     """Fine-tune the source VAE's decoder on rendered text with each shipped recipe and evaluate it."""
     setup_logging()

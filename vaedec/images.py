@@ -1,4 +1,5 @@
-"""Finding images, decoding them by one documented rule, cropping, depth maps, and the pixel <-> [-1, 1] convention.
+"""Finding images, decoding them by one documented rule, cropping, depth maps, and the pixel <-> [-1, 1]
+convention.
 
 Conversion rule (applied after EXIF orientation), so every input becomes 8-bit RGB:
 - RGB as is; L and 1 (grey, bilevel) replicated to three channels.
@@ -8,8 +9,9 @@ Conversion rule (applied after EXIF orientation), so every input becomes 8-bit R
 - CMYK, YCbCr, LAB, HSV: Pillow's conversion to RGB (ICC profiles are not applied).
 - Float images (mode F) and files Pillow cannot fully decode are skipped with the reason.
 
-RGB+depth (ldm3d-4c): a 16-bit grey PNG per image, paired by file stem, cropped with the image's boxes, and fed to
-the model as depth / 65535 * 2 - 1 (diffusers' LDM3D image processor), the one place that scaling is written.
+RGB+depth (ldm3d-4c): a 16-bit grey PNG per image, paired by file stem, cropped with the image's boxes, and
+fed to the model as depth / 65535 * 2 - 1 (diffusers' LDM3D image processor), the one place that scaling is
+written.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from PIL import Image, ImageOps
 from vaedec.errors import VaedecError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-RESAMPLE = Image.Resampling.LANCZOS  # antialiased when shrinking; the same filter diffusers' image processor uses
-GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit grey images (and depth maps)
+# antialiased when shrinking; the same filter diffusers' image processor uses
+RESAMPLE = Image.Resampling.LANCZOS
+# Pillow's modes of 16-bit grey images (and depth maps)
+GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class InputError(VaedecError):
-    """SRC or --depth-dir itself is unusable (missing, empty, ambiguous): the whole command stops with this message."""
+    """SRC or --depth-dir itself is unusable (missing, empty, ambiguous): the whole command stops with this
+    message."""
 
 
 class SkipImage(Exception):
@@ -63,10 +68,13 @@ def make_key(rel: str) -> str:
 
 
 def discover_inputs(src: str | Path) -> tuple[list[InputItem], list[Skip]]:
-    """A folder (recursive, image suffixes) or a text file list -> inputs in a deterministic order, and skips."""
+    """A folder (recursive, image suffixes) or a text file list -> inputs in a deterministic order, and
+    skips."""
     src = Path(src)
     if not src.exists():
-        raise InputError(f"SRC {src} does not exist; give a folder of images or a text file with one path a line")
+        raise InputError(
+            f"SRC {src} does not exist; give a folder of images or a text file with one path a line"
+        )
     if src.is_dir():
         named = [p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
         files = sorted(p.relative_to(src).as_posix() for p in named if p.is_file())
@@ -136,7 +144,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im).astype(np.float64)
         return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
-        raise SkipImage("floating-point image (mode F): no unambiguous 8-bit mapping; convert it to 8/16-bit first")
+        raise SkipImage(
+            "floating-point image (mode F): no unambiguous 8-bit mapping; convert it to 8/16-bit first"
+        )
     if mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
         if im.mode == "RGB":
@@ -196,7 +206,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # depth maps (RGB+depth VAEs)
 
 
@@ -216,7 +226,8 @@ def index_depth_maps(depth_dir: str) -> dict[str, str]:
 
 
 def check_unique_stems(items: list[InputItem]) -> None:
-    """Refuse inputs that share a file stem: depth maps are matched by stem, so they would share one silently."""
+    """Refuse inputs that share a file stem: depth maps are matched by stem, so they would share one
+    silently."""
     seen: dict[str, str] = {}
     clashes = []
     for item in items:
@@ -226,8 +237,10 @@ def check_unique_stems(items: list[InputItem]) -> None:
         seen.setdefault(stem, item.rel)
     if clashes:
         raise InputError(
-            "with --depth-dir, images are paired with depth maps by file stem, and these images share a stem: "
-            + "; ".join(clashes[:5]) + (f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else "")
+            "with --depth-dir, images are paired with depth maps by file stem, and these images share a "
+            "stem: "
+            + "; ".join(clashes[:5])
+            + (f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else "")
             + ". Rename them so every stem is unique."
         )
 
@@ -263,12 +276,14 @@ def resize_depth(depth: Image.Image, box: tuple[float, float, float, float], res
 
 
 def depth_to_model_range(depth: torch.Tensor) -> torch.Tensor:
-    """Raw 16-bit depth (B, 1, H, W), any integer or float dtype -> float in [-1, 1] (diffusers' LDM3D scaling)."""
+    """Raw 16-bit depth (B, 1, H, W), any integer or float dtype -> float in [-1, 1] (diffusers' LDM3D
+    scaling)."""
     return depth.float() / 65535.0 * 2.0 - 1.0
 
 
 def batch_to_model(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """Stored pixels (uint8 RGB, optional 16-bit depth) -> the decoder's target (B, C_out, H, W) in [-1, 1]."""
+    """Stored pixels (uint8 RGB, optional 16-bit depth) -> the decoder's target (B, C_out, H, W) in [-1,
+    1]."""
     x = to_model_range(batch["pixels"].to(device))
     if "depth" in batch:
         x = torch.cat([x, depth_to_model_range(batch["depth"].to(device))], dim=1)

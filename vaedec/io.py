@@ -4,7 +4,8 @@ Every writer builds its output under a temp name next to the target and renames 
 (or a rerun after a kill) sees the old file or the new one, never half of one. Temp names are
 `.NAME.<random hex>.tmp`. Before the rename every file gets mode 0666 and every folder 0777, minus the umask,
 whatever wrote it: safetensors' `save_file` (and so diffusers' `save_pretrained`) creates 0600 files, which a
-ComfyUI or pipeline running as another user (a shared models folder, a container with another uid) cannot read.
+ComfyUI or pipeline running as another user (a shared models folder, a container with another uid) cannot
+read.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def umask() -> int:
 
 
 def usual_modes(path: str | os.PathLike) -> None:
-    """Give `path` (a file, or a folder and everything in it) the umask's modes: 0666 / 0777 minus the umask."""
+    """Give `path` (a file, or a folder and everything in it) the umask's modes: 0666 / 0777 minus the
+    umask."""
     mask = umask()
     path = Path(path)
     if not path.is_dir():
@@ -73,7 +75,8 @@ def _temp_name(path: Path) -> Path:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Have `write(tmp_path)` write the whole file under a temp name, then fsync it and rename it to `path`."""
+    """Have `write(tmp_path)` write the whole file under a temp name, then fsync it and rename it to
+    `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
@@ -100,8 +103,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder next to `path`; when the block ends without an error it replaces `path` (an existing
-    folder there is deleted first), on an error it is deleted. A folder under the final name is always whole."""
+    """Yield a temp folder next to `path`; when the block ends without an error it replaces `path` (an
+    existing folder there is deleted first), on an error it is deleted. A folder under the final name is
+    always whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier try

@@ -1,8 +1,9 @@
 """The one definition of the latent convention: what the shards store and how z is made from it.
 
 Shards store the raw posterior moments of the frozen encoder, `mean ‖ logvar` along channels, before any
-`scaling_factor`: (2C, H/8, W/8) float16. The decoder takes raw z (diffusers pipelines divide by scaling_factor
-before `vae.decode`), so training never needs the scaling; `scale_latents` exists for users who feed a UNet.
+`scaling_factor`: (2C, H/8, W/8) float16. The decoder takes raw z (diffusers pipelines divide by
+scaling_factor before `vae.decode`), so training never needs the scaling; `scale_latents` exists for users who
+feed a UNet.
 """
 
 from __future__ import annotations
@@ -42,15 +43,22 @@ def sample_latent(
     if mode == "mode":
         return mean
     # Noise is drawn on the generator's device (CPU by default) so a seeded run is identical on any device.
-    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=generator.device if generator else "cpu")
+    eps = torch.randn(
+        mean.shape, generator=generator, dtype=mean.dtype, device=generator.device if generator else "cpu"
+    )
     return mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
 
 
-def add_latent_noise(z: torch.Tensor, std_raw: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated latents."""
+def add_latent_noise(
+    z: torch.Tensor, std_raw: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated
+    latents."""
     if std_raw <= 0:
         return z  # draws nothing, so runs without it keep their random stream
-    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu")
+    eps = torch.randn(
+        z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu"
+    )
     return z + std_raw * eps.to(z.device)
 
 

@@ -70,7 +70,7 @@ LOG_KEYS = (
 )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the terms, each a small pure function (LDM contperceptual.py)
 
 
@@ -111,8 +111,9 @@ def adopt_weight(weight: float, step: int, threshold: int) -> float:
 
 
 def generator_gan_factor(cfg: LossConfig, step: int) -> float:
-    """f_t of the decoder's GAN term: disc_factor from disc_start_step + disc_warmup_steps on (D alone trains for
-    the warm-up steps before it, so the decoder first meets a discriminator that already tells real from fake)."""
+    """f_t of the decoder's GAN term: disc_factor from disc_start_step + disc_warmup_steps on (D alone trains
+    for the warm-up steps before it, so the decoder first meets a discriminator that already tells real from
+    fake)."""
     return adopt_weight(cfg.disc_factor, step, cfg.disc_start_step + cfg.disc_warmup_steps)
 
 
@@ -144,12 +145,13 @@ def conv_weight_grad(h: Tensor, grad_out: Tensor, conv: nn.Conv2d) -> Tensor:
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # LPIPS
 
 
 class LPIPSWeightsError(VaedecError):
-    """The VGG16 weights file for LPIPS is missing or is not torchvision's VGG16; the message says what to do."""
+    """The VGG16 weights file for LPIPS is missing or is not torchvision's VGG16; the message says what to
+    do."""
 
 
 class LPIPSWeightsMissing(LPIPSWeightsError):
@@ -212,7 +214,9 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
             f"{path} could not be read as a torch state dict ({type(e).__name__}: {first_line})"
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise LPIPSWeightsError(f"{path} does not hold a state dict of tensors; expected torchvision's {VGG16_FILE}")
+        raise LPIPSWeightsError(
+            f"{path} does not hold a state dict of tensors; expected torchvision's {VGG16_FILE}"
+        )
     if not any(k.startswith("features.") for k in state):
         # Fail before building LPIPS (seconds); vgg_slice_state checks every key and shape afterwards.
         first = ", ".join(list(state)[:3])
@@ -229,8 +233,9 @@ def load_lpips(vgg_weights: str | None, random_backbone: bool = False) -> lpips.
     if not random_backbone and not os.path.isfile(path):
         raise LPIPSWeightsMissing(_missing_weights_message(path))
     state = None if random_backbone else _read_state_dict(path)
-    # fork_rng: building LPIPS initialises a VGG16 from the global RNG; without the fork, whether LPIPS is built
-    # (e.g. for validation only, when weights happen to be on this machine) would change the discriminator's init.
+    # fork_rng: building LPIPS initialises a VGG16 from the global RNG; without the fork, whether LPIPS is
+    # built (e.g. for validation only, when weights happen to be on this machine) would change the
+    # discriminator's init.
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         # lpips calls torchvision's deprecated `pretrained=` API; the warnings are about lpips, not the user.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
@@ -269,10 +274,14 @@ def perceptual_distance(lpips_model: nn.Module, x: Tensor, x_rec: Tensor) -> Ten
 
 
 def pixel_loss_by_set(
-    stored: list[tuple[Tensor, Tensor]], sources: list[Tensor | None], names: list[str], kind: Literal["l1", "l2"]
+    stored: list[tuple[Tensor, Tensor]],
+    sources: list[Tensor | None],
+    names: list[str],
+    kind: Literal["l1", "l2"],
 ) -> dict[str, float]:
     """loss/pixel/NAME: the mean pixel loss of this step's samples from each mixed shard set (a set with no
-    sample in the step is left out). `stored`: (x, x̂) per micro-batch; `sources`: (B,) set index per sample."""
+    sample in the step is left out). `stored`: (x, x̂) per micro-batch; `sources`: (B,) set index per
+    sample."""
     per_sample = torch.cat([pixel_loss(x, x_rec, kind).float().mean(dim=(1, 2, 3)) for x, x_rec in stored])
     source = torch.cat([s.to(per_sample.device) for s in sources])
     return {f"loss/pixel/{name}": float(per_sample[source == i].mean())
@@ -280,16 +289,18 @@ def pixel_loss_by_set(
 
 
 def anchor_penalty(params: list[Tensor], anchors: list[Tensor], weight: float) -> Tensor:
-    """L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning"): alpha/2 * sum ||theta - theta_0||^2
-    over the trained weights theta and the original decoder's theta_0."""
+    """L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning"): alpha/2 * sum ||theta -
+    theta_0||^2 over the trained weights theta and the original decoder's theta_0."""
     return weight / 2 * sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchors))
 
 
 @torch.no_grad()
-def add_anchor_grad(params: list[Tensor], anchors: list[Tensor], weight: float, grad_scale: float = 1.0) -> float:
+def add_anchor_grad(
+    params: list[Tensor], anchors: list[Tensor], weight: float, grad_scale: float = 1.0
+) -> float:
     """Add the gradient of `anchor_penalty`, alpha * (theta - theta_0), to each .grad in place (times the fp16
-    grad scaler's scale, since .grad is still scaled here); returns the penalty's value. The same as adding the
-    penalty to the loss, without putting every weight into the backward graph."""
+    grad scaler's scale, since .grad is still scaled here); returns the penalty's value. The same as adding
+    the penalty to the loss, without putting every weight into the backward graph."""
     diffs = torch._foreach_sub(params, anchors)  # theta - theta_0, one fused pass
     for p, d in zip(params, diffs):
         if p.grad is None:
@@ -298,7 +309,7 @@ def add_anchor_grad(params: list[Tensor], anchors: list[Tensor], weight: float, 
     return float(weight / 2 * sum(float(d.float().square().sum()) for d in diffs))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # generator (decoder) side
 
 
@@ -371,7 +382,8 @@ def generator_grads(
         nll = nll_loss(rec, logvar)
         wrt = [x_hat] + ([logvar] if logvar.requires_grad else [])
         # loss_scale: the fp16 GradScaler's scale, so the fp16 backward through LPIPS and D cannot underflow;
-        # undone right after. An overflow puts inf/nan in grad_output and the scaler skips the step, as in LDM.
+        # undone right after. An overflow puts inf/nan in grad_output and the scaler skips the step, as in
+        # LDM.
         grads = torch.autograd.grad(nll * loss_scale, wrt)
         nll_grad = grads[0] / loss_scale  # (B, C, H, W)
         logvar_grad = grads[1] / loss_scale if len(grads) > 1 else None
@@ -435,18 +447,19 @@ def ldm_generator_loss(
     return loss, _logs(loss, nll, rec, pix, p, g, logvar, lam, f)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # discriminator side
 
 
 def r1_penalty(disc: nn.Module, x: Tensor) -> Tensor:
-    """E_b ‖∇_x D(x)‖² on real images (Mescheder et al. 2018; StyleGAN2's lazy form scales it by the interval), with
-    D(x) a sample's patch logits summed, as StyleGAN2 sums its logits; the caller multiplies by γ/2. In fp32: the
-    gradient of a gradient underflows in fp16."""
+    """E_b ‖∇_x D(x)‖² on real images (Mescheder et al. 2018; StyleGAN2's lazy form scales it by the
+    interval), with D(x) a sample's patch logits summed, as StyleGAN2 sums its logits; the caller multiplies
+    by γ/2. In fp32: the gradient of a gradient underflows in fp16."""
     with torch.autocast(x.device.type, enabled=False), torch.enable_grad():
         x = x.detach().float().requires_grad_(True)
         logits = disc(x)  # (B, 1, H', W')
-        (grad,) = torch.autograd.grad(logits.sum(), [x], create_graph=True)  # create_graph: the penalty trains D
+        # create_graph: the penalty trains D
+        (grad,) = torch.autograd.grad(logits.sum(), [x], create_graph=True)
     return grad.square().sum(dim=(1, 2, 3)).mean()
 
 
@@ -467,8 +480,9 @@ def r1_due(cfg: LossConfig, step: int) -> bool:
 def discriminator_loss(
     disc: nn.Module, x: Tensor, x_rec: Tensor, cfg: LossConfig, step: int, lecam: nn.Module | None = None
 ) -> tuple[Tensor, dict[str, float]]:
-    """L_D = f_t * (d_loss(D(x), D(x̂)) + disc_lecam_weight * LeCAM) with x̂ detached, so no gradient reaches the
-    decoder. `lecam`: the discriminator's LeCAMAnchors (updated here from this batch, then used), or None."""
+    """L_D = f_t * (d_loss(D(x), D(x̂)) + disc_lecam_weight * LeCAM) with x̂ detached, so no gradient reaches
+    the decoder. `lecam`: the discriminator's LeCAMAnchors (updated here from this batch, then used), or
+    None."""
     f = adopt_weight(cfg.disc_factor, step, cfg.disc_start_step)
     # Two calls, as LDM: with BatchNorm, real and fake batches are normalised by their own statistics.
     logits_real = disc(x.detach())  # (B, 1, H', W')

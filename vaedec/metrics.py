@@ -1,5 +1,6 @@
 """Reconstruction metrics (PSNR and SSIM from torchmetrics, LPIPS, colour shift, rFID from torchmetrics +
-torch-fidelity's InceptionV3), paired confidence intervals, the PNG comparison grids, and a run's `Evaluator`."""
+torch-fidelity's InceptionV3), paired confidence intervals, the PNG comparison grids, and a run's
+`Evaluator`."""
 
 from __future__ import annotations
 
@@ -39,11 +40,12 @@ def channel_names(c: int) -> list[str]:
 def per_image_metrics(
     x: torch.Tensor, x_rec: torch.Tensor, lpips_model: torch.nn.Module | None
 ) -> dict[str, torch.Tensor]:
-    """Per-image PSNR (dB), SSIM and LPIPS (each (B,)) and colour shift (B, C) of images in [-1, 1] (B, C, H, W).
+    """Per-image PSNR (dB), SSIM and LPIPS (each (B,)) and colour shift (B, C) of images in [-1, 1] (B, C, H,
+    W).
 
     PSNR and SSIM are over all channels at data range 1 after mapping to [0, 1]. The colour shift is
-    mean(x̂) - mean(x) per channel in 8-bit levels: a decoder that tints everything shows it here even when its
-    PSNR barely moves.
+    mean(x̂) - mean(x) per channel in 8-bit levels: a decoder that tints everything shows it here even when
+    its PSNR barely moves.
     """
     a, b = (x.float().clamp(-1, 1) + 1) / 2, (x_rec.float().clamp(-1, 1) + 1) / 2
     out = {
@@ -57,13 +59,17 @@ def per_image_metrics(
 
 
 @torch.no_grad()
-def reconstruction_metrics(x: torch.Tensor, x_rec: torch.Tensor, lpips_model: torch.nn.Module | None) -> dict[str, float]:
+def reconstruction_metrics(
+    x: torch.Tensor, x_rec: torch.Tensor, lpips_model: torch.nn.Module | None
+) -> dict[str, float]:
     """Batch means of PSNR (dB), SSIM and LPIPS for images in [-1, 1] (B, C, H, W), all channels."""
     per_image = per_image_metrics(x, x_rec, lpips_model)
     return {k: float(v.mean()) for k, v in per_image.items() if k != "colour_shift"}
 
 
-def paired_ci(deltas: np.ndarray, seed: int = 0, level: float = 0.95, resamples: int = 2000) -> tuple[float, float, float]:
+def paired_ci(
+    deltas: np.ndarray, seed: int = 0, level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float, float]:
     """Mean of per-image differences and its bootstrap confidence interval (BCa, scipy): (mean, low, high).
 
     The images are the unit: both models decoded the same latents, so the per-image difference removes the
@@ -81,7 +87,8 @@ def paired_ci(deltas: np.ndarray, seed: int = 0, level: float = 0.95, resamples:
     res = bootstrap((d,), np.mean, confidence_level=level, n_resamples=resamples, method="BCa",
                     random_state=np.random.default_rng(seed))
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (np.isfinite(lo) and np.isfinite(hi)):  # BCa degenerates on near-constant data; percentile does not
+    # BCa degenerates on near-constant data; percentile does not
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         res = bootstrap((d,), np.mean, confidence_level=level, n_resamples=resamples, method="percentile",
                         random_state=np.random.default_rng(seed))
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -89,28 +96,34 @@ def paired_ci(deltas: np.ndarray, seed: int = 0, level: float = 0.95, resamples:
 
 
 def _read_inception_state(path: str) -> dict[str, torch.Tensor]:
-    """The user's InceptionV3 weights, never unpickling code: safetensors, or torch.load(weights_only=True)."""
+    """The user's InceptionV3 weights, never unpickling code: safetensors, or
+    torch.load(weights_only=True)."""
     if not Path(path).is_file():
-        raise MetricsError(f"--fid-weights {path}: no such file. FID needs torch-fidelity's InceptionV3 weights, "
-                           "weights-inception-2015-12-05-6726825d.pth (README, 'eval').")
+        raise MetricsError(
+            f"--fid-weights {path}: no such file. FID needs torch-fidelity's InceptionV3 weights, "
+            "weights-inception-2015-12-05-6726825d.pth (README, 'eval')."
+        )
     try:
         if path.endswith(".safetensors"):
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and safetensors errors all mean "not a weights file"
-        raise MetricsError(f"--fid-weights {path} cannot be read as tensors ({type(e).__name__}: {e})") from None
+        raise MetricsError(
+            f"--fid-weights {path} cannot be read as tensors ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MetricsError(f"--fid-weights {path} is not a state dict of tensors")
     return state
 
 
-FID_FEATURES = (64, 192, 768, 2048)  # InceptionV3 layers torchmetrics offers; 2048 (the pool) is the standard FID
+# InceptionV3 layers torchmetrics offers; 2048 (the pool) is the standard FID
+FID_FEATURES = (64, 192, 768, 2048)
 
 
 def load_fid(weights_path: str, device: torch.device | str = "cpu", features: int = 2048):
-    """torchmetrics' FrechetInceptionDistance on torch-fidelity's InceptionV3 (`features`-d activations; 2048 =
-    the standard pool features) with the weights read from a local file. Real-image statistics survive
+    """torchmetrics' FrechetInceptionDistance on torch-fidelity's InceptionV3 (`features`-d activations; 2048
+    = the standard pool features) with the weights read from a local file. Real-image statistics survive
     `reset()`, so one object serves every model."""
     state = _read_inception_state(weights_path)
     # torch-fidelity reads its weights with torch.load(weights_only=False). We hand it a file that we wrote
@@ -128,13 +141,15 @@ def load_fid(weights_path: str, device: torch.device | str = "cpu", features: in
 
 
 def fid_images(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, C, H, W) -> the uint8 RGB (B, 3, H, W) Inception sees: RGB only, grey repeated."""
+    """Images in [-1, 1] (B, C, H, W) -> the uint8 RGB (B, 3, H, W) Inception sees: RGB only, grey
+    repeated."""
     rgb = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
     return to_uint8(rgb)
 
 
 def colourise_depth(d: torch.Tensor) -> torch.Tensor:
-    """One channel in [-1, 1] (B, 1, H, W) -> uint8 (B, 3, H, W) with a blue-green-yellow ramp (near = bright)."""
+    """One channel in [-1, 1] (B, 1, H, W) -> uint8 (B, 3, H, W) with a blue-green-yellow ramp (near =
+    bright)."""
     t = ((d.float().clamp(-1, 1) + 1) / 2)[:, 0]  # (B, H, W) in [0, 1]
     r = (1.5 * t - 0.5).clamp(0, 1)
     g = (1.2 * t).clamp(0, 1) * (1 - 0.3 * r)
@@ -143,7 +158,8 @@ def colourise_depth(d: torch.Tensor) -> torch.Tensor:
 
 
 def to_display(x: torch.Tensor) -> torch.Tensor:
-    """Model-range images (B, C, H, W) -> uint8 RGB tiles (B, 3, H, W*k): RGB, then each extra channel colourised."""
+    """Model-range images (B, C, H, W) -> uint8 RGB tiles (B, 3, H, W*k): RGB, then each extra channel
+    colourised."""
     x = x.float().cpu()
     c = x.shape[1]
     if c == 1:
@@ -166,7 +182,7 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, pad: int = 2) -> No
     atomic_write_bytes(path, png_bytes(grid))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a run's grids and validation
 
 
@@ -186,21 +202,25 @@ def grid_batch(shards: list[str], n: int, skip_bad: bool = False) -> dict[str, A
     read_samples)."""
     pool = list(read_samples(shards, max(8 * n, 64), skip_bad))
     if not pool:
-        raise ShardError(f"no readable sample for the image grids in {', '.join(shards)} (bad samples left out, "
-                         "see the log); check them with `vaedec inspect SHARDS --verify`")
+        raise ShardError(
+            f"no readable sample for the image grids in {', '.join(shards)} (bad samples left out, "
+            "see the log); check them with `vaedec inspect SHARDS --verify`"
+        )
     picks = sorted({round(i * (len(pool) - 1) / max(n - 1, 1)) for i in range(min(n, len(pool)))})
     return collate([pool[i] for i in picks])
 
 
-def val_batches(shards: list[str], max_samples: int, batch_size: int, skip_bad: bool = False) -> list[dict[str, Any]]:
+def val_batches(
+    shards: list[str], max_samples: int, batch_size: int, skip_bad: bool = False
+) -> list[dict[str, Any]]:
     """The first `max_samples` samples of the validation shards, in batches (skip_bad: see read_samples)."""
     samples = list(read_samples(shards, max_samples, skip_bad))
     return [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
 
 
 class Evaluator:
-    """A run's fixed grid batch and validation batches, and the original decoder's outputs on them, computed once
-    at construction (before any update or resume). Remembers the step each was last done at, so the final
+    """A run's fixed grid batch and validation batches, and the original decoder's outputs on them, computed
+    once at construction (before any update or resume). Remembers the step each was last done at, so the final
     evaluation does only what is left."""
 
     def __init__(
@@ -235,7 +255,8 @@ class Evaluator:
         self.done["grid"] = step
 
     def validate(self, step: int, models: dict[str, torch.nn.Module]) -> dict[str, float]:
-        """val/[name/]{psnr,ssim,lpips}{suffix} of each model by suffix, next to ..._orig of the original decoder."""
+        """val/[name/]{psnr,ssim,lpips}{suffix} of each model by suffix, next to ..._orig of the original
+        decoder."""
         self.done["val"] = step
         out = {f"{self.prefix}{k}_orig": v for k, v in self.original_metrics.items()}
         for suffix, model in models.items():

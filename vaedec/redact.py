@@ -1,14 +1,14 @@
-"""Secrets kept out of everything vaedec shows or writes: the one `redact` every message, log line and stored config
-goes through.
+"""Secrets kept out of everything vaedec shows or writes: the one `redact` every message, log line and stored
+config goes through.
 
-SHARDS may be a presigned URL (S3 `X-Amz-Signature=…`, GCS `X-Goog-Signature=…`, Azure SAS `sig=…`), a URL with
-`user:password@`, or a `pipe:` command that sets credentials in environment assignments
+SHARDS may be a presigned URL (S3 `X-Amz-Signature=…`, GCS `X-Goog-Signature=…`, Azure SAS `sig=…`), a URL
+with `user:password@`, or a `pipe:` command that sets credentials in environment assignments
 (`pipe:AWS_SECRET_ACCESS_KEY=… aws s3 cp …`). Run folders, exports and logs get shared and pushed to hubs, so
 none of them may hold such a value. What is redacted, without guessing which names are secret:
 - in a URL: the password of its user info, and the value of every query parameter (the names stay, so a
   message still says which URL it was and a resumed run compares like with like);
-- in a `pipe:` command: the value of each environment assignment (`NAME=value` words where the shell reads them
-  as such: before the command name, or after `env`).
+- in a `pipe:` command: the value of each environment assignment (`NAME=value` words where the shell reads
+  them as such: before the command name, or after `env`).
 The redacted text is for people and for comparisons; it is never run or fetched.
 """
 

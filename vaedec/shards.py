@@ -1,18 +1,19 @@
 """The shard format, in one place: schema, shard writer, manifest, and decoding and checking samples.
 
 A shard folder holds
-    shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete (a multi-process
-                           encode names them shard-r{rank:03d}-{i:06d}.tar; readers take names from the manifest)
+    shard-000000.tar ...   WebDataset tars; a tar appears under its final name only once complete (a
+                           multi-process encode names them shard-r{rank:03d}-{i:06d}.tar; readers take names
+                           from the manifest)
     manifest.json          what was encoded, how, with which encoder (`new_manifest`); replaced atomically
     skipped.jsonl          one JSON line per input or sample that was not encoded, with the reason
 
 Each sample in a tar is three (four) members sharing a dot-free key:
-    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before scaling_factor),
-                      logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
+    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before
+                      scaling_factor), logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
     KEY.image.png     the exact uint8 RGB pixels (H, W, 3) that were encoded, lossless
     KEY.depth.png     RGB+depth VAEs only: the 16-bit depth map (H, W), cropped like the image
-    KEY.json          {"source": path relative to SRC, "orig_size": [w, h], "crop_box": [l, t, r, b] in original
-                      pixels, "crop_index": i, "flip": bool, "upscaled": bool}
+    KEY.json          {"source": path relative to SRC, "orig_size": [w, h], "crop_box": [l, t, r, b] in
+                      original pixels, "crop_index": i, "flip": bool, "upscaled": bool}
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ SHARD_NAME = "shard-{:06d}.tar"
 RANK_SHARD_NAME = "shard-r{:03d}-{:06d}.tar"  # multi-process encode: (rank, that rank's shard index)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # encoding one sample
 
 
@@ -79,8 +80,9 @@ def sample_members(
 
 
 class ShardWriter:
-    """Writes shard-%06d.tar files into a folder; each goes to a temp name and is renamed when complete. `name`
-    replaces SHARD_NAME (a multi-process encode's `shard-r001-000000.tar`: every rank numbers its own shards)."""
+    """Writes shard-%06d.tar files into a folder; each goes to a temp name and is renamed when complete.
+    `name` replaces SHARD_NAME (a multi-process encode's `shard-r001-000000.tar`: every rank numbers its own
+    shards)."""
 
     def __init__(self, folder: str | Path, index: int, name: str | None = None):
         self.folder = Path(folder)
@@ -88,7 +90,8 @@ class ShardWriter:
         self.name = name or SHARD_NAME.format(index)
         self.tmp = self.folder / f".{self.name}.partial"
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - stays open across write() calls until commit/abort
-        # Fixed mtime: the same inputs give byte-identical tars, so a resumed encode equals an uninterrupted one.
+        # Fixed mtime: the same inputs give byte-identical tars, so a resumed encode equals an uninterrupted
+        # one.
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
         self.samples = 0
 
@@ -113,8 +116,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the partial tar."""
         try:
-            # Close the tar stream too, or its buffer is written to the closed file when collected; after a full
-            # disk that write fails again, which does not matter: the file is deleted.
+            # Close the tar stream too, or its buffer is written to the closed file when collected; after a
+            # full disk that write fails again, which does not matter: the file is deleted.
             with contextlib.suppress(OSError, ValueError):
                 self._tar.close()
             self._file.close()
@@ -122,7 +125,7 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # manifest
 
 
@@ -135,7 +138,8 @@ def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
         "complete": False,
         "settings": settings,
         "sample": {
-            "moments.npy": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]",
+            "moments.npy": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, "
+                           "20]",
             "image.png": "uint8 RGB (H, W, 3): the exact pixels encoded",
             "depth.png": "uint16 (H, W), RGB+depth only",
             "json": "source, orig_size, crop_box, crop_index, flip, upscaled",
@@ -164,18 +168,24 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         try:
             data = read_remote_bytes(str(folder), MANIFEST)
         except ShardUnreachable as e:
-            raise ShardError(f"{e}: SHARDS {folder} must hold the manifest.json of `vaedec encode` next to its "
-                             "shards (upload the whole OUT folder)") from None
+            raise ShardError(
+                f"{e}: SHARDS {folder} must hold the manifest.json of `vaedec encode` next to its "
+                "shards (upload the whole OUT folder)"
+            ) from None
         return _checked_manifest(data, url)
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(folder))
     if scheme and scheme.group(1).lower() != "file":  # s3://, gs://...: say how, rather than "not a folder"
-        raise ShardError(f"{folder}: {scheme.group(1)}:// is not read directly; give an http(s):// URL or a pipe: "
-                         f"command with {NAME_FIELD} where the file name goes, e.g. {PIPE_EXAMPLES}")
+        raise ShardError(
+            f"{folder}: {scheme.group(1)}:// is not read directly; give an http(s):// URL or a pipe: "
+            f"command with {NAME_FIELD} where the file name goes, e.g. {PIPE_EXAMPLES}"
+        )
     path = local_folder(folder) / MANIFEST
     if not local_folder(folder).is_dir():
         raise ShardError(f"{folder} is not a folder; give the OUT folder of `cli.py encode`")
     if not path.is_file():
-        raise ShardError(f"{path} not found: {folder} is not a vaedec shard folder (run `cli.py encode` first)")
+        raise ShardError(
+            f"{path} not found: {folder} is not a vaedec shard folder (run `cli.py encode` first)"
+        )
     return _checked_manifest(path.read_bytes(), path)
 
 
@@ -221,7 +231,8 @@ def manifest_gaps(manifest: dict[str, Any]) -> list[str]:
             gaps.append(".".join(keys))
     shards = manifest.get("shards")
     if isinstance(shards, list) and not all(
-        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("samples"), int) for e in shards
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("samples"), int)
+        for e in shards
     ):
         gaps.append("shards[].name/samples")
     return gaps
@@ -244,15 +255,15 @@ def shard_paths(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def read_skipped(folder: str | Path) -> list[dict[str, Any]]:
-    """The lines of skipped.jsonl of a local shard folder (empty when absent). Only encode reads it, on its own
-    OUT; remote SHARDS are never asked for theirs."""
+    """The lines of skipped.jsonl of a local shard folder (empty when absent). Only encode reads it, on its
+    own OUT; remote SHARDS are never asked for theirs."""
     path = local_folder(folder) / SKIPPED
     if is_remote(folder) or not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # reading
 
 
@@ -291,8 +302,8 @@ class BadSample(ValueError):
 def checked_sample(
     sample: dict[str, Any], source: int | None = None, expect: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, Any]:
-    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape other
-    than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
+    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape
+    other than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
     missing = {"moments.npy", "image.png"} - set(sample)
     if missing:
         raise BadSample(f"missing {', '.join(sorted(missing))}")
@@ -322,7 +333,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def read_samples(paths: list[str], limit: int | None = None, skip_bad: bool = False) -> Iterator[dict[str, Any]]:
+def read_samples(
+    paths: list[str], limit: int | None = None, skip_bad: bool = False
+) -> Iterator[dict[str, Any]]:
     """Decoded samples from shards in order (validation, grids, verify). A bad sample or damaged tar is a
     ShardError naming shard and key, or with `skip_bad` a warning in the log and left out."""
     n = 0
@@ -336,12 +349,16 @@ def read_samples(paths: list[str], limit: int | None = None, skip_bad: bool = Fa
                 except BadSample as e:
                     if not skip_bad:
                         raise ShardError(f"{path}: sample {sample.get('__key__')}: {e}") from None
-                    log.warning("bad sample skipped: shard %s, key %s: %s", shard_name(path), sample.get("__key__"), e)
+                    log.warning(
+                        "bad sample skipped: shard %s, key %s: %s", shard_name(path), sample.get("__key__"), e
+                    )
                     continue
                 yield out
                 n += 1
         except ShardError as e:
-            damaged = str(path) in str(e) and "cannot be read" in str(e) and not isinstance(e, ShardUnreachable)
+            damaged = (
+                str(path) in str(e) and "cannot be read" in str(e) and not isinstance(e, ShardUnreachable)
+            )
             if not skip_bad or not damaged:
                 raise
             log.warning("bad sample skipped: shard %s: %s", shard_name(path), e)
@@ -354,25 +371,33 @@ def summarize(folder: str | Path) -> str:
     t = m["totals"]
     c = vae["latent_channels"]
     r = pre["resolution"] // vae["downsample_factor"]
+    status = "complete" if m["complete"] else "INCOMPLETE (rerun the encode command to resume)"
     lines = [
-        f"shards         {redact(str(folder))}" if is_remote(folder) else f"shard folder   {local_folder(folder).resolve()}",
-        f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
-        f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
+        f"shards         {redact(str(folder))}"
+        if is_remote(folder)
+        else f"shard folder   {local_folder(folder).resolve()}",
+        f"status         {status}",
+        f"vae            {vae['source']}"
+        + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
         f"encoder sha256 {vae['encoder_sha256']}",
         (
             f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; "
             f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}"
         ),
         (
-            f"samples        {t['samples']} in {len(m['shards'])} shards; moments ({2 * c}, {r}, {r}) float16, "
-            f"pixels {pre['resolution']}x{pre['resolution']}" + (" + 16-bit depth" if pre.get("depth") else "")
+            f"samples        {t['samples']} in {len(m['shards'])} shards; "
+            f"moments ({2 * c}, {r}, {r}) float16, pixels {pre['resolution']}x{pre['resolution']}"
+            + (" + 16-bit depth" if pre.get("depth") else "")
         ),
         f"preprocessing  shorter side -> {pre['resize_shorter_side_to']}, "
         + (f"{pre['crops_per_image']} random crops" if pre["crops_per_image"] else "center crop")
-        + (", + mirrored copies" if pre["flip"] else "") + f", encoder dtype {pre['dtype']}, seed {pre['seed']}",
+        + (", + mirrored copies" if pre["flip"] else "")
+        + f", encoder dtype {pre['dtype']}, seed {pre['seed']}",
         f"inputs         {s['source']['inputs']} from {s['source']['src']}",
-        (f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
-        f"{t.get('list_entries_skipped', 0)} missing/duplicate paths (see {SKIPPED})"),
+        (
+            f"skipped        {t['inputs_skipped']} inputs, {t['samples_skipped']} samples, "
+            f"{t.get('list_entries_skipped', 0)} missing/duplicate paths (see {SKIPPED})"
+        ),
     ]
     return "\n".join(lines)
 
@@ -408,7 +433,9 @@ def verify(folder: str | Path) -> list[str]:
                 if pre.get("depth"):
                     depth = decode_png(sample["depth.png"]) if "depth.png" in sample else None
                     if depth is None or depth.dtype != np.uint16 or depth.shape != (res, res):
-                        problems.append(f"{entry['name']}:{key}: depth.png missing or not uint16 ({res}, {res})")
+                        problems.append(
+                            f"{entry['name']}:{key}: depth.png missing or not uint16 ({res}, {res})"
+                        )
                 json.loads(sample["json"])
         except Exception as e:  # noqa: BLE001 - any damage in a tar must be reported, not crash the check
             problems.append(f"{entry['name']}: unreadable after {n} samples ({type(e).__name__}: {e})")

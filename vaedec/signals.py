@@ -1,8 +1,8 @@
 """A graceful stop on the signals a cluster sends before it kills a job: SIGTERM (SLURM preemption or
-`scancel`, Kubernetes eviction, spot-instance reclaim, torchrun forwarding its own SIGTERM) and SIGUSR1 (SLURM's
-`--signal=USR1@120`). `train` finishes the step it is in, writes a checkpoint and exits with 128 + the signal's
-number; rerunning the same command resumes there. A SIGKILL cannot be caught: the newest checkpoint is what
-survives it."""
+`scancel`, Kubernetes eviction, spot-instance reclaim, torchrun forwarding its own SIGTERM) and SIGUSR1
+(SLURM's `--signal=USR1@120`). `train` finishes the step it is in, writes a checkpoint and exits with 128 +
+the signal's number; rerunning the same command resumes there. A SIGKILL cannot be caught: the newest
+checkpoint is what survives it."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequest:  # noqa: PYI034 - final class
-        if threading.current_thread() is threading.main_thread():  # signal.signal works in the main thread only
+        # signal.signal works in the main thread only
+        if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -41,7 +42,9 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.signum:
-            log.warning("%s received: finishing this step, then a checkpoint and exit", signal.Signals(signum).name)
+            log.warning(
+                "%s received: finishing this step, then a checkpoint and exit", signal.Signals(signum).name
+            )
         self.signum = signum
 
     def agreed(self, accelerator: Accelerator) -> int:
@@ -56,11 +59,11 @@ class StopRequest:
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: the worker ignores SIGTERM and SIGUSR1 from anyone but its parent.
 
-    A scheduler signals every process of the job, and torch's own worker handler exits on a SIGTERM, which fails
-    the main process before its checkpoint. The parent's SIGTERM (DataLoader's last-resort terminate,
-    multiprocessing's exit) must still end the worker, or the parent waits for it for ever; only the sender's pid
-    tells them apart, and Python shows it only to sigwaitinfo. So the signals are blocked and one thread takes
-    them. (Processes the worker starts, pipe: commands, inherit the block and finish their read.)"""
+    A scheduler signals every process of the job, and torch's own worker handler exits on a SIGTERM, which
+    fails the main process before its checkpoint. The parent's SIGTERM (DataLoader's last-resort terminate,
+    multiprocessing's exit) must still end the worker, or the parent waits for it for ever; only the sender's
+    pid tells them apart, and Python shows it only to sigwaitinfo. So the signals are blocked and one thread
+    takes them. (Processes the worker starts, pipe: commands, inherit the block and finish their read.)"""
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 

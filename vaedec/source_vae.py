@@ -1,19 +1,22 @@
 """The stand-in *pretrained* VAEs: small VAEs trained (encoder and decoder) on photographs, offline.
 
-No pretrained SD VAE can be downloaded on an offline machine, so the demo and the quality experiment use this one:
-trained on `domains.photos(split="train")` the way SD's VAE was trained on photographs (L1 reconstruction plus a
-tiny KL), in SD's block layout at a fraction of its size. It is *pretrained on a source domain*; fine-tuning its
-decoder on `domains.rendered_text` is then the same story as fine-tuning SD's decoder on documents or anime.
+No pretrained SD VAE can be downloaded on an offline machine, so the demo and the quality experiment use this
+one: trained on `domains.photos(split="train")` the way SD's VAE was trained on photographs (L1 reconstruction
+plus a tiny KL), in SD's block layout at a fraction of its size. It is *pretrained on a source domain*;
+fine-tuning its decoder on `domains.rendered_text` is then the same story as fine-tuning SD's decoder on
+documents or anime.
 
     python -m vaedec.source_vae --out assets/source-vae      # or: make source-vae
-    python -m vaedec.source_vae --family qwenimage --out assets/source-vae-qwenimage   # make source-vae-qwenimage
+    python -m vaedec.source_vae --family qwenimage --out assets/source-vae-qwenimage
+                                                             # or: make source-vae-qwenimage
 
-Two families: `kl`, diffusers' AutoencoderKL in SD's block layout (4 latent channels), and `qwenimage`, diffusers'
-AutoencoderKLQwenImage in Qwen-Image / Wan 2.1's layout (causal 3-D convolutions, RMS norms, 16 latent channels,
-images as one-frame videos (B, 3, 1, H, W)): the stand-in for fine-tuning Qwen-Image's decoder as its authors did.
+Two families: `kl`, diffusers' AutoencoderKL in SD's block layout (4 latent channels), and `qwenimage`,
+diffusers' AutoencoderKLQwenImage in Qwen-Image / Wan 2.1's layout (causal 3-D convolutions, RMS norms, 16
+latent channels, images as one-frame videos (B, 3, 1, H, W)): the stand-in for fine-tuning Qwen-Image's
+decoder as its authors did.
 
-Deterministic on CPU for a given seed, thread count and torch build. Saved atomically as a diffusers folder plus
-`training.json` (settings, losses, latent statistics, wall time).
+Deterministic on CPU for a given seed, thread count and torch build. Saved atomically as a diffusers folder
+plus `training.json` (settings, losses, latent statistics, wall time).
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from vaedec.metrics import reconstruction_metrics
 
 @dataclass(frozen=True)
 class SourceVAEConfig:
-    family: str = "kl"  # "kl": AutoencoderKL, SD's layout; "qwenimage": AutoencoderKLQwenImage (Qwen-Image, Wan 2.1)
+    # "kl": AutoencoderKL, SD's layout; "qwenimage": AutoencoderKLQwenImage (Qwen-Image, Wan 2.1)
+    family: str = "kl"
     block_out_channels: tuple[int, ...] = (32, 64, 96)  # 3 levels: downsampling factor 4; 1.6 M parameters
     layers_per_block: int = 1  # resnets per encoder block (decoder blocks get one more, as in SD)
     latent_channels: int = 4  # SD's
@@ -57,9 +61,11 @@ class SourceVAEConfig:
     lr: float = 1e-3  # Adam peak learning rate; cosine decay to 0 after warmup
     warmup_steps: int = 50  # linear warmup
     mse_weight: float = 0.5  # loss = L1 + mse_weight * MSE + kl_weight * KL; MSE pushes PSNR, L1 keeps edges
-    kl_weight: float = 1e-6  # per element, like SD's: KL summed over latents vs reconstruction summed over pixels
+    # per element, like SD's: KL summed over latents vs reconstruction summed over pixels
+    kl_weight: float = 1e-6
     seed: int = 0  # weights, crops, flips and posterior noise
-    threads: int = 1  # torch.set_num_threads: results depend on it, so it is fixed and recorded. 1, not 2: on a
+    # torch.set_num_threads: results depend on it, so it is fixed and recorded. 1, not 2: on a
+    threads: int = 1
     # shared 2-core machine two OpenMP threads spin-wait and cost 4x the CPU time per step (measured)
 
 
@@ -76,9 +82,13 @@ def build_vae(cfg: SourceVAEConfig) -> AutoencoderKL | AutoencoderKLQwenImage:
     if cfg.family == "qwenimage":
         base = cfg.block_out_channels[0]
         return AutoencoderKLQwenImage(
-            base_dim=base, z_dim=cfg.latent_channels, dim_mult=[c // base for c in cfg.block_out_channels],
-            num_res_blocks=cfg.layers_per_block, temperal_downsample=[False] * (len(cfg.block_out_channels) - 1),
-            latents_mean=[0.0] * cfg.latent_channels, latents_std=[1.0] * cfg.latent_channels,
+            base_dim=base,
+            z_dim=cfg.latent_channels,
+            dim_mult=[c // base for c in cfg.block_out_channels],
+            num_res_blocks=cfg.layers_per_block,
+            temperal_downsample=[False] * (len(cfg.block_out_channels) - 1),
+            latents_mean=[0.0] * cfg.latent_channels,
+            latents_std=[1.0] * cfg.latent_channels,
         )
     raise ValueError(f"unknown source VAE family {cfg.family!r}; one of {', '.join(FAMILIES)}")
 
@@ -91,7 +101,8 @@ def posterior(vae: AutoencoderKL | AutoencoderKLQwenImage, x: torch.Tensor) -> t
 
 
 def decode(vae: AutoencoderKL | AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tensor:
-    """z (B, C, h, w) -> pixels (B, 3, H, W); the qwenimage decoder's output is clamped to [-1, 1] (diffusers')."""
+    """z (B, C, h, w) -> pixels (B, 3, H, W); the qwenimage decoder's output is clamped to [-1, 1]
+    (diffusers')."""
     if isinstance(vae, AutoencoderKLQwenImage):
         return vae.decode(z.unsqueeze(2)).sample.squeeze(2)
     return vae.decode(z).sample
@@ -114,17 +125,23 @@ def source_vae_config(cfg: SourceVAEConfig) -> dict:
 
 
 def load_pyramid(folder: Path, resolution: int) -> list[torch.Tensor]:
-    """Every image in `folder` at several scales, uint8 (3, H, W) each, shorter side from 1.5 x resolution to full.
+    """Every image in `folder` at several scales, uint8 (3, H, W) each, shorter side from 1.5 x resolution to
+    full.
 
-    Random crops from random scales: a 64 px crop of a 512 px photo at full size is only texture, at 96 px it is
-    the whole scene; SD's VAE saw both (256 px crops of images of every size).
+    Random crops from random scales: a 64 px crop of a 512 px photo at full size is only texture, at 96 px it
+    is the whole scene; SD's VAE saw both (256 px crops of images of every size).
     """
     levels = []
     for p in sorted(folder.iterdir()):
         im = load_rgb(str(p))
         short = min(im.size)
-        sides = sorted({s for s in (int(1.5 * resolution), 2 * resolution, 3 * resolution, 4 * resolution, short)
-                        if s <= short})
+        sides = sorted(
+            {
+                s
+                for s in (int(1.5 * resolution), 2 * resolution, 3 * resolution, 4 * resolution, short)
+                if s <= short
+            }
+        )
         for side in sides:
             scale = side / short
             size = (max(resolution, round(im.size[0] * scale)), max(resolution, round(im.size[1] * scale)))
@@ -134,7 +151,8 @@ def load_pyramid(folder: Path, resolution: int) -> list[torch.Tensor]:
 
 
 def random_crops(levels: list[torch.Tensor], n: int, resolution: int, rng: random.Random) -> torch.Tensor:
-    """n random crops (a random image scale, position, horizontal flip) -> float (n, 3, res, res) in [-1, 1]."""
+    """n random crops (a random image scale, position, horizontal flip) -> float (n, 3, res, res) in [-1,
+    1]."""
     crops = []
     for _ in range(n):
         im = levels[rng.randrange(len(levels))]
@@ -145,7 +163,8 @@ def random_crops(levels: list[torch.Tensor], n: int, resolution: int, rng: rando
 
 
 def kl_per_element(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch (LDM's kl())."""
+    """KL(N(mean, exp(logvar)) || N(0, I)) summed over latent elements, averaged over the batch (LDM's
+    kl())."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
 
 
@@ -153,8 +172,8 @@ def vae_loss(x: torch.Tensor, x_rec: torch.Tensor, mean: torch.Tensor, logvar: t
              cfg: SourceVAEConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 + mse_weight * MSE (pixel means) + kl_weight * KL / pixels-per-image; returns (loss, logs).
 
-    Dividing the summed KL by the pixel count is LDM's weighting (sum of |x - x_rec| over pixels + 1e-6 * KL sum)
-    expressed in per-pixel means, so kl_weight=1e-6 means what it meant for SD's VAE.
+    Dividing the summed KL by the pixel count is LDM's weighting (sum of |x - x_rec| over pixels + 1e-6 * KL
+    sum) expressed in per-pixel means, so kl_weight=1e-6 means what it meant for SD's VAE.
     """
     l1 = (x - x_rec).abs().mean()
     mse = (x - x_rec).pow(2).mean()
@@ -175,8 +194,8 @@ def lr_at(step: int, cfg: SourceVAEConfig) -> float:
 def deterministic(cfg: SourceVAEConfig) -> Iterator[None]:
     """Seed torch, fix the thread count and force deterministic kernels; restore the process's settings after.
 
-    Same config + same torch build = same weights. Restoring matters: these are process-wide switches, and a test
-    or a caller that trains a source VAE should not find its other work single-threaded afterwards.
+    Same config + same torch build = same weights. Restoring matters: these are process-wide switches, and a
+    test or a caller that trains a source VAE should not find its other work single-threaded afterwards.
     """
     threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.manual_seed(cfg.seed)
@@ -192,7 +211,8 @@ def deterministic(cfg: SourceVAEConfig) -> Iterator[None]:
 def train_source_vae(
     images: Path, cfg: SourceVAEConfig, progress: bool = True
 ) -> tuple[AutoencoderKL | AutoencoderKLQwenImage, list[float]]:
-    """Train encoder + decoder from scratch on random crops of the images in `images`; returns (vae, losses)."""
+    """Train encoder + decoder from scratch on random crops of the images in `images`; returns (vae,
+    losses)."""
     with deterministic(cfg):
         return _train(images, cfg, progress)
 
@@ -227,7 +247,8 @@ def _train(
 
 
 def moments_of(vae: AutoencoderKL | AutoencoderKLQwenImage, x: torch.Tensor) -> torch.Tensor:
-    """Pixels (B, 3, H, W) -> moments (B, 2C, h, w) with logvar clamped, no gradients (as encode stores them)."""
+    """Pixels (B, 3, H, W) -> moments (B, 2C, h, w) with logvar clamped, no gradients (as encode stores
+    them)."""
     if isinstance(vae, AutoencoderKL):
         return encode_moments(vae, x)
     with torch.no_grad():
@@ -240,8 +261,8 @@ def latent_stats(vae: AutoencoderKL | AutoencoderKLQwenImage, images: Path, cfg:
                  n: int = 512) -> dict[str, Any]:
     """Posterior statistics on n seeded training crops: std and mean of the means, mean posterior std.
 
-    scaling_factor = 1 / std(mean), as SD's 0.18215 was derived, so scaled latents have unit variance for a UNet.
-    Per channel too (latents_mean / latents_std): the normalisation Qwen-Image and Wan pipelines apply.
+    scaling_factor = 1 / std(mean), as SD's 0.18215 was derived, so scaled latents have unit variance for a
+    UNet. Per channel too (latents_mean / latents_std): the normalisation Qwen-Image and Wan pipelines apply.
     """
     levels = load_pyramid(images, cfg.resolution)
     x = random_crops(levels, n, cfg.resolution, random.Random(cfg.seed + 1))
@@ -261,13 +282,16 @@ def latent_stats(vae: AutoencoderKL | AutoencoderKLQwenImage, images: Path, cfg:
 
 
 def tiles(path: Path, resize: int, tile: int) -> torch.Tensor:
-    """One image: shorter side resized to `resize`, its center resize² square cut into tile² pieces, [-1, 1]."""
+    """One image: shorter side resized to `resize`, its center resize² square cut into tile² pieces, [-1,
+    1]."""
     im = load_rgb(str(path))
     s = resize / min(im.size)
     w, h = round(im.size[0] * s), round(im.size[1] * s)
     im = im.resize((w, h), Image.Resampling.LANCZOS)
     left, top = (w - resize) // 2, (h - resize) // 2
-    x = torch.from_numpy(np.asarray(im.crop((left, top, left + resize, top + resize))).copy()).permute(2, 0, 1)
+    x = torch.from_numpy(np.asarray(im.crop((left, top, left + resize, top + resize))).copy()).permute(
+        2, 0, 1
+    )
     pieces = x.unfold(1, tile, tile).unfold(2, tile, tile)  # (3, n, n, tile, tile)
     return to_model_range(pieces.permute(1, 2, 0, 3, 4).reshape(-1, 3, tile, tile))
 
@@ -308,18 +332,25 @@ def _git_commit() -> str:
     """HEAD's short hash, with "+dirty" when vaedec/ has uncommitted changes; "unknown" outside a checkout."""
     try:
         cwd = Path(__file__).parent
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, cwd=cwd,
-                               check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=cwd, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, cwd=cwd, check=True
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 @click.command()
-@click.option("--out", default="assets/source-vae", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Diffusers folder to write (replaced atomically; a README.md already there is kept).")
+@click.option(
+    "--out",
+    default="assets/source-vae",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Diffusers folder to write (replaced atomically; a README.md already there is kept).",
+)
 @click.option("--steps", default=SourceVAEConfig.steps, show_default=True, type=click.IntRange(1),
               help="Optimizer steps of batch 8 (about 1 CPU-second each on one core).")
 @click.option("--seed", default=SourceVAEConfig.seed, show_default=True, type=int,
@@ -332,14 +363,15 @@ def _git_commit() -> str:
 def main(out: Path, steps: int, seed: int, family: str, threads: int) -> None:
     """Train the stand-in pretrained VAE on scikit-image's photographs (train split) and save it to OUT.
 
-    Encoder and decoder, L1 + MSE + 1e-6 KL, 64 px crops, downsampling factor 4, 4 latent channels (qwenimage: 16).
-    Then measures reconstruction PSNR on the held-out photographs and on rendered text, and sets scaling_factor =
-    1 / std of the latent means on training crops (qwenimage: latents_mean / latents_std per channel, as its
-    pipelines use). Everything it measured goes into OUT/training.json.
+    Encoder and decoder, L1 + MSE + 1e-6 KL, 64 px crops, downsampling factor 4, 4 latent channels (qwenimage:
+    16). Then measures reconstruction PSNR on the held-out photographs and on rendered text, and sets
+    scaling_factor = 1 / std of the latent means on training crops (qwenimage: latents_mean / latents_std per
+    channel, as its pipelines use). Everything it measured goes into OUT/training.json.
     """
     preset = QWENIMAGE if family == "qwenimage" else {}
     cfg = SourceVAEConfig(**preset, steps=steps, seed=seed, threads=threads)
-    commit = _git_commit()  # now, not after training: the code that trained is the code checked out at the start
+    # now, not after training: the code that trained is the code checked out at the start
+    commit = _git_commit()
     with tempfile.TemporaryDirectory() as d, deterministic(cfg):  # evaluation too runs on cfg.threads
         data = Path(d)
         photos(data / "train", "train")

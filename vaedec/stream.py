@@ -1,6 +1,7 @@
 """What a training run reads, in what order, and where it stands: the run's shard sets (data.shards and each
-data.mix entry, split into training and validation shards), the seeded, rank- and worker-split stream of batches
-(`TrainStream`: positions, block shuffle, mixing), the DataLoader over it, and the position a checkpoint keeps."""
+data.mix entry, split into training and validation shards), the seeded, rank- and worker-split stream of
+batches (`TrainStream`: positions, block shuffle, mixing), the DataLoader over it, and the position a
+checkpoint keeps."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ from vaedec.transport import is_remote, iter_samples, local_folder, shard_name, 
 log = logging.getLogger("vaedec")
 
 
-def _assign_shards(shards: list[str], rank: int, world: int, worker: int, workers: int) -> tuple[list[str], int, int]:
-    """Shards for one (rank, worker) and, when there are too few shards, a sample-level split (stride, offset)."""
+def _assign_shards(
+    shards: list[str], rank: int, world: int, worker: int, workers: int
+) -> tuple[list[str], int, int]:
+    """Shards for one (rank, worker) and, when there are too few shards, a sample-level split (stride,
+    offset)."""
     slots, slot = world * workers, rank * workers + worker
     if len(shards) >= slots:
         return shards[slot::slots], 1, 0
@@ -46,27 +50,28 @@ class TrainStream(torch.utils.data.IterableDataset):
     that starts at any recorded position by reading again at most the shards of one shuffle block.
 
     Roles. Each DataLoader worker plays a role r in [0, W): role r reads its own share of every set's shards
-    (`_assign_shards`) and gives batches r, r+W, r+2W, ... of this rank (DataLoader's in-order fetch). Worker w
-    plays role (w + first_role) % W, so that a resumed DataLoader, whose worker 0 always delivers first, goes on
-    with the role whose batch is next.
+    (`_assign_shards`) and gives batches r, r+W, r+2W, ... of this rank (DataLoader's in-order fetch). Worker
+    w plays role (w + first_role) % W, so that a resumed DataLoader, whose worker 0 always delivers first,
+    goes on with the role whose batch is next.
 
-    Order, a pure function of (seed, rank, role, set): each epoch permutes the reader's shards with seed+epoch and
-    reads them in turn (every `stride`-th sample when there are fewer shards than readers); the samples are cut
-    into blocks of `shuffle_buffer` and each block is permuted with a seed made of its start position. A block
-    shuffle (as MosaicML streaming does) rather than webdataset's sliding buffer: a sliding buffer holds samples
-    from arbitrarily far back, so recovering it means replaying the stream. With `mix` = [(shards, p), ...]
-    each sample slot draws set i with probability p_i (else `shards`), by a choice seeded with the slot's number.
+    Order, a pure function of (seed, rank, role, set): each epoch permutes the reader's shards with seed+epoch
+    and reads them in turn (every `stride`-th sample when there are fewer shards than readers); the samples
+    are cut into blocks of `shuffle_buffer` and each block is permuted with a seed made of its start position.
+    A block shuffle (as MosaicML streaming does) rather than webdataset's sliding buffer: a sliding buffer
+    holds samples from arbitrarily far back, so recovering it means replaying the stream. With `mix` =
+    [(shards, p), ...] each sample slot draws set i with probability p_i (else `shards`), by a choice seeded
+    with the slot's number.
 
-    Position. A set reader is at {"epoch", "shard" (index into that epoch's shard order), "sample" (raw samples
-    of that shard before the current block), "count" (raw samples of the epoch before the block), "taken"
-    (samples of the block already handed on)}; a role is at {"sets": [one per set], "mix": slots drawn}. Each
-    batch carries its role's position after it (`position`); a checkpoint keeps the last one of every role and
-    `positions` ({role: position}) starts the roles there: a reader opens the block's first shard, skips
-    `sample` samples without decoding them, refills the block and drops `taken`.
+    Position. A set reader is at {"epoch", "shard" (index into that epoch's shard order), "sample" (raw
+    samples of that shard before the current block), "count" (raw samples of the epoch before the block),
+    "taken" (samples of the block already handed on)}; a role is at {"sets": [one per set], "mix": slots
+    drawn}. Each batch carries its role's position after it (`position`); a checkpoint keeps the last one of
+    every role and `positions` ({role: position}) starts the roles there: a reader opens the block's first
+    shard, skips `sample` samples without decoding them, refills the block and drops `taken`.
 
-    Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each batch
-    carries `worker` (its role) and `bad_samples` (reports {shard, key, reason}). The position counts dropped
-    samples too, so a resumed stream skips them as the killed one did.
+    Bad samples (checked_sample) and the rest of a damaged tar are left out with on_bad_sample="skip": each
+    batch carries `worker` (its role) and `bad_samples` (reports {shard, key, reason}). The position counts
+    dropped samples too, so a resumed stream skips them as the killed one did.
     """
 
     def __init__(
@@ -142,16 +147,19 @@ class TrainStream(torch.utils.data.IterableDataset):
             self._reports.append({"shard": shard_name(path), "key": last,
                                   "reason": f"damaged tar, rest skipped {where}: {e}"})
 
-    def _set_stream(self, index: int, role: int, workers: int, pos: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """Set `index`'s block-shuffled samples for one role, from `pos` on; `pos` is kept at the position after
-        the last sample handed on."""
+    def _set_stream(
+        self, index: int, role: int, workers: int, pos: dict[str, int]
+    ) -> Iterator[dict[str, Any]]:
+        """Set `index`'s block-shuffled samples for one role, from `pos` on; `pos` is kept at the position
+        after the last sample handed on."""
         size, tag = max(self.shuffle_buffer, 1), f"-set{index}" if index else ""
         raw = self._raw(index, role, workers, pos)
         while True:
             start = "-".join(str(pos[k]) for k in ("epoch", "shard", "sample", "count"))
             reported = len(self._reports)
             block = [next(raw) for _ in range(size)]  # [(raw sample, position after it)]
-            if pos["taken"]:  # a resumed block: what its refill met was reported when the killed run filled it
+            # a resumed block: what its refill met was reported when the killed run filled it
+            if pos["taken"]:
                 del self._reports[reported:]
             order = list(range(size))
             if size > 1:
@@ -163,15 +171,20 @@ class TrainStream(torch.utils.data.IterableDataset):
                     pos.update(block[-1][1], taken=0)
                 yield block[order[t]][0]
 
-    def _samples(self, role: int, workers: int, position: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(set index, raw sample), the set drawn per sample slot with the mix probabilities; advances `position`."""
+    def _samples(
+        self, role: int, workers: int, position: dict[str, Any]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(set index, raw sample), the set drawn per sample slot with the mix probabilities; advances
+        `position`."""
         streams = [self._set_stream(i, role, workers, position["sets"][i]) for i in range(len(self.sets))]
         indices = range(len(streams))
         while True:
             i = 0
             if len(streams) > 1:
                 slot = position["mix"]
-                i = random.Random(f"{self.seed}-{self.rank}-{role}-mix-{slot}").choices(indices, self.weights)[0]
+                i = random.Random(f"{self.seed}-{self.rank}-{role}-mix-{slot}").choices(
+                    indices, self.weights
+                )[0]
                 position["mix"] = slot + 1
             yield i, next(streams[i])
 
@@ -197,11 +210,13 @@ class TrainStream(torch.utils.data.IterableDataset):
                     self._reports.append({"shard": shard, "key": raw.get("__key__"), "reason": str(e)})
                     bad += 1
                     if bad > 100 * self.batch_size + 1000:
-                        raise ShardError(f"{bad} bad samples in a row (the last {raw.get('__key__')} in {shard}: "
-                                         f"{e}); check the shards with `vaedec inspect SHARDS --verify`")
+                        raise ShardError(
+                            f"{bad} bad samples in a row (the last {raw.get('__key__')} in {shard}: "
+                            f"{e}); check the shards with `vaedec inspect SHARDS --verify`"
+                        )
             batch = collate(good)
-            # Reported with the batch: the main process logs and counts them and keeps the position (DataLoader
-            # workers cannot).
+            # Reported with the batch: the main process logs and counts them and keeps the position
+            # (DataLoader workers cannot).
             batch.update(worker=role, bad_samples=list(self._reports),
                          position=copy.deepcopy(position))
             self._reports.clear()
@@ -210,24 +225,28 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 def unwrap_worker_errors(batches: Iterator[Any], timeout_s: float = 0) -> Iterator[Any]:
     """Re-raise a ShardError from a DataLoader worker with its own one-line message (torch re-raises it in the
-    main process with the worker's whole traceback as the message), and a DataLoader timeout (`timeout_s`) as a
-    ShardError that says what to look at."""
+    main process with the worker's whole traceback as the message), and a DataLoader timeout (`timeout_s`) as
+    a ShardError that says what to look at."""
     try:
         yield from batches
     except ShardError as e:
         text, marker = str(e), "ShardError: "
-        raise ShardError(text[text.rfind(marker) + len(marker) :].strip() if marker in text else text) from None
+        raise ShardError(
+            text[text.rfind(marker) + len(marker) :].strip() if marker in text else text
+        ) from None
     except RuntimeError as e:
         if not timeout_s or "timed out" not in str(e):
             raise
         raise ShardError(
-            f"no batch from the data loader in {timeout_s:g} s (data.read_timeout_s): a shard read is stuck (a "
-            "pipe: command that does not end, a hung network mount or bucket). The newest checkpoint is intact: "
+            f"no batch from the data loader in {timeout_s:g} s (data.read_timeout_s): a shard read is stuck "
+            "(a "
+            "pipe: command that does not end, a hung network mount or bucket). The newest checkpoint is "
+            "intact: "
             "fix the cause and rerun the same command to resume, or raise data.read_timeout_s"
         ) from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the run's shard sets and its batch stream
 
 
@@ -239,20 +258,27 @@ class ShardSet:
     folder: str  # as given: a folder, file://, http(s):// URL or pipe: spec
     train: list[str]
     val: list[str]  # its last data.val_shards shards, held out for its own validation
-    mix_p: float | None = None  # a data.mix set's P, parsed once: the chance a sample slot draws it; None = data.shards
+    # a data.mix set's P, parsed once: the chance a sample slot draws it; None = data.shards
+    mix_p: float | None = None
 
 
 def split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(manifest, training shards, validation shards) of one shard folder: the last n_val shards are held out."""
+    """(manifest, training shards, validation shards) of one shard folder: the last n_val shards are held
+    out."""
     manifest = read_manifest(folder)
     if not manifest["complete"]:
-        log.warning("%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
-                    "to finish it", folder, manifest["totals"]["samples"])
+        log.warning(
+            "%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
+            "to finish it",
+            folder,
+            manifest["totals"]["samples"],
+        )
     all_shards = shard_paths(folder, manifest)
     if not all_shards:
         raise TrainError(
             f"{folder} holds no samples: the encode skipped every input "
-            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the "
+            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix "
+            "the "
             "inputs and encode again"
         )
     if n_val >= len(all_shards):
@@ -278,7 +304,8 @@ def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
             mine, theirs = manifest["settings"][section][key], other["settings"][section][key]
             if mine != theirs:
                 raise TrainError(
-                    f"data.mix set {path} does not fit {cfg.data.shards}: its {section}.{key} is {theirs!r}, not "
+                    f"data.mix set {path} does not fit {cfg.data.shards}: its {section}.{key} is {theirs!r}, "
+                    "not "
                     f"{mine!r}. Mixed sets must be encoded with the same VAE at the same resolution."
                 )
         name = _set_name(path)
@@ -297,8 +324,9 @@ def train_batches(
     cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, data: dict[str, Any], step: int,
     consumed: int, manifest: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """This rank's endless batch stream, from the position `data` holds (a TrainState's: `step` optimizer steps,
-    `consumed` micro-batches in; the start for a new run); samples not of `manifest`'s shapes are bad."""
+    """This rank's endless batch stream, from the position `data` holds (a TrainState's: `step` optimizer
+    steps, `consumed` micro-batches in; the start for a new run); samples not of `manifest`'s shapes are
+    bad."""
     expect = None
     if manifest is not None:
         vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
@@ -333,12 +361,18 @@ def train_batches(
 def stream_start(
     cfg: TrainConfig, sets: list[ShardSet], data: dict[str, Any], step: int, consumed: int
 ) -> tuple[dict[int, dict[str, Any]], int]:
-    """(positions by DataLoader role, the role whose batch comes next) to start the data stream from. A position
-    holds only for the stream settings it was recorded under; after a change (other shards, seed, shuffle_buffer,
-    num_workers, mix) the stream starts its order afresh, and the weights still resume exactly."""
+    """(positions by DataLoader role, the role whose batch comes next) to start the data stream from. A
+    position holds only for the stream settings it was recorded under; after a change (other shards, seed,
+    shuffle_buffer, num_workers, mix) the stream starts its order afresh, and the weights still resume
+    exactly."""
     # Shard names, not locations: the same shards moved to object storage keep their positions.
-    spec = {"sets": [[shard_name(p) for p in s.train] for s in sets], "weights": [s.mix_p for s in sets[1:]],
-            "seed": cfg.run.seed, "shuffle_buffer": cfg.data.shuffle_buffer, "num_workers": cfg.data.num_workers}
+    spec = {
+        "sets": [[shard_name(p) for p in s.train] for s in sets],
+        "weights": [s.mix_p for s in sets[1:]],
+        "seed": cfg.run.seed,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "num_workers": cfg.data.num_workers,
+    }
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     saved, positions = data["fingerprint"], data["positions"]
     data["fingerprint"] = fingerprint
@@ -347,16 +381,20 @@ def stream_start(
     if not positions or saved != fingerprint:
         why = ("data.shards, data.mix, run.seed, data.shuffle_buffer or data.num_workers changed" if positions
                else "the checkpoint predates recorded data positions")
-        log.warning("resuming at step %d with a fresh data order (%s): the weights, optimizers and step resume "
-                    "exactly, the sample order does not", step, why)
+        log.warning(
+            "resuming at step %d with a fresh data order (%s): the weights, optimizers and step resume "
+            "exactly, the sample order does not",
+            step,
+            why,
+        )
         data["positions"] = {}
         return {}, 0
     return {int(role): p for role, p in positions.items()}, consumed % max(cfg.data.num_workers, 1)
 
 
 def note_batch(batch: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Keep the data position a consumed batch carries in `data` (its role's, for the next checkpoint) and log the
-    bad samples its reader skipped; returns them (train._count_faults counts them)."""
+    """Keep the data position a consumed batch carries in `data` (its role's, for the next checkpoint) and log
+    the bad samples its reader skipped; returns them (train._count_faults counts them)."""
     data["positions"][str(batch.get("worker", 0))] = batch["position"]
     reports = batch.get("bad_samples", [])
     for r in reports:
@@ -369,30 +407,35 @@ def epoch_of(batch: dict[str, Any]) -> int:
     return batch["position"]["sets"][0]["epoch"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the position a checkpoint keeps
 
 
 def new_stream_state() -> dict[str, Any]:
     """A TrainState's `data` before any batch: {"fingerprint": the stream settings its positions hold for
-    (stream_start), "positions": {role: TrainStream position after the last batch consumed from that role}}."""
+    (stream_start), "positions": {role: TrainStream position after the last batch consumed from that
+    role}}."""
     return {"fingerprint": "", "positions": {}}
 
 
 def saved_stream_state(data: dict[str, Any], accelerator: Accelerator) -> dict[str, Any]:
-    """What state.json keeps of every rank's `data`: the fingerprint and {"rank0": positions, ...}. A collective:
-    every rank calls it; only the main process's result is whole."""
+    """What state.json keeps of every rank's `data`: the fingerprint and {"rank0": positions, ...}. A
+    collective: every rank calls it; only the main process's result is whole."""
     return {"fingerprint": data["fingerprint"], "positions": _positions_of_ranks(data, accelerator)}
 
 
 def _positions_of_ranks(data: dict[str, Any], accelerator: Accelerator) -> dict[str, dict[str, Any]]:
-    """Every rank's stream positions ({role: position}), gathered to the main process: {"rank0": {...}, ...}."""
+    """Every rank's stream positions ({role: position}), gathered to the main process: {"rank0": {...},
+    ...}."""
     if accelerator.num_processes == 1:
         return {"rank0": data["positions"]}
     return {f"rank{r}": p for r, p in enumerate(gather_object([data["positions"]]))}
 
 
 def loaded_stream_state(saved: dict[str, Any], rank: int) -> dict[str, Any]:
-    """This rank's `data` from what state.json kept (`saved_stream_state`); {} (a checkpoint from before positions
-    were recorded) gives no positions, and the stream starts afresh."""
-    return {"fingerprint": saved.get("fingerprint", ""), "positions": saved.get("positions", {}).get(f"rank{rank}", {})}
+    """This rank's `data` from what state.json kept (`saved_stream_state`); {} (a checkpoint from before
+    positions were recorded) gives no positions, and the stream starts afresh."""
+    return {
+        "fingerprint": saved.get("fingerprint", ""),
+        "positions": saved.get("positions", {}).get(f"rank{rank}", {}),
+    }

@@ -1,14 +1,16 @@
-"""`cli.py train`: decoder-only GAN fine-tuning from latent shards. `train(cfg)` reads top to bottom in phases:
+"""`cli.py train`: decoder-only GAN fine-tuning from latent shards. `train(cfg)` reads top to bottom in
+phases:
 
  0. run folder, accelerator, logging
- 1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is touched)
+ 1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is
+    touched)
  2. model: the VAE named in the manifest, fingerprint check, keep post_quant_conv + decoder, drop the encoder
  3. loss modules: LPIPS (frozen), PatchGAN, scalar logvar
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
  6. the TrainState, resumed from a checkpoint; the data stream from its position
- 7. the loop (`_loop`): `train_step` (generator_step, discriminator_step, EMA; a non-finite phase is skipped, bad
-    samples and bad steps are counted), logs, grids, validation, checkpoints, the stop signals
+ 7. the loop (`_loop`): `train_step` (generator_step, discriminator_step, EMA; a non-finite phase is skipped,
+    bad samples and bad steps are counted), logs, grids, validation, checkpoints, the stop signals
  8. final checkpoint, evaluation and export (`_finish`)
 
 What a checkpoint holds is `checkpoint.TrainState`; the grids and validation are `metrics.Evaluator`.
@@ -79,7 +81,7 @@ log = logging.getLogger("vaedec")
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (x (B, C_out, H, W) in [-1, 1], z or x̂ (B, ...))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # small pure helpers
 
 
@@ -114,20 +116,21 @@ class RunInfo:
     export_dir: Path | None
     resumed_from: Path | None
     main_process: bool = True  # False on the other ranks of a multi-process run
-    stopped_by: int = 0  # the signal (SIGTERM, SIGUSR1) that stopped the run after a checkpoint; 0 = it ran to the end
+    # the signal (SIGTERM, SIGUSR1) that stopped the run after a checkpoint; 0 = it ran to the end
+    stopped_by: int = 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunInfo:
     """Run (or resume) one training run; see the module docstring for the phases."""
-    # 0. run folder, accelerator, logging ----------------------------------------------------------------------
+    # 0. run folder, accelerator, logging --------------------------------------------------------------------
     run_dir = Path(cfg.run.output or default_run_dir(None))
     accelerator = _start(cfg, run_dir)
     is_main, device = accelerator.is_main_process, accelerator.device
 
-    # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten --------
+    # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten ------
     manifest, sets = shard_sets(cfg)
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
@@ -135,55 +138,69 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         atomic_write_bytes(run_dir / RUN_CONFIG, dump_config(cfg).encode())
         atomic_write_json(run_dir / RUN_MANIFEST, manifest)  # export needs the VAE source and fingerprint
 
-    # 2. model ---------------------------------------------------------------------------------------------------
+    # 2. model -----------------------------------------------------------------------------------------------
     decoder = trainable_decoder(cfg, manifest)
 
-    # 3. loss modules ----------------------------------------------------------------------------------------------
+    # 3. loss modules ----------------------------------------------------------------------------------------
     lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.conv_out.out_channels, device)
 
     # The original decoder's weights for loss.anchor_weight, taken before any update or resume.
-    anchors = [p.detach().clone().to(device) for p in trainable_parameters(decoder)] if cfg.loss.anchor_weight else None
+    anchors = (
+        [p.detach().clone().to(device) for p in trainable_parameters(decoder)]
+        if cfg.loss.anchor_weight
+        else None
+    )
 
-    # 4. optimizers, EMA, prepare ------------------------------------------------------------------------------------
+    # 4. optimizers, EMA, prepare ----------------------------------------------------------------------------
     opt_g, opt_d, lrs = build_optimizers(cfg, decoder, disc, logvar, accelerator.num_processes)
     ema, ema_decoder = _ema(cfg, decoder, device)
-    if cfg.run.compile:  # after the EMA's deep copy: a copy of a compiled module would call the original's forward
+    # after the EMA's deep copy: a copy of a compiled module would call the original's forward
+    if cfg.run.compile:
         compile_decoder(decoder)
     # The shard stream is NOT passed to accelerator.prepare: prepare would re-shard or dispatch an
     # IterableDataset and cut the stream at its end, while TrainStream already splits by rank and worker,
     # never ends (every rank runs exactly max_steps, no uneven-batch hang) and can skip to an exact position.
     decoder, disc, opt_g, opt_d = accelerator.prepare(decoder, disc, opt_g, opt_d)
     log.info(
-        "decoder: %s trainable / %s frozen parameters; discriminator %s; encoder not loaded; lr %.3g, disc lr %.3g",
-        f"{param_count(decoder, True):,}", f"{param_count(decoder, False):,}", f"{param_count(disc, True):,}", *lrs,
+        "decoder: %s trainable / %s frozen parameters; discriminator %s; encoder not loaded; lr %.3g, disc "
+        "lr %.3g",
+        f"{param_count(decoder, True):,}",
+        f"{param_count(decoder, False):,}",
+        f"{param_count(disc, True):,}",
+        *lrs,
     )
 
-    # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
+    # 5. fixed batches for grids and validation, and the original decoder's output on them -------------------
     # accelerator.unwrap_model: the original decoder is evaluated outside the training step only.
     evaluators = _evaluators(cfg, sets, accelerator.unwrap_model(decoder), val_lpips, device)
 
-    # 6. the state of the run, resumed; the data stream from its position ----------------------------------------
+    # 6. the state of the run, resumed; the data stream from its position ------------------------------------
     noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + accelerator.process_index)
     state = TrainState(accelerator, decoder, disc, logvar, opt_g, opt_d, ema, noise, config_to_dict(cfg))
     if ckpt is not None:
         load_train_state(ckpt, state)
         log.info("resumed from %s at step %d", ckpt, state.step)
-    if is_main:  # lines logged after the checkpoint (or by a try killed before its first one) are logged again
+    # lines logged after the checkpoint (or by a try killed before its first one) are logged again
+    if is_main:
         _truncate_metrics(run_dir / RUN_METRICS, state.step)
-    if state.step >= cfg.run.max_steps:  # a finished run, rerun: its final grid and validation are already there
+    # a finished run, rerun: its final grid and validation are already there
+    if state.step >= cfg.run.max_steps:
         log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
         for evaluator in evaluators:
             evaluator.mark_done(state.step)
     # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit (DataLoader workers ignore them).
     with StopRequest() as stop:
-        batches = train_batches(cfg, sets, accelerator, state.data, state.step, state.batches_consumed, manifest)
+        batches = train_batches(
+            cfg, sets, accelerator, state.data, state.step, state.batches_consumed, manifest
+        )
         if is_main:
             accelerator.init_trackers("tensorboard")
 
-        # model.latent_noise_std is in scaled units (what a diffusion model sees); z is raw: divide by the scale.
+        # model.latent_noise_std is in scaled units (what a diffusion model sees); z is raw: divide by the
+        # scale.
         latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
 
-        # 7. the loop --------------------------------------------------------------------------------------------
+        # 7. the loop ----------------------------------------------------------------------------------------
         set_names = [st.name for st in sets]
 
         def step() -> dict[str, float]:
@@ -191,20 +208,26 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
         saved_at, stopped_by = _loop(run_dir, cfg, state, step, evaluators, ema_decoder, stop)
 
-    # 8. final checkpoint, evaluation and export (after a stop signal: the checkpoint alone) ----------------------
+    # 8. final checkpoint, evaluation and export (after a stop signal: the checkpoint alone) -----------------
     export_dir = _finish(run_dir, cfg, state, evaluators, ema_decoder, saved_at, stopped_by, export)
     accelerator.end_training()
-    return RunInfo(run_dir=run_dir, step=state.step, export_dir=export_dir, resumed_from=ckpt, main_process=is_main,
-                   stopped_by=stopped_by)
+    return RunInfo(
+        run_dir=run_dir,
+        step=state.step,
+        export_dir=export_dir,
+        resumed_from=ckpt,
+        main_process=is_main,
+        stopped_by=stopped_by,
+    )
 
 
 def _loop(
     run_dir: Path, cfg: TrainConfig, state: TrainState, step: Callable[[], dict[str, float]],
     evaluators: list[Evaluator], ema_decoder: Any, stop: StopRequest,
 ) -> tuple[int, int]:
-    """Phase 7: `step()` (one optimizer step, returning its logs) until run.max_steps or a stop signal every process
-    agreed on, each step followed by the logs, grids, validation and checkpoint due at it. Returns (the step of the
-    last checkpoint written, the stop signal or 0)."""
+    """Phase 7: `step()` (one optimizer step, returning its logs) until run.max_steps or a stop signal every
+    process agreed on, each step followed by the logs, grids, validation and checkpoint due at it. Returns
+    (the step of the last checkpoint written, the stop signal or 0)."""
     accelerator = state.accelerator
     bar = tqdm(total=cfg.run.max_steps, initial=state.step, desc="train", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -236,8 +259,9 @@ def _finish(
     run_dir: Path, cfg: TrainConfig, state: TrainState, evaluators: list[Evaluator], ema_decoder: Any,
     saved_at: int, stopped_by: int, export: bool,
 ) -> Path | None:
-    """Phase 8: the final checkpoint (unless the last step wrote it); after a stop signal nothing more, else the
-    final grids and validation and, with `export`, the export. Returns the export folder (main process) or None."""
+    """Phase 8: the final checkpoint (unless the last step wrote it); after a stop signal nothing more, else
+    the final grids and validation and, with `export`, the export. Returns the export folder (main process) or
+    None."""
     if saved_at != state.step:
         _checkpoint(run_dir, state, cfg.run.keep_checkpoints)
     if stopped_by:
@@ -254,7 +278,7 @@ def _finish(
     return export_dir
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # one optimizer step
 
 
@@ -268,10 +292,11 @@ def train_step(
     anchors: list[torch.Tensor] | None = None,
     latent_noise_raw: float = 0.0,
 ) -> dict[str, float]:
-    """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
-    then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed shard sets
-    (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`: see generator_step.
-    `latent_noise_raw`: std of the extra noise on z, in raw latent units (model.latent_noise_std / scaling_factor)."""
+    """One optimizer step of the run: the generator phase, then the discriminator phase on the same
+    micro-batches, then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed
+    shard sets (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`: see
+    generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units
+    (model.latent_noise_std / scaling_factor)."""
     state.decoder.train()
     state.disc.train()
     # The LR is a pure function of the optimizer step (no scheduler state to save or to desynchronise).
@@ -290,9 +315,19 @@ def train_step(
         micro_batches.append((batch_to_model(batch, device), z))
         sources.append(batch.get("source"))
     acc, args = state.accelerator, (cfg, state.step)
-    disc_buffers = [b.detach().clone() for b in state.disc.buffers()]  # BatchNorm statistics, put back on a bad step
-    stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches,
-                                  *args, anchors=anchors)
+    # BatchNorm statistics, put back on a bad step
+    disc_buffers = [b.detach().clone() for b in state.disc.buffers()]
+    stored, logs = generator_step(
+        acc,
+        state.decoder,
+        state.disc,
+        state.opt_g,
+        state.logvar,
+        lpips_model,
+        micro_batches,
+        *args,
+        anchors=anchors,
+    )
     if len(set_names) > 1:  # the forgetting curve next to the gain, while it happens
         logs.update(pixel_loss_by_set(stored, sources, set_names, cfg.loss.pixel_loss))
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
@@ -314,11 +349,12 @@ SKIPPED_G, SKIPPED_D = "train/skipped_generator", "train/skipped_discriminator"
 
 
 def step_is_finite(accelerator: Accelerator, values: list[float], params: list[torch.nn.Parameter]) -> bool:
-    """Every logged loss value and every gradient of `params` is finite, on every process (so all ranks skip or
-    step together)."""
+    """Every logged loss value and every gradient of `params` is finite, on every process (so all ranks skip
+    or step together)."""
     bad = not all(math.isfinite(v) for v in values)
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and not bad:  # one fused norm per tensor, one sync: any inf/nan (or a norm past fp32) is non-finite
+    # one fused norm per tensor, one sync: any inf/nan (or a norm past fp32) is non-finite
+    if grads and not bad:
         bad = not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
     if accelerator.num_processes > 1:
         flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), reduction="sum")
@@ -340,9 +376,11 @@ def _guarded_step(accelerator: Accelerator, opt: torch.optim.Optimizer, logs: di
     return not getattr(opt, "step_was_skipped", False)
 
 
-def _count_faults(state: TrainState, reports: list[dict[str, Any]], bad_step: bool, max_bad_steps: int) -> dict[str, float]:
-    """Update the run's counts of bad samples (all processes) and non-finite steps; stop after max_bad_steps bad
-    steps in a row. Returns them as logs."""
+def _count_faults(
+    state: TrainState, reports: list[dict[str, Any]], bad_step: bool, max_bad_steps: int
+) -> dict[str, float]:
+    """Update the run's counts of bad samples (all processes) and non-finite steps; stop after max_bad_steps
+    bad steps in a row. Returns them as logs."""
     f, acc = state.faults, state.accelerator
     n = len(reports)
     if acc.num_processes > 1:
@@ -355,9 +393,12 @@ def _count_faults(state: TrainState, reports: list[dict[str, Any]], bad_step: bo
                     f["bad_steps_in_a_row"])
     if max_bad_steps and f["bad_steps_in_a_row"] >= max_bad_steps:
         raise TrainError(
-            f"{f['bad_steps_in_a_row']} optimizer steps in a row had a non-finite loss or gradient (the last at "
-            f"step {state.step}); each was skipped, the checkpoints hold the weights from before. Likely causes: "
-            "fp16 overflow (the SDXL VAE overflows in fp16: use run.mixed_precision=bf16, or no for fp32); too high "
+            f"{f['bad_steps_in_a_row']} optimizer steps in a row had a non-finite loss or gradient (the last "
+            "at "
+            f"step {state.step}); each was skipped, the checkpoints hold the weights from before. Likely "
+            "causes: "
+            "fp16 overflow (the SDXL VAE overflows in fp16: use run.mixed_precision=bf16, or no for fp32); "
+            "too high "
             "a learning rate (lower optim.lr / optim.disc_lr, or set optim.grad_clip_norm); bad data (check "
             "`vaedec inspect SHARDS --verify`). Rerun with the fix to resume from the newest checkpoint; "
             "run.max_bad_steps=0 never stops."
@@ -378,15 +419,17 @@ def generator_step(
     step: int,
     anchors: list[torch.Tensor] | None = None,
 ) -> tuple[list[MicroBatch], dict[str, float]]:
-    """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when learned).
-    `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None = off).
+    """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when
+    learned). `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None =
+    off).
 
     The discriminator is only evaluated (its gradients are never asked for), so it runs under no_sync and its
     .grad stays untouched. Returns (x, x̂ detached) per micro-batch for the discriminator phase, and the logs
     averaged over the micro-batches.
     """
     k, scaler = len(micro_batches), accelerator.scaler
-    conv_out = accelerator.unwrap_model(decoder).conv_out  # for λ: only its shape/stride/padding and input are used
+    # for λ: only its shape/stride/padding and input are used
+    conv_out = accelerator.unwrap_model(decoder).conv_out
     logs: dict[str, float] = {}
     stored: list[MicroBatch] = []
     for i, (x, z) in enumerate(micro_batches):
@@ -398,8 +441,8 @@ def generator_step(
                     x, x_rec, h, conv_out, lpips_model, disc, logvar, cfg.loss, step,
                     loss_scale=scaler.get_scale() if scaler is not None else 1.0,
                 )
-            # One backward through the decoder with dL_G/dx̂ (no double backward for λ); accelerate applies the
-            # grad scaler, and the 1/k of accumulation is ours since accumulation is done by hand here.
+            # One backward through the decoder with dL_G/dx̂ (no double backward for λ); accelerate applies
+            # the grad scaler, and the 1/k of accumulation is ours since accumulation is done by hand here.
             accelerator.backward(surrogate_loss(x_rec, grads, logvar) / k)
         stored.append((x, x_rec.detach()))
         _accumulate(logs, grads.logs, k)
@@ -412,7 +455,8 @@ def generator_step(
     if cfg.optim.grad_clip_norm:
         params = [p for group in opt_g.param_groups for p in group["params"]]
         logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
-    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))  # a non-finite step: weights untouched
+    # a non-finite step: weights untouched
+    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))
     opt_g.zero_grad(set_to_none=True)
     return stored, logs
 
@@ -442,24 +486,32 @@ def discriminator_step(
         with sync, accelerator.autocast():
             d_loss, d_logs = discriminator_loss(disc, x, x_rec, cfg.loss, step, lecam)
             if r1_due(cfg.loss, step):
-                # Lazy R1 (StyleGAN2): every disc_r1_every steps, times disc_r1_every, so its mean strength is γ/2·R1.
+                # Lazy R1 (StyleGAN2): every disc_r1_every steps, times disc_r1_every, so its mean strength is
+                # γ/2·R1.
                 r1 = r1_penalty(disc, x)
                 d_loss = d_loss + f * cfg.loss.disc_r1_weight / 2 * cfg.loss.disc_r1_every * r1
                 d_logs["disc/r1"] = float(r1.detach())
             accelerator.backward(d_loss / k)
         _accumulate(logs, d_logs, k)
     if cfg.optim.grad_clip_norm:
-        logs["grad_norm/disc"] = float(accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip_norm))
-    logs[SKIPPED_D] = float(not _guarded_step(accelerator, opt_d, logs))  # a non-finite step: weights untouched
+        logs["grad_norm/disc"] = float(
+            accelerator.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip_norm)
+        )
+    # a non-finite step: weights untouched
+    logs[SKIPPED_D] = float(not _guarded_step(accelerator, opt_d, logs))
     opt_d.zero_grad(set_to_none=True)
     return logs
 
 
 def build_optimizers(
-    cfg: TrainConfig, decoder: torch.nn.Module, disc: torch.nn.Module, logvar: torch.nn.Parameter, processes: int
+    cfg: TrainConfig,
+    decoder: torch.nn.Module,
+    disc: torch.nn.Module,
+    logvar: torch.nn.Parameter,
+    processes: int,
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, tuple[float, float]]:
-    """Adam for exactly the trainable decoder parameters (+ logvar when learned) and for the PatchGAN, and their
-    base LRs (scaled by the total batch with optim.scale_lr, as LDM's main.py)."""
+    """Adam for exactly the trainable decoder parameters (+ logvar when learned) and for the PatchGAN, and
+    their base LRs (scaled by the total batch with optim.scale_lr, as LDM's main.py)."""
     o = cfg.optim
     scale = cfg.data.batch_size_per_device * o.grad_accum_steps * processes if o.scale_lr else 1
     lr, disc_lr = o.lr * scale, (o.disc_lr or o.lr) * scale
@@ -469,13 +521,15 @@ def build_optimizers(
     return opt_g, opt_d, (lr, disc_lr)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # helpers of the phases
 
 
 def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     """The accelerator, the run folder and its log (main process), and the seed every rank starts from."""
-    accelerator = Accelerator(mixed_precision=cfg.run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir))
+    accelerator = Accelerator(
+        mixed_precision=cfg.run.mixed_precision, log_with="tensorboard", project_dir=str(run_dir)
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / `accelerate launch --multi_gpu`
     if launched > accelerator.num_processes:
         # Each process would run alone as rank 0 of 1, all writing the same run folder.
@@ -494,12 +548,15 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
         keep_freed_heap()  # else each step gives its activations' pages back and faults them in again
     set_seed(cfg.run.seed)  # model init (discriminator) is identical on every rank
     if cfg.run.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        log.warning("run.mixed_precision=fp16 has no effect on CPU (accelerate runs fp32 there); use bf16 on CPU")
+        log.warning(
+            "run.mixed_precision=fp16 has no effect on CPU (accelerate runs fp32 there); use bf16 on CPU"
+        )
     return accelerator
 
 
 def compile_decoder(decoder: nn.Module, backend: str = "inductor") -> None:
-    """torch.compile the decoder in place (nn.Module.compile keeps its state-dict names); the first steps are slow."""
+    """torch.compile the decoder in place (nn.Module.compile keeps its state-dict names); the first steps are
+    slow."""
     decoder.compile(backend=backend)
 
 
@@ -510,9 +567,16 @@ def _evaluators(
     """The target set's grids and validation, then each mixed-in set's validation under its own name."""
     skip_bad = cfg.data.on_bad_sample == "skip"  # bad samples here are left out with a warning in log.txt
     return [
-        Evaluator(original, grid_batch(s.val or s.train, cfg.run.grid_samples, skip_bad) if i == 0 else None,
-                  val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device, skip_bad) if s.val else [],
-                  lpips_model, device, name=s.name if i else "")
+        Evaluator(
+            original,
+            grid_batch(s.val or s.train, cfg.run.grid_samples, skip_bad) if i == 0 else None,
+            val_batches(s.val, cfg.data.val_max_samples, cfg.data.batch_size_per_device, skip_bad)
+            if s.val
+            else [],
+            lpips_model,
+            device,
+            name=s.name if i else "",
+        )
         for i, s in enumerate(sets)
     ]
 
@@ -520,7 +584,8 @@ def _evaluators(
 def _loss_modules(
     cfg: TrainConfig, out_channels: int, device: torch.device
 ) -> tuple[torch.nn.Module | None, torch.nn.Module | None, torch.nn.Module, torch.nn.Parameter]:
-    """Phase 3: (LPIPS of the loss or None, LPIPS for validation or None, the PatchGAN, LDM's scalar logvar)."""
+    """Phase 3: (LPIPS of the loss or None, LPIPS for validation or None, the PatchGAN, LDM's scalar
+    logvar)."""
     lpips_model = None
     if cfg.loss.perceptual_weight > 0:
         lpips_model = load_lpips(cfg.loss.lpips_vgg_weights, cfg.loss.lpips_random_backbone).to(device)
@@ -529,12 +594,15 @@ def _loss_modules(
     if cfg.model.channels_last:
         disc.to(memory_format=torch.channels_last)
     # LDM's scalar log-variance s; LDM never gives it to an optimizer, so by default it stays at logvar_init.
-    logvar = torch.nn.Parameter(torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar)
+    logvar = torch.nn.Parameter(
+        torch.full((), cfg.loss.logvar_init, device=device), requires_grad=cfg.loss.learn_logvar
+    )
     return lpips_model, val_lpips, disc, logvar
 
 
 def _validation_only_lpips(cfg: TrainConfig, device: torch.device) -> torch.nn.Module | None:
-    """LPIPS for validation when the loss does not use it: only when real VGG16 weights are on this machine."""
+    """LPIPS for validation when the loss does not use it: only when real VGG16 weights are on this
+    machine."""
     if not cfg.data.val_shards or cfg.loss.lpips_random_backbone:
         return None
     try:
@@ -548,9 +616,10 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
     """(EMA of the decoder's parameters, a frozen decoder copy to evaluate it with), or (None, None)."""
     if cfg.optim.ema_decay <= 0:
         return None, None
-    # diffusers' EMAModel: decay = min(ema_decay, (1 + t) / (10 + t)) after ema_start_step, a warmup that keeps
-    # early averages from being dominated by the initial weights.
-    # Only what trains: EMAModel.step copies frozen parameters instead of averaging them, which would cost memory.
+    # diffusers' EMAModel: decay = min(ema_decay, (1 + t) / (10 + t)) after ema_start_step, a warmup that
+    # keeps early averages from being dominated by the initial weights.
+    # Only what trains: EMAModel.step copies frozen parameters instead of averaging them, which would cost
+    # memory.
     ema = EMAModel(trainable_parameters(decoder), decay=cfg.optim.ema_decay,
                    update_after_step=cfg.optim.ema_start_step)
     ema.to(device)
@@ -577,7 +646,8 @@ def _evaluate(
         return
     models = {"": accelerator.unwrap_model(state.decoder)}
     if state.ema is not None:
-        params = dict(ema_decoder.named_parameters())  # frozen copy: its frozen parts are the decoder's already
+        # frozen copy: its frozen parts are the decoder's already
+        params = dict(ema_decoder.named_parameters())
         state.ema.copy_to([params[n] for n, _ in named_trainable_parameters(models[""])])
         models["_ema"] = ema_decoder
     metrics: dict[str, float] = {}
@@ -588,10 +658,16 @@ def _evaluate(
             metrics.update(evaluator.validate(at, models))
     if metrics:  # one line for every set's validation at this step
         _log_metrics(run_dir, accelerator, at, metrics)
-        log.info("step %d validation: %s", at, ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()))
+        log.info(
+            "step %d validation: %s",
+            at,
+            ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items()),
+        )
 
 
-def _log_step(run_dir: Path, state: TrainState, logs: dict[str, float], images_per_s: float, bar: tqdm) -> None:
+def _log_step(
+    run_dir: Path, state: TrainState, logs: dict[str, float], images_per_s: float, bar: tqdm
+) -> None:
     """A training line of metrics.jsonl and TensorBoard: the step's losses and the run's pace."""
     scaler = state.accelerator.scaler
     logs.update(

@@ -1,9 +1,9 @@
 """Where shards live, and reading the raw samples of one tar from there.
 
 SHARDS is a local folder, file:///abs/folder/, http(s)://host/folder/ (the manifest at <base>/manifest.json,
-shards at <base>/<name>) or pipe:CMD with {name} where the file name goes (CMD is run through /bin/sh exactly as
-written, as WebDataset's pipe: is, once per file, and its stdout read). Only JSON and tar bytes are read; nothing
-is unpickled. What the files hold is vaedec/shards.py; what a run reads of them, and in what order, is
+shards at <base>/<name>) or pipe:CMD with {name} where the file name goes (CMD is run through /bin/sh exactly
+as written, as WebDataset's pipe: is, once per file, and its stdout read). Only JSON and tar bytes are read;
+nothing is unpickled. What the files hold is vaedec/shards.py; what a run reads of them, and in what order, is
 vaedec/stream.py.
 """
 
@@ -32,7 +32,8 @@ PIPE = "pipe:"
 NAME_FIELD = "{name}"
 PIPE_EXAMPLES = "'pipe:aws s3 cp s3://bucket/shards/{name} -' or 'pipe:gsutil cat gs://bucket/shards/{name}'"
 REMOTE_TIMEOUT_S = 60.0  # an http(s) connect or read that waits longer than this fails (and is named)
-# A manifest's file names go into URLs and shell commands: plain file names only, nothing the shell interprets.
+# A manifest's file names go into URLs and shell commands: plain file names only, nothing the shell
+# interprets.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -52,8 +53,10 @@ def shard_url(spec: str, name: str) -> str:
     """Where the file `name` of remote SHARDS is: <base>/<name> for a URL (query kept; or {name} filled in),
     CMD with {name} filled in for pipe:CMD."""
     if spec.startswith(PIPE) and (NAME_FIELD not in spec or not spec[len(PIPE):].strip()):
-        raise ShardError(f"{spec!r}: a pipe: SHARDS must say where the file name goes with {NAME_FIELD}, e.g. "
-                         f"{PIPE_EXAMPLES}; it is run once for manifest.json and once per shard")
+        raise ShardError(
+            f"{spec!r}: a pipe: SHARDS must say where the file name goes with {NAME_FIELD}, e.g. "
+            f"{PIPE_EXAMPLES}; it is run once for manifest.json and once per shard"
+        )
     if not _PLAIN_NAME.fullmatch(name):
         raise ShardError(f"{spec}: the manifest names a file {name!r}; shard names are plain file names "
                          "(shard-000000.tar): re-encode, or fix the manifest")
@@ -102,14 +105,16 @@ def spec_name(spec: str) -> str:
 
 
 def _request(url: str) -> urllib.request.Request:
-    """A GET of `url`; user:password@ in it is sent as HTTP basic authentication (urllib would take it for part
-    of the host name)."""
+    """A GET of `url`; user:password@ in it is sent as HTTP basic authentication (urllib would take it for
+    part of the host name)."""
     parts = urlsplit(url)
     if parts.username is None:
         return urllib.request.Request(url)
     userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
     bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return urllib.request.Request(bare, headers={"Authorization": "Basic " + base64.b64encode(userinfo).decode()})
+    return urllib.request.Request(
+        bare, headers={"Authorization": "Basic " + base64.b64encode(userinfo).decode()}
+    )
 
 
 class _HTTPStream:
@@ -128,7 +133,9 @@ class _HTTPStream:
         try:
             data = self._response.read(n if n is not None and n >= 0 else None)
         except (OSError, http.client.HTTPException) as e:
-            self._failure = f"{self.url}: the connection broke after {self._read} bytes ({type(e).__name__}: {e})"
+            self._failure = (
+                f"{self.url}: the connection broke after {self._read} bytes ({type(e).__name__}: {e})"
+            )
             raise OSError(self._failure) from None
         self._read += len(data)
         return data
@@ -145,7 +152,8 @@ class _HTTPStream:
 
 
 class _PipeStream:
-    """The stdout of a pipe: command as a file; its stderr goes to a temp file so that a failure can quote it."""
+    """The stdout of a pipe: command as a file; its stderr goes to a temp file so that a failure can quote
+    it."""
 
     def __init__(self, url: str):
         self.url, self.cmd, self._eof = url, url[len(PIPE):], False
@@ -164,9 +172,9 @@ class _PipeStream:
         return data
 
     def failure(self, finished: bool = False) -> str | None:
-        """The command's exit status and the tail of its stderr when it failed, or None. `finished`: the tar was
-        read to its end (the rest, padding, is drained first); otherwise a command still sending data has not
-        failed and the damage is in its bytes."""
+        """The command's exit status and the tail of its stderr when it failed, or None. `finished`: the tar
+        was read to its end (the rest, padding, is drained first); otherwise a command still sending data has
+        not failed and the damage is in its bytes."""
         if finished:
             while self.read(1 << 16):
                 pass
@@ -181,7 +189,9 @@ class _PipeStream:
         self._stderr.seek(0)
         lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
         said = "; ".join(lines[-3:])[-400:]
-        return f"`{self.url}` exited with status {status}" + (f": {said}" if said else " (it printed nothing)")
+        return f"`{self.url}` exited with status {status}" + (
+            f": {said}" if said else " (it printed nothing)"
+        )
 
     def close(self) -> None:
         self._proc.stdout.close()  # a command still writing gets SIGPIPE
@@ -216,7 +226,7 @@ def read_remote_bytes(spec: str, name: str) -> bytes:
     return data
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the raw samples of one tar
 
 
@@ -234,14 +244,16 @@ def iter_samples(path: str) -> Iterator[dict[str, Any]]:
 
 def _damaged(path: str, e: BaseException) -> str:
     spec = shards_spec(path)
-    return (f"{path} cannot be read ({type(e).__name__}: {e}): the shard is damaged. "
-            f"`vaedec inspect {shlex.quote(spec) if is_remote(spec) else spec} --verify` lists every problem; "
-            "re-encode with --overwrite to rebuild" + (" and upload again." if is_remote(spec) else "."))
+    return (
+        f"{path} cannot be read ({type(e).__name__}: {e}): the shard is damaged. "
+        f"`vaedec inspect {shlex.quote(spec) if is_remote(spec) else spec} --verify` lists every problem; "
+        "re-encode with --overwrite to rebuild" + (" and upload again." if is_remote(spec) else ".")
+    )
 
 
 def _remote_samples(url: str) -> Iterator[dict[str, Any]]:
-    """iter_samples for a URL or pipe: command: WebDataset's tar expansion over our own stream, so that a failed
-    transfer is told apart from damaged bytes (WebDataset's gopen would shell out to curl for http)."""
+    """iter_samples for a URL or pipe: command: WebDataset's tar expansion over our own stream, so that a
+    failed transfer is told apart from damaged bytes (WebDataset's gopen would shell out to curl for http)."""
     stream = open_remote(url)
     try:
         try:

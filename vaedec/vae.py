@@ -1,5 +1,5 @@
-"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading the
-VAE a shard manifest names with that fingerprint checked (train and export), and the trainable decoder
+"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading
+the VAE a shard manifest names with that fingerprint checked (train and export), and the trainable decoder
 (post_quant_conv + decoder) that training sees."""
 
 from __future__ import annotations
@@ -37,9 +37,12 @@ SD_VAE_CONFIG = {
 }
 
 
-def small_vae_config(block_out_channels: tuple[int, ...], in_channels: int = 3, sample_size: int = 64) -> dict:
+def small_vae_config(
+    block_out_channels: tuple[int, ...], in_channels: int = 3, sample_size: int = 64
+) -> dict:
     """SD's block layout at a fraction of its width and depth (one block per channel count, one layer each):
-    the random-weight VAEs of the demo and the tests. Downsampling factor 2 ** (len(block_out_channels) - 1)."""
+    the random-weight VAEs of the demo and the tests. Downsampling factor 2 ** (len(block_out_channels) -
+    1)."""
     levels = len(block_out_channels)
     return {
         "in_channels": in_channels,
@@ -69,23 +72,34 @@ def is_single_file(source: str) -> bool:
 def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | None = None) -> AutoencoderKL:
     """A diffusers folder, a hub id (with `subfolder="vae"` for pipeline repos) or a single LDM file, in fp32.
 
-    `scaling_factor` replaces the config's; a single file, which does not store one, gets 0.18215 with a warning.
+    `scaling_factor` replaces the config's; a single file, which does not store one, gets 0.18215 with a
+    warning.
     """
     if is_single_file(source):
         if subfolder:
-            raise VAELoadError(f"{source} is a single file: --subfolder {subfolder} applies only to folders and hub ids")
+            raise VAELoadError(
+                f"{source} is a single file: --subfolder {subfolder} applies only to folders and hub ids"
+            )
 
         if scaling_factor is None:
             log.warning(
-                "%s: LDM files do not store the latent scaling_factor; assuming %s (SD 1.x/2.x). For SDXL's VAE "
-                "pass --scaling-factor 0.13025.", source, DEFAULT_SCALING_FACTOR,
+                "%s: LDM files do not store the latent scaling_factor; assuming %s (SD 1.x/2.x). For SDXL's "
+                "VAE "
+                "pass --scaling-factor 0.13025.",
+                source,
+                DEFAULT_SCALING_FACTOR,
             )
         try:
             return load_single_file_vae(source, scaling_factor)
         except ConversionError as e:
             raise VAELoadError(str(e)) from None
     local = Path(source)
-    if local.is_dir() and subfolder is None and not (local / "config.json").exists() and (local / "vae").is_dir():
+    if (
+        local.is_dir()
+        and subfolder is None
+        and not (local / "config.json").exists()
+        and (local / "vae").is_dir()
+    ):
         subfolder = "vae"  # a whole pipeline folder: its VAE lives in vae/
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
@@ -94,7 +108,8 @@ def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | 
         where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
         raise VAELoadError(
             f"could not load an AutoencoderKL from {where}: {e}\n"
-            "Give a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors), a pipeline folder "
+            "Give a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors), a pipeline "
+            "folder "
             "or hub id with --subfolder vae, or a single .safetensors/.ckpt VAE file. Offline, a hub id only "
             "works if it is already in the Hugging Face cache."
         ) from None
@@ -104,7 +119,8 @@ def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | 
 
 
 def encoder_fingerprint(vae: AutoencoderKL) -> str:
-    """sha256 over encoder + quant_conv weights (names, shapes and fp32 values): which latent space this is."""
+    """sha256 over encoder + quant_conv weights (names, shapes and fp32 values): which latent space this
+    is."""
     h = hashlib.sha256()
     modules = {"encoder": vae.encoder}
     if vae.quant_conv is not None:
@@ -140,7 +156,8 @@ def load_manifest_vae(
     model = load_vae(source, subfolder, scaling_factor)
     if encoder_fingerprint(model) != vae_info["encoder_sha256"]:
         raise EncoderMismatchError(
-            f"the encoder of {source} is not the one that made {latents} (sha256 differs from the manifest's): "
+            f"the encoder of {source} is not the one that made {latents} (sha256 differs from the "
+            "manifest's): "
             "these latents would be decoded by a decoder trained for another latent space. "
             "Use the manifest's VAE, or re-encode the images with this one."
         )
@@ -162,7 +179,8 @@ def select_trainable(names: list[str], patterns: tuple[str, ...] | list[str]) ->
 
 
 def named_trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every parameter that trains, in module order: what optimizer, EMA and checkpoints hold."""
+    """(name, parameter) of every parameter that trains, in module order: what optimizer, EMA and checkpoints
+    hold."""
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
@@ -210,7 +228,7 @@ def vae_summary(vae: AutoencoderKL) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the decoder that trains
 
 
@@ -219,7 +237,8 @@ def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDe
     quant_conv are freed here and never reach the device."""
     vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards)
     if cfg.model.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()  # diffusers' Decoder: mid and up blocks under non-reentrant checkpoint
+        # diffusers' Decoder: mid and up blocks under non-reentrant checkpoint
+        vae.enable_gradient_checkpointing()
     decoder = TrainableDecoder(vae)
     del vae
     if decoder.post_quant_conv is not None and not cfg.model.train_post_quant_conv:
@@ -236,8 +255,8 @@ def trainable_parameters(decoder: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
-    """model.trainable: freeze every parameter no pattern matches; a pattern that matches nothing, or a selection
-    that leaves nothing to train, is a TrainError naming the decoder's parts."""
+    """model.trainable: freeze every parameter no pattern matches; a pattern that matches nothing, or a
+    selection that leaves nothing to train, is a TrainError naming the decoder's parts."""
     if not patterns:
         return
     names = [n for n, _ in decoder.named_parameters()]
@@ -245,16 +264,20 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
     if unmatched:
         parts = sorted({_part(n) + ".*" for n in names})
         raise TrainError(
-            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
-            f"fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: {', '.join(parts)}"
+            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. "
+            "Patterns are "
+            "fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: "
+            f"{', '.join(parts)}"
         )
     chosen_set = set(chosen)
     for name, p in decoder.named_parameters():
         if name not in chosen_set:
             p.requires_grad_(False)
     if not named_trainable_parameters(decoder):
-        raise TrainError(f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
-                         "is false, so post_quant_conv stays frozen)")
+        raise TrainError(
+            f"model.trainable={list(patterns)} leaves nothing to train (model.train_post_quant_conv "
+            "is false, so post_quant_conv stays frozen)"
+        )
 
 
 def _part(name: str) -> str:
