@@ -77,8 +77,7 @@ def run_all(quick: bool, device: torch.device, dtype: str) -> tuple[list[Row], l
         notes.append(
             f"train loop: {train_loop.MODEL}; {loop.resolution} px, batch size {loop.batch_size}, fp32; "
             f"{loop.rounds} rounds of a `cli.py train` subprocess ({loop.steps} steps, the first dropped) "
-            "then "
-            f"{loop.steps} bare steps in this process; medians; min-max s/step train "
+            f"then {loop.steps} bare steps in this process; medians; min-max s/step train "
             f"{min(loop.train):.2f}-{max(loop.train):.2f}, bare {min(loop.bare):.2f}-{max(loop.bare):.2f}"
         )
 
@@ -135,9 +134,8 @@ def document(
         f"- machine: {machine(device)}; load average {load:.2f} at the start",
         (
             "- conditions: the load average above says whether other jobs shared the cores (near or above "
-            "the "
-            "core count: absolute figures are inflated by contention); the ratios compare rows measured side "
-            "by side (interleaved) in this same run"
+            "the core count: absolute figures are inflated by contention); the ratios compare rows measured "
+            "side by side (interleaved) in this same run"
         ),
         f"- {gpu}",
         "",
@@ -148,11 +146,11 @@ def document(
         *[f"- {n}" for n in notes],
         "",
         (
-            "Reading the ratios: encode, end to end / forward (1.00 = the encoder is the only cost); "
-            "train step, images/s / (a)'s (> 1 = faster than this trainer); shard read, 1 worker / the main "
+            "Reading the ratios: encode, end to end / forward (1.00 = the encoder is the only cost); train "
+            "step, images/s / (a)'s (> 1 = faster than this trainer); shard read, 1 worker / the main "
             "process alone; bytes, on disk / raw uint8 pixels; train memory, large data set / small (1.00 = "
-            "memory does not grow "
-            "with the data: `train` streams, and holds at most data.shuffle_buffer samples per reader)."
+            "memory does not grow with the data: `train` streams, and holds at most data.shuffle_buffer "
+            "samples per reader)."
         ),
         "",
     ]

@@ -231,14 +231,10 @@ def main(resolution: int | None, images: int | None, batch_size: int | None, sou
     print(f"torch           {torch.__version__}")
     print(f"model           {MODEL}")
     print(f"setup           {r.setup}")
-    print(
-        f"timing          fastest of {r.repeats} interleaved rounds; load average {r.load_average:.2f} at "
-        "the start"
-    )
-    print(
-        f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, incl. ~{r.t_load:.2f} s "
-        "model load)"
-    )
+    print(f"timing          fastest of {r.repeats} interleaved rounds; "
+          f"load average {r.load_average:.2f} at the start")
+    print(f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, "
+          f"incl. ~{r.t_load:.2f} s model load)")
     print(f"(b) forward     {r.forward:8.2f} img/s  ({r.t_forward:.2f} s, encoder only, tensors preloaded)")
     print(
         f"ratio (b)/(a)   {r.forward / r.pipeline:8.2f}x  (pipeline time / forward time; 1.00 = no overhead)"

@@ -157,15 +157,12 @@ def rows(r: LoopResult) -> list[Row]:
 def main(rounds: int, steps: int) -> None:
     """Seconds per step of `cli.py train` and of the bare decoder step, 128 px, CPU, side by side."""
     r = measure(rounds, steps)
-    print(
-        f"{MODEL}; {r.resolution} px, batch size {r.batch_size}, fp32, {torch.get_num_threads()} torch "
-        "threads"
-    )
+    threads = torch.get_num_threads()
+    print(f"{MODEL}; {r.resolution} px, batch size {r.batch_size}, fp32, {threads} torch threads")
     for which, times in (("cli.py train step", r.train), ("bare decoder step", r.bare)):
         print(
             f"{which:<20} median {statistics.median(times):.3f} s/step  (min-max "
-            f"{min(times):.2f}-{max(times):.2f}, "
-            f"{len(times)} steps)"
+            f"{min(times):.2f}-{max(times):.2f}, {len(times)} steps)"
         )
     print(f"ratio                {statistics.median(r.train) / statistics.median(r.bare):.3f}x the bare step")
 

@@ -256,8 +256,8 @@ class TrainState:
             absent = [n for n in names if n not in tensors.get(stem, {})]
             # another model.trainable / train_post_quant_conv: these would restart from the original
             if absent:
-                raise ValueError(f"its {stem} weights lack {len(absent)} parameter(s) this run trains, "
-                                 f"e.g. {absent[0]}")
+                raise ValueError(f"its {stem} weights lack {len(absent)} parameter(s) this run trains, e.g. "
+                                 f"{absent[0]}")
         _, unexpected = raw.load_state_dict(tensors["decoder"], strict=False)  # frozen ones: the original's
         if unexpected:
             raise ValueError(f"unexpected decoder keys {unexpected[:3]}")
@@ -322,8 +322,7 @@ def checked_resume(
         # (and the next plain rerun would continue whichever is newest).
         raise CheckpointError(
             f"--resume {resume}, but {run_dir} holds checkpoints of its own (newest {own.name}); rerun "
-            "without "
-            "--resume to continue them, or start the new run in another --output"
+            "without --resume to continue them, or start the new run in another --output"
         )
     if ckpt is None:
         return None

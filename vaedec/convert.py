@@ -194,9 +194,9 @@ def _map_keys(sd: Mapping[str, Tensor], to_diffusers: bool) -> dict[str, Tensor]
     if unmapped:
         raise ConversionError(
             f"{len(unmapped)} key(s) of the {source} state dict have no {target} counterpart: "
-            f"{sorted(unmapped)}. "
-            "Only an AutoencoderKL (SD-family VAE) is supported, with attention only in the mid block; "
-            f"remove these keys if they are not VAE weights, or pass a state dict in {source} layout."
+            f"{sorted(unmapped)}. Only an AutoencoderKL (SD-family VAE) is supported, with attention only in "
+            f"the mid block; remove these keys if they are not VAE weights, or pass a state dict in {source} "
+            "layout."
         )
     return out
 

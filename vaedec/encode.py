@@ -335,10 +335,8 @@ def _resume_or_refuse(
             )
             raise EncodeError(
                 f"{out} is an unfinished encode by {by}, this run has {processes}: each process resumes its "
-                "own "
-                f"block of the inputs. Rerun the same command with {how} to finish it, or pass --overwrite "
-                "to "
-                "start again."
+                f"own block of the inputs. Rerun the same command with {how} to finish it, or pass "
+                "--overwrite to start again."
             )
     elif any(out.glob("shard-*.tar")):
         raise EncodeError(f"{out} holds shard files but no manifest.json; pass --overwrite to replace them")
@@ -456,8 +454,7 @@ def _encode_ranks(
             out.mkdir(parents=True, exist_ok=True)
             manifest = _resume_or_refuse(out, settings, cfg.overwrite, world)
             states = [_rank_state(out, r, world, n) for r in range(world)]
-            if not manifest["complete"]:
-                # what a killed run's ranks committed after its last merge
+            if not manifest["complete"]:  # what a killed run's ranks committed after its last merge
                 _merge(out, manifest, states, list_skips)
             decision = [None, manifest, states]
         except (EncodeError, ShardError) as e:
@@ -471,24 +468,16 @@ def _encode_ranks(
         raise EncodeError(error)
     differ = _diff(manifest["settings"], settings)
     if differ:  # blocks are index ranges: every process must see the same inputs (and encoder)
-        raise EncodeError(
-            f"process {rank} sees other settings than the main process:\n  "
-            + "\n  ".join(differ)
-            + "\nSRC, --vae and --depth-dir must be the same files at the same paths on every machine."
-        )
+        raise EncodeError(f"process {rank} sees other settings than the main process:\n  "
+                          + "\n  ".join(differ) + "\nSRC, --vae and --depth-dir must be the same files at "
+                          "the same paths on every machine.")
     if manifest["complete"]:
         log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
         skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
-        return replace(
-            _result(out, manifest, skips, already_complete=True), processes=world, main_process=main
-        )
-    log.info(
-        "%d processes encode %d inputs, a block of about %d each (%d already encoded)",
-        world,
-        n,
-        n // world,
-        sum(st["next_input"] - st["inputs"][0] for st in states),
-    )
+        return replace(_result(out, manifest, skips, already_complete=True), processes=world,
+                       main_process=main)
+    log.info("%d processes encode %d inputs, a block of about %d each (%d already encoded)", world, n,
+             n // world, sum(st["next_input"] - st["inputs"][0] for st in states))
 
     # 3. encode this rank's block ----------------------------------------------------------------------------
     state = states[rank]
@@ -501,12 +490,8 @@ def _encode_ranks(
         def save(st: dict[str, Any], sk: list[Skip]) -> None:
             _save_rank(out, st, sk)
             if main:  # the main process alone writes manifest.json: one writer, no race between ranks
-                _merge(
-                    out,
-                    manifest,
-                    [st if r == rank else _rank_state(out, r, world, n) for r in range(world)],
-                    list_skips,
-                )
+                ranks = [st if r == rank else _rank_state(out, r, world, n) for r in range(world)]
+                _merge(out, manifest, ranks, list_skips)
 
         sink = _ShardSink(out, state, skips, cfg.shard_size_mb * 2**20,
                           lambda b: _encode_batch(vae, b, procs.device, dtype), save=save,
@@ -515,24 +500,10 @@ def _encode_ranks(
                    dynamic_ncols=True, disable=not main)
         _feed(cfg, items[start:hi], depth_index, sink, skips, hi, bar)
     elapsed = time.perf_counter() - t0
-    log.info(
-        "rank 0 encoded %d inputs in %.1f s (%.1f img/s)",
-        hi - start,
-        elapsed,
-        (hi - start) / max(elapsed, 1e-9),
-    )
+    log.info("rank 0 encoded %d inputs in %.1f s (%.1f img/s)", hi - start, elapsed,
+             (hi - start) / max(elapsed, 1e-9))
     if not main:
-        return EncodeResult(
-            out=out,
-            samples=sum(e["samples"] for e in state["shards"]),
-            inputs=hi - lo,
-            skipped_inputs=sum(1 for s in skips if s.key is None),
-            skipped_list_entries=0,
-            skipped_samples=sum(1 for s in skips if s.key is not None),
-            shards=len(state["shards"]),
-            processes=world,
-            main_process=False,
-        )
+        return _rank_result(out, state, skips, hi - lo, world)
 
     # 4. the main process: wait until every rank's file says complete, then write the one manifest -----------
     states = _wait_for_ranks(out, manifest, state, list_skips, n)
@@ -540,6 +511,16 @@ def _encode_ranks(
     for p in out.glob(RANK_FILES):
         p.unlink()  # the manifest now records all they did
     return replace(_result(out, manifest, skips), processes=world)
+
+
+def _rank_result(
+    out: Path, state: dict[str, Any], skips: list[Skip], inputs: int, world: int
+) -> EncodeResult:
+    """What a process other than the main one reports of its block (the main one reports the whole encode)."""
+    return EncodeResult(out=out, samples=sum(e["samples"] for e in state["shards"]), inputs=inputs,
+                        skipped_inputs=sum(1 for s in skips if s.key is None), skipped_list_entries=0,
+                        skipped_samples=sum(1 for s in skips if s.key is not None),
+                        shards=len(state["shards"]), processes=world, main_process=False)
 
 
 def _wait_for_ranks(out: Path, manifest: dict[str, Any], own: dict[str, Any], list_skips: list[Skip], n: int,

@@ -489,8 +489,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 raise EvalError(
                     f"--vae {spec.label} ({spec.source}) has another encoder than the one that made {s.name} "
                     f"({s.folder}): its decoder would be scored on latents it was never meant to decode. "
-                    "Compare "
-                    "decoders of the same encoder, or re-encode the data with this model."
+                    "Compare decoders of the same encoder, or re-encode the data with this model."
                 )
         models[spec.label] = vae.to(device)
     notes = {"lpips": "", "fid": ""}
@@ -500,12 +499,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                           if cfg.lpips_random_backbone else "LPIPS: VGG16 (torchvision ImageNet weights).")
     except LPIPSWeightsMissing:  # a file that is there but wrong still stops with its own message
         lpips_model = None
-        notes["lpips"] = ("LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, README "
-                          "'LPIPS offline').")
+        notes["lpips"] = ("LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, "
+                          "README 'LPIPS offline').")
     notes["fid"] = (
         f"rFID: torchmetrics FID on torch-fidelity's InceptionV3 ({cfg.fid_features} features), RGB "
-        "channels, the set's originals as the reference (small sets give a biased FID: compare models, "
-        "not papers)."
+        "channels, the set's originals as the reference (small sets give a biased FID: compare models, not "
+        "papers)."
         if cfg.fid_weights
         else "rFID not computed (--fid-weights)."
     )

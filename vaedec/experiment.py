@@ -281,8 +281,7 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
                 "LPIPS ran with VGG16 weights found on this machine."
                 if lpips_ok
                 else "**LPIPS could not run here** (no VGG16 weights offline): every variant ran with its "
-                     "LPIPS "
-                "term at 0, so ldm = L1 + GAN and ft-mse = MSE. With the weights in place (README, "
+                "LPIPS term at 0, so ldm = L1 + GAN and ft-mse = MSE. With the weights in place (README, "
                 "'LPIPS offline') the recipes run as shipped and the table gains an LPIPS column."
             ),
             "encoders": "\n".join(f"- {line}" for line in encoders),

@@ -237,9 +237,8 @@ def check_unique_stems(items: list[InputItem]) -> None:
         seen.setdefault(stem, item.rel)
     if clashes:
         raise InputError(
-            "with --depth-dir, images are paired with depth maps by file stem, and these images share a "
-            "stem: "
-            + "; ".join(clashes[:5])
+            "with --depth-dir, images are paired with depth maps by file stem, and these images share "
+            "a stem: " + "; ".join(clashes[:5])
             + (f" (+{len(clashes) - 5} more)" if len(clashes) > 5 else "")
             + ". Rename them so every stem is unique."
         )

@@ -138,8 +138,9 @@ def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
         "complete": False,
         "settings": settings,
         "sample": {
-            "moments.npy": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, "
-                           "20]",
+            "moments.npy": (
+                "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]"
+            ),
             "image.png": "uint8 RGB (H, W, 3): the exact pixels encoded",
             "depth.png": "uint16 (H, W), RGB+depth only",
             "json": "source, orig_size, crop_box, crop_index, flip, upscaled",

@@ -239,10 +239,8 @@ def unwrap_worker_errors(batches: Iterator[Any], timeout_s: float = 0) -> Iterat
             raise
         raise ShardError(
             f"no batch from the data loader in {timeout_s:g} s (data.read_timeout_s): a shard read is stuck "
-            "(a "
-            "pipe: command that does not end, a hung network mount or bucket). The newest checkpoint is "
-            "intact: "
-            "fix the cause and rerun the same command to resume, or raise data.read_timeout_s"
+            "(a pipe: command that does not end, a hung network mount or bucket). The newest checkpoint is "
+            "intact: fix the cause and rerun the same command to resume, or raise data.read_timeout_s"
         ) from None
 
 
@@ -268,18 +266,17 @@ def split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], li
     manifest = read_manifest(folder)
     if not manifest["complete"]:
         log.warning(
-            "%s is an unfinished encode (%d samples so far): training on those; rerun the encode command "
-            "to finish it",
+            "%s is an unfinished encode (%d samples so far): training on those; rerun the encode command to "
+            "finish it",
             folder,
             manifest["totals"]["samples"],
         )
     all_shards = shard_paths(folder, manifest)
     if not all_shards:
         raise TrainError(
-            f"{folder} holds no samples: the encode skipped every input "
-            f"(reasons in {f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix "
-            "the "
-            "inputs and encode again"
+            f"{folder} holds no samples: the encode skipped every input (reasons in "
+            f"{f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the inputs "
+            "and encode again"
         )
     if n_val >= len(all_shards):
         raise TrainError(
@@ -305,8 +302,7 @@ def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
             if mine != theirs:
                 raise TrainError(
                     f"data.mix set {path} does not fit {cfg.data.shards}: its {section}.{key} is {theirs!r}, "
-                    "not "
-                    f"{mine!r}. Mixed sets must be encoded with the same VAE at the same resolution."
+                    f"not {mine!r}. Mixed sets must be encoded with the same VAE at the same resolution."
                 )
         name = _set_name(path)
         if name in {s.name for s in sets}:

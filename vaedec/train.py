@@ -144,12 +144,9 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # 3. loss modules ----------------------------------------------------------------------------------------
     lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.conv_out.out_channels, device)
 
-    # The original decoder's weights for loss.anchor_weight, taken before any update or resume.
-    anchors = (
-        [p.detach().clone().to(device) for p in trainable_parameters(decoder)]
-        if cfg.loss.anchor_weight
-        else None
-    )
+    anchors = None  # the original decoder's weights for loss.anchor_weight, taken before any update or resume
+    if cfg.loss.anchor_weight:
+        anchors = [p.detach().clone().to(device) for p in trainable_parameters(decoder)]
 
     # 4. optimizers, EMA, prepare ----------------------------------------------------------------------------
     opt_g, opt_d, lrs = build_optimizers(cfg, decoder, disc, logvar, accelerator.num_processes)
@@ -161,14 +158,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # IterableDataset and cut the stream at its end, while TrainStream already splits by rank and worker,
     # never ends (every rank runs exactly max_steps, no uneven-batch hang) and can skip to an exact position.
     decoder, disc, opt_g, opt_d = accelerator.prepare(decoder, disc, opt_g, opt_d)
-    log.info(
-        "decoder: %s trainable / %s frozen parameters; discriminator %s; encoder not loaded; lr %.3g, disc "
-        "lr %.3g",
-        f"{param_count(decoder, True):,}",
-        f"{param_count(decoder, False):,}",
-        f"{param_count(disc, True):,}",
-        *lrs,
-    )
+    _log_sizes(decoder, disc, lrs)
 
     # 5. fixed batches for grids and validation, and the original decoder's output on them -------------------
     # accelerator.unwrap_model: the original decoder is evaluated outside the training step only.
@@ -190,14 +180,12 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
             evaluator.mark_done(state.step)
     # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit (DataLoader workers ignore them).
     with StopRequest() as stop:
-        batches = train_batches(
-            cfg, sets, accelerator, state.data, state.step, state.batches_consumed, manifest
-        )
+        batches = train_batches(cfg, sets, accelerator, state.data, state.step, state.batches_consumed,
+                                manifest)
         if is_main:
             accelerator.init_trackers("tensorboard")
 
-        # model.latent_noise_std is in scaled units (what a diffusion model sees); z is raw: divide by the
-        # scale.
+        # latent_noise_std is in scaled units (what a diffusion model sees); z is raw: divide by the scale.
         latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
 
         # 7. the loop ----------------------------------------------------------------------------------------
@@ -211,14 +199,8 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # 8. final checkpoint, evaluation and export (after a stop signal: the checkpoint alone) -----------------
     export_dir = _finish(run_dir, cfg, state, evaluators, ema_decoder, saved_at, stopped_by, export)
     accelerator.end_training()
-    return RunInfo(
-        run_dir=run_dir,
-        step=state.step,
-        export_dir=export_dir,
-        resumed_from=ckpt,
-        main_process=is_main,
-        stopped_by=stopped_by,
-    )
+    return RunInfo(run_dir=run_dir, step=state.step, export_dir=export_dir, resumed_from=ckpt,
+                   main_process=is_main, stopped_by=stopped_by)
 
 
 def _loop(
@@ -394,14 +376,11 @@ def _count_faults(
     if max_bad_steps and f["bad_steps_in_a_row"] >= max_bad_steps:
         raise TrainError(
             f"{f['bad_steps_in_a_row']} optimizer steps in a row had a non-finite loss or gradient (the last "
-            "at "
-            f"step {state.step}); each was skipped, the checkpoints hold the weights from before. Likely "
-            "causes: "
-            "fp16 overflow (the SDXL VAE overflows in fp16: use run.mixed_precision=bf16, or no for fp32); "
-            "too high "
-            "a learning rate (lower optim.lr / optim.disc_lr, or set optim.grad_clip_norm); bad data (check "
-            "`vaedec inspect SHARDS --verify`). Rerun with the fix to resume from the newest checkpoint; "
-            "run.max_bad_steps=0 never stops."
+            f"at step {state.step}); each was skipped, the checkpoints hold the weights from before. Likely "
+            "causes: fp16 overflow (the SDXL VAE overflows in fp16: use run.mixed_precision=bf16, or no for "
+            "fp32); too high a learning rate (lower optim.lr / optim.disc_lr, or set optim.grad_clip_norm); "
+            "bad data (check `vaedec inspect SHARDS --verify`). Rerun with the fix to resume from the "
+            "newest checkpoint; run.max_bad_steps=0 never stops."
         )
     return {"data/bad_samples": f["bad_samples"], "train/bad_steps": f["bad_steps"],
             "train/bad_steps_in_a_row": f["bad_steps_in_a_row"]}
@@ -579,6 +558,13 @@ def _evaluators(
         )
         for i, s in enumerate(sets)
     ]
+
+
+def _log_sizes(decoder: torch.nn.Module, disc: torch.nn.Module, lrs: tuple[float, float]) -> None:
+    """The run log's line on what trains: parameter counts and both learning rates."""
+    log.info("decoder: %s trainable / %s frozen parameters; discriminator %s; encoder not loaded; lr %.3g, "
+             "disc lr %.3g", f"{param_count(decoder, True):,}", f"{param_count(decoder, False):,}",
+             f"{param_count(disc, True):,}", *lrs)
 
 
 def _loss_modules(

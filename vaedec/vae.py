@@ -84,8 +84,7 @@ def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | 
         if scaling_factor is None:
             log.warning(
                 "%s: LDM files do not store the latent scaling_factor; assuming %s (SD 1.x/2.x). For SDXL's "
-                "VAE "
-                "pass --scaling-factor 0.13025.",
+                "VAE pass --scaling-factor 0.13025.",
                 source,
                 DEFAULT_SCALING_FACTOR,
             )
@@ -107,11 +106,10 @@ def load_vae(source: str, subfolder: str | None = None, scaling_factor: float | 
     except Exception as e:  # noqa: BLE001 - diffusers raises many types (OSError, ValueError, HF errors) here
         where = f"{source}" + (f" (subfolder {subfolder})" if subfolder else "")
         raise VAELoadError(
-            f"could not load an AutoencoderKL from {where}: {e}\n"
-            "Give a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors), a pipeline "
-            "folder "
-            "or hub id with --subfolder vae, or a single .safetensors/.ckpt VAE file. Offline, a hub id only "
-            "works if it is already in the Hugging Face cache."
+            f"could not load an AutoencoderKL from {where}: {e}\nGive a diffusers VAE folder (config.json + "
+            "diffusion_pytorch_model.safetensors), a pipeline folder or hub id with --subfolder vae, or a "
+            "single .safetensors/.ckpt VAE file. Offline, a hub id only works if it is already in the "
+            "Hugging Face cache."
         ) from None
     if scaling_factor is not None:
         vae.register_to_config(scaling_factor=scaling_factor)
@@ -157,9 +155,8 @@ def load_manifest_vae(
     if encoder_fingerprint(model) != vae_info["encoder_sha256"]:
         raise EncoderMismatchError(
             f"the encoder of {source} is not the one that made {latents} (sha256 differs from the "
-            "manifest's): "
-            "these latents would be decoded by a decoder trained for another latent space. "
-            "Use the manifest's VAE, or re-encode the images with this one."
+            "manifest's): these latents would be decoded by a decoder trained for another latent space. Use "
+            "the manifest's VAE, or re-encode the images with this one."
         )
     return model
 
@@ -265,8 +262,7 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
         parts = sorted({_part(n) + ".*" for n in names})
         raise TrainError(
             f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. "
-            "Patterns are "
-            "fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: "
+            "Patterns are fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: "
             f"{', '.join(parts)}"
         )
     chosen_set = set(chosen)
