@@ -302,19 +302,8 @@ def test_image_folder_is_encoded_with_the_first_models_encoder(tmp_path, data) -
     make_images(images, 5, size=(40, 40))
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "e"
-    res = cli(
-        "eval",
-        images,
-        "--vae",
-        data["run"],
-        "--vae",
-        data["export"],
-        "--resolution",
-        RES,
-        "--out",
-        out,
-        code=3,
-    )  # finished, but an input was skipped
+    res = cli("eval", images, "--vae", data["run"], "--vae", data["export"], "--resolution", RES, "--out",
+              out, code=3)  # finished, but an input was skipped
     assert "1 inputs skipped" in res.output
     s = json.loads((out / "eval.json").read_text())["sets"][0]
     assert s["samples"] == 5 and s["encoded_here"]

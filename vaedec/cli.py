@@ -170,9 +170,8 @@ def encode(**kwargs: object) -> None:
         )
     if len(result.skips) > 20:
         click.echo(f"  ... {len(result.skips) - 20} more in {result.out}/skipped.jsonl", err=True)
-    if (
-        skipped and result.processes == 1
-    ):  # torchrun reports a nonzero exit as a failed worker, with a traceback
+    # torchrun reports a nonzero exit as a failed worker, with a traceback
+    if skipped and result.processes == 1:
         sys.exit(EXIT_SKIPPED)
 
 

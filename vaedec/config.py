@@ -38,9 +38,7 @@ class EncodeConfig:
     out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
     vae: str = ""  # diffusers folder or hub id of the AutoencoderKL whose encoder is used
     subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
-    resolution: int = (
-        256  # side of the square crop that is encoded, pixels (multiple of the VAE's downsampling factor)
-    )
+    resolution: int = 256  # side of the square crop encoded, pixels (a multiple of the VAE's downsampling)
     resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
     crops_per_image: int = 0  # 0 = one center crop; N > 0 = N seeded random crops per image instead
     flip: bool = False  # also encode the horizontally mirrored crop as its own sample
@@ -79,18 +77,15 @@ class EvalConfig:
     vaes: tuple[str, ...] = ()
     out: str = "eval"  # output folder: report.md, eval.json, per_image.csv, grids/, encoded/
     max_samples: int | None = None  # samples per data set, the first in shard order; None = all
-    val_shards: int = 0
-    latent_sample: Literal["mode", "sample"] = (
-        "mode"  # z = mean, or mean + std*eps with eps seeded (same for all)
-    )
+    val_shards: int = 0  # only the last N shards of each shard folder (train's data.val_shards); 0 = all
+    latent_sample: Literal["mode", "sample"] = "mode"  # z = mean, or mean + std*eps with eps seeded per key
     seed: int = 0  # seeds eps for latent_sample=sample and the bootstrap resampling
     batch_size: int = 16  # samples per decoder forward
     device: str | None = None  # torch device; None = cuda if available, else cpu
     resolution: int = 256  # image folders only: side of the encoded center crop, pixels
     fid_weights: str | None = None  # torch-fidelity's InceptionV3 weights file; None = no rFID
-    fid_features: int = (
-        2048  # Inception features for rFID: 2048 (standard), or 768 / 192 / 64 (cheaper, not comparable)
-    )
+    # Inception features for rFID: 2048 (the standard), or 768 / 192 / 64 (cheaper, not comparable)
+    fid_features: int = 2048
     lpips_vgg_weights: str | None = None  # local torchvision vgg16 .pth; None = torch hub cache (see README)
     lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS values are then meaningless; warns)
     grid_samples: int = 8  # rows in each PNG grid (fixed sample, most improved, most worsened)
@@ -104,15 +99,14 @@ class EvalConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # Shards written by `cli.py encode` (the SHARDS argument): their folder, file:///folder/, an http(s)://
-    # URL of it, or pipe:CMD with {name} for the file name (e.g. "pipe:aws s3 cp s3://bucket/shards/{name}
-    # -"); see shards.py.
+    # URL of it, or pipe:CMD with {name} for the file name, e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -"
+    # (vaedec/transport.py).
     shards: str = ""
     batch_size_per_device: int = 12  # samples per micro-batch on each device (LDM: 12)
     num_workers: int = 2  # DataLoader processes reading shards; 0 = read in the main process
-    shuffle_buffer: int = (
-        1000  # samples per shuffle block (each reader permutes its stream in blocks of this many;
-    )
-    # a resume reads one block again); 0 or 1 = no sample shuffle
+    # Samples per shuffle block (each reader permutes its stream in blocks of this many; a resume reads one
+    # block again); 0 or 1 = no sample shuffle.
+    shuffle_buffer: int = 1000
     val_shards: int = 0  # the last N shards of the manifest are held out for validation; 0 = no validation
     val_max_samples: int = 64  # validation uses at most this many held-out samples
     # Other shard sets mixed into every batch, each "PATH:P" (PATH as `shards`: a folder, URL or pipe: spec):
@@ -143,9 +137,7 @@ class ModelConfig:
     # Memory for 512-1024 px on one GPU: diffusers' own checkpointing of the decoder's mid and up blocks
     # (recomputed in the backward, non-reentrant); False = keep every activation.
     gradient_checkpointing: bool = False
-    channels_last: bool = (
-        False  # decoder, PatchGAN and z in channels-last memory format (faster convs on GPUs)
-    )
+    channels_last: bool = False  # decoder, PatchGAN and z in channels-last memory format (faster GPU convs)
     # Train only the parameters whose names (AutoencoderKL names: decoder.up_blocks.3.resnets.0.conv1.weight,
     # post_quant_conv.weight) match one of these fnmatch patterns, e.g. [decoder.up_blocks.3.*,
     # decoder.conv_out.*]; the rest stays frozen at the original weights. () = the whole decoder (and
@@ -160,9 +152,7 @@ class LossConfig:
     pixel_loss: Literal["l1", "l2"] = "l1"  # |x - x_rec| (LDM) or (x - x_rec)^2
     perceptual_weight: float = 1.0  # weight of LPIPS in rec; 0 = LPIPS not loaded
     logvar_init: float = 0.0  # initial value of the scalar log-variance s in nll = rec/exp(s) + s
-    learn_logvar: bool = (
-        False  # LDM never hands s to an optimizer, so it stays at logvar_init; True trains it
-    )
+    learn_logvar: bool = False  # LDM never hands s to an optimizer: it stays at logvar_init; True trains it
     disc_start_step: int = 50001  # optimizer step at which the GAN terms switch on (LDM: 50001)
     disc_factor: float = 1.0  # multiplies the GAN terms once on
     disc_weight: float = 0.5  # multiplies the adaptive weight lambda (LDM: 0.5)
@@ -174,9 +164,7 @@ class LossConfig:
     disc_norm: Literal["batch", "group", "none", "spectral"] = "batch"
     # Steadier GAN, each off by default (LDM semantics); README "A steadier GAN" says when to use which.
     disc_r1_weight: float = 0.0  # γ of the R1 penalty γ/2·E‖∇_x D(x)‖² on real images; 0 = off
-    disc_r1_every: int = (
-        16  # lazy R1: applied every N optimizer steps, scaled by N (StyleGAN2); 1 = every step
-    )
+    disc_r1_every: int = 16  # lazy R1: every N optimizer steps, scaled by N (StyleGAN2); 1 = every step
     disc_lecam_weight: float = 0.0  # weight of LeCAM regularisation (Tseng et al. 2021) in L_D; 0 = off
     disc_lecam_decay: float = 0.99  # EMA decay of LeCAM's anchors (mean real and fake logits), per D step
     # Optimizer steps from disc_start_step during which only D trains; the GAN term reaches the decoder at
@@ -194,9 +182,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 4.5e-6  # decoder learning rate (LDM base_learning_rate)
     disc_lr: float | None = None  # discriminator learning rate; None = lr
-    scale_lr: bool = (
-        False  # multiply both by batch_size_per_device * grad_accum_steps * processes (LDM main.py)
-    )
+    scale_lr: bool = False  # multiply both by batch_size_per_device * grad_accum_steps * processes (LDM)
     betas: tuple[float, float] = (0.5, 0.9)  # Adam betas for both optimizers (LDM)
     weight_decay: float = 0.0  # Adam(W) weight decay
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup
@@ -221,9 +207,8 @@ class RunConfig:
     val_every_steps: int = 1000  # PSNR/SSIM/LPIPS on held-out shards; 0 = only at the end
     grid_samples: int = 4  # rows in the image grids
     export_ema: bool = True  # the final export uses the EMA weights (when EMA is on)
-    compile: bool = (
-        False  # torch.compile the decoder (its forward and, through AOTAutograd, its backward); False = eager
-    )
+    # torch.compile the decoder (its forward and, through AOTAutograd, its backward); False = eager
+    compile: bool = False
     # Optimizer steps in a row whose loss or gradient was non-finite (each is skipped: weights, Adam state and
     # EMA untouched) before the run stops with a message; 0 = never stop. fp16's grad scaler skips such steps
     # itself.
