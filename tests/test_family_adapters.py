@@ -134,11 +134,15 @@ def test_single_file_refused_where_diffusers_has_no_layout(tmp_path, name):
         load(str(path), class_name=name)
 
 
-def test_a_single_wan_file_needs_a_config(tmp_path):
+def test_a_single_wan_file_needs_a_config(tmp_path, saved):
     path = tmp_path / "wan.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
     with pytest.raises(FamilyError, match="does not say its architecture"):
         load(str(path), class_name="AutoencoderKLWan")
+    # With a config folder its class is the config's, and diffusers' from_single_file reads it (here: refuses
+    # a file that is no Wan checkpoint, with our message around diffusers').
+    with pytest.raises(FamilyError, match="could not load .*wan.safetensors as a AutoencoderKLWan"):
+        load(str(path), config=str(saved[("AutoencoderKLWan", "")]))
 
 
 def test_scaling_factor_override_only_where_there_is_one(saved):
@@ -289,6 +293,21 @@ def test_last_layer_gradient_is_autograds(name, variant):
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     assert decoder.out_channels == 3 if isinstance(decoder, FamilyDecoder) else decoder.conv_out.out_channels == 3
+
+
+@pytest.mark.parametrize(("name", "variant"), CASES, ids=IDS)
+def test_trainable_names_are_what_the_decoder_trains(name, variant):
+    """What a checkpoint must hold (export and eval check it) is what the trainable decoder trains."""
+    family, vae = FAMILIES[name], tiny(name, variant)
+    names = family.trainable_names(vae, True, ())
+    decoder = family.trainable_decoder(vae)
+    assert names == [n for n, p in decoder.named_parameters() if p.requires_grad]
+    last = next(n for n, m in decoder.named_modules() if m is decoder.conv_out)  # decoder.conv_out, decoder.layers.6
+    only = family.trainable_names(vae, False, (f"{last}.*",))
+    assert only == [f"{last}.{n}" for n, _ in decoder.conv_out.named_parameters()]
+    if family.latent_rank == 5:
+        assert not any(".time_conv." in n for n in names)
+        assert any(".time_conv." in n for n, _ in vae.named_parameters() if n.startswith("decoder."))
 
 
 def test_batchnorm_in_a_dc_ae_decoder_stays_in_eval_mode():

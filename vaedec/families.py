@@ -376,13 +376,15 @@ class Family:
     def unreached_slices(self, dec: nn.Module) -> dict[str, tuple[slice, ...]]:
         return {}
 
-    def never_reached(self, dec: nn.Module) -> list[str]:
+    def never_reached(self, module: nn.Module) -> list[str]:
+        """Parameters (of a VAE or its trainable decoder) an image never reaches: frozen, exported unchanged."""
         return []
 
     def trainable_names(self, vae: nn.Module, train_post_quant_conv: bool, patterns: tuple[str, ...]) -> list[str]:
         """The parameter names (VAE names) a run with these settings trains: what its checkpoints must hold."""
-        dec = self.trainable_decoder(vae)
-        names = [n for n, p in dec.named_parameters() if p.requires_grad]
+        never = set(self.never_reached(vae))
+        names = [n for m in self.decoder_modules if getattr(vae, m, None) is not None  # the decoder's order
+                 for n, _ in getattr(vae, m).named_parameters(prefix=m) if n not in never]
         chosen, _ = select_trainable(names, patterns)
         return [n for n in chosen if train_post_quant_conv or not n.startswith("post_quant_conv.")]
 
@@ -567,8 +569,8 @@ class _Causal3DFamily(Family):
                 out[f"{name}.weight"] = (slice(None), slice(None), slice(0, m.kernel_size[0] - 1))
         return out
 
-    def never_reached(self, dec: nn.Module) -> list[str]:
-        return [n for n, _ in dec.named_parameters() if ".time_conv." in f".{n}"]
+    def never_reached(self, module: nn.Module) -> list[str]:
+        return [n for n, _ in module.named_parameters() if n.startswith("decoder.") and ".time_conv." in n]
 
     def pixel_channels(self, dec: nn.Module) -> int:
         p = getattr(dec.decoder, "_vaedec_patch", 1)
@@ -794,8 +796,10 @@ def vae_class_name(source: str, subfolder: str | None = None) -> str:
 def load(source: str, subfolder: str | None = None, scaling_factor: float | None = None,
          class_name: str | None = None, config: str | None = None) -> tuple[Family, nn.Module]:
     """(family, VAE in fp32) for a diffusers folder, pipeline folder, hub id or single file; the class is read
-    from its config unless `class_name` says it (single files of other classes than AutoencoderKL need it, and
-    `config`, a diffusers folder or hub id with the architecture)."""
+    from its config unless `class_name` says it. A single file of another class than AutoencoderKL needs `config`,
+    a diffusers folder or hub id whose config.json gives its class and architecture."""
+    if class_name is None and config is not None and is_single_file(source):
+        class_name = vae_class_name(config)  # a single file's architecture, and so its class, is the config's
     name = class_name or vae_class_name(source, subfolder)
     family = family_of(name, source)
     return family, family.load(source, subfolder, scaling_factor, config)
