@@ -189,6 +189,7 @@ class FamilyDecoder(nn.Module):
             if module is not None:
                 self.add_module(name, module)
         self.family = family
+        self.vae_config = dict(vae.config)  # what the family's forward needs of it (Wan 2.2: patch_size)
         self.eval_module_names = tuple(n for n, m in self.named_modules() if isinstance(m, family.eval_types))
         self.unreached = family.unreached_slices(self)
         for name in family.never_reached(self):  # no gradient ever: frozen, the export keeps the original
@@ -573,7 +574,7 @@ class _Causal3DFamily(Family):
         return [n for n, _ in module.named_parameters() if n.startswith("decoder.") and ".time_conv." in n]
 
     def pixel_channels(self, dec: nn.Module) -> int:
-        p = getattr(dec.decoder, "_vaedec_patch", 1)
+        p = dec.vae_config.get("patch_size") or 1
         return int(dec.decoder.conv_out.out_channels) // (p * p)
 
     @torch.no_grad()
@@ -604,17 +605,13 @@ class WanFamily(_Causal3DFamily):
         p = vae.config.get("patch_size")
         return wan_patchify(x.unsqueeze(2), p) if p else x.unsqueeze(2)
 
-    def trainable_decoder(self, vae: nn.Module) -> nn.Module:
-        vae.decoder._vaedec_patch = vae.config.get("patch_size") or 1  # unpatchify after conv_out
-        return FamilyDecoder(vae, self)
-
     def _decoder_call(self, dec: nn.Module, x5: torch.Tensor) -> torch.Tensor:
         return dec.decoder(x5, first_chunk=True)  # as _decode's first frame: DupUp3D keeps its last frame
 
     def after_last(self, dec: nn.Module, out: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify as wan_unpatchify
 
-        p = getattr(dec.decoder, "_vaedec_patch", 1)
+        p = dec.vae_config.get("patch_size") or 1  # Wan 2.2: conv_out gives 2x2 patches in channels
         return (wan_unpatchify(out, p) if p > 1 else out).squeeze(2)
 
     def tiny_config(self) -> dict[str, Any]:
