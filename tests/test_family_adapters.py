@@ -1,8 +1,8 @@
 """The VAE family adapters (vaedec/families.py), each on a tiny random model of its class saved with
 save_pretrained: the class is detected from the folder, encode stores what the class's own encode gives,
-gradients reach only the trainable decoder (for the causal 3-D classes not the temporal kernel slices one frame
-never reaches), the loss path sees the unclamped output, λ's last-layer gradient is autograd's, and the export
-loads with the class's own from_pretrained with the encoder (and FLUX.2's bn) bit-identical."""
+gradients reach only the trainable decoder (for the causal 3-D classes not the temporal kernel slices one
+frame never reaches), the loss path sees the unclamped output, λ's last-layer gradient is autograd's, and the
+export loads with the class's own from_pretrained with the encoder (and FLUX.2's bn) bit-identical."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def latent_of(family, vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def encoder_state(family, vae) -> dict[str, torch.Tensor]:
-    return {f"{p}.{k}": v.clone() for p, m in family.encoder_parts(vae).items() for k, v in m.state_dict().items()}
+    return {
+        f"{p}.{k}": v.clone() for p, m in family.encoder_parts(vae).items() for k, v in m.state_dict().items()
+    }
 
 
 def decoder_state(family, vae) -> dict[str, torch.Tensor]:
@@ -126,7 +128,9 @@ def test_a_config_without_class_name_is_autoencoderkl(tmp_path, saved):
     assert vae_class_name(str(folder)) == "AutoencoderKL"
 
 
-@pytest.mark.parametrize("name", ["AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderKLHunyuanImage"])
+@pytest.mark.parametrize(
+    "name", ["AutoencoderKLQwenImage", "AutoencoderKLFlux2", "AutoencoderKLHunyuanImage"]
+)
 def test_single_file_refused_where_diffusers_has_no_layout(tmp_path, name):
     path = tmp_path / "vae.safetensors"
     save_file({k: v.contiguous() for k, v in tiny(name).state_dict().items()}, str(path))
@@ -192,9 +196,12 @@ def test_qwen_image_and_wan_21_share_a_latent_space():
     """Qwen-Image's VAE is Wan 2.1's with another decoder: same names, so one fingerprint for one encoder."""
     qwen, wan = tiny("AutoencoderKLQwenImage"), tiny("AutoencoderKLWan", seed=1)
     wan.load_state_dict(qwen.state_dict())
-    assert FAMILIES["AutoencoderKLQwenImage"].fingerprint(qwen) == FAMILIES["AutoencoderKLWan"].fingerprint(wan)
+    assert FAMILIES["AutoencoderKLQwenImage"].fingerprint(qwen) == FAMILIES["AutoencoderKLWan"].fingerprint(
+        wan
+    )
     assert FAMILIES["AutoencoderKLWan"].fingerprint(tiny("AutoencoderKLWan", seed=1)) != (
-        FAMILIES["AutoencoderKLWan"].fingerprint(wan))
+        FAMILIES["AutoencoderKLWan"].fingerprint(wan)
+    )
 
 
 def test_flux2_fingerprint_covers_bn():
@@ -215,7 +222,9 @@ def test_decoder_grads_reach_only_the_decoder(name, variant):
     decoder = family.trainable_decoder(vae).train()
     x_rec, h = decoder(z)
     assert x_rec.shape == (2, 3, RES, RES) and h is not None
-    assert torch.allclose(x_rec.clamp(-1, 1) if family.latent_rank == 5 else x_rec, family.decode(vae, z), atol=1e-5)
+    assert torch.allclose(
+        x_rec.clamp(-1, 1) if family.latent_rank == 5 else x_rec, family.decode(vae, z), atol=1e-5
+    )
     x_rec.square().mean().backward()
     for prefix, module in family.encoder_parts(vae).items():
         assert all(p.grad is None for p in module.parameters()), f"{prefix} got a gradient"
@@ -292,7 +301,11 @@ def test_last_layer_gradient_is_autograds(name, variant):
         got = conv_weight_grad(h, g, decoder.conv_out)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-    assert decoder.out_channels == 3 if isinstance(decoder, FamilyDecoder) else decoder.conv_out.out_channels == 3
+    assert (
+        decoder.out_channels == 3
+        if isinstance(decoder, FamilyDecoder)
+        else decoder.conv_out.out_channels == 3
+    )
 
 
 @pytest.mark.parametrize(("name", "variant"), CASES, ids=IDS)
@@ -302,7 +315,9 @@ def test_trainable_names_are_what_the_decoder_trains(name, variant):
     names = family.trainable_names(vae, True, ())
     decoder = family.trainable_decoder(vae)
     assert names == [n for n, p in decoder.named_parameters() if p.requires_grad]
-    last = next(n for n, m in decoder.named_modules() if m is decoder.conv_out)  # decoder.conv_out, decoder.layers.6
+    last = next(
+        n for n, m in decoder.named_modules() if m is decoder.conv_out
+    )  # decoder.conv_out, decoder.layers.6
     only = family.trainable_names(vae, False, (f"{last}.*",))
     assert only == [f"{last}.{n}" for n, _ in decoder.conv_out.named_parameters()]
     if family.latent_rank == 5:
@@ -350,7 +365,9 @@ def test_flux2_normalisation_is_the_pipelines_bn_whitening():
     norm = family.normalisation(vae)
     assert norm.kind == "patched_batch_norm" and norm.patch_size == 2 and len(norm.mean) == 4 * 8
     z = torch.randn(2, 8, 8, 8)
-    with torch.no_grad():  # Flux2Pipeline: patchify, then (z - running_mean) / sqrt(running_var + eps) = bn in eval
+    with (
+        torch.no_grad()
+    ):  # Flux2Pipeline: patchify, then (z - running_mean) / sqrt(running_var + eps) = bn in eval
         expected = unpatchify(vae.bn.eval()(patchify(z, 2)), 2)
     torch.testing.assert_close(normalise(z, norm), expected)
     torch.testing.assert_close(denormalise(normalise(z, norm), norm), z)
@@ -420,4 +437,6 @@ def test_single_file_export_only_for_autoencoderkl(tmp_path):
     FAMILIES["AutoencoderKL"].export_single_file(tiny("AutoencoderKL"), tmp_path / "vae.safetensors")
     assert (tmp_path / "vae.safetensors").is_file()
     with pytest.raises(FamilyError, match="no single-file layout"):
-        FAMILIES["AutoencoderKLQwenImage"].export_single_file(tiny("AutoencoderKLQwenImage"), tmp_path / "q.st")
+        FAMILIES["AutoencoderKLQwenImage"].export_single_file(
+            tiny("AutoencoderKLQwenImage"), tmp_path / "q.st"
+        )
