@@ -60,8 +60,17 @@ import torch
 from torch import nn
 
 from vaedec import vae as kl  # AutoencoderKL's own path, looked up at call time (tests spy on it)
+from vaedec.config import TrainConfig
+from vaedec.errors import TrainError
 from vaedec.latents import LOGVAR_MAX, LOGVAR_MIN, encode_moments
-from vaedec.vae import EncoderMismatchError, VAELoadError, is_single_file, select_trainable
+from vaedec.vae import (
+    EncoderMismatchError,
+    VAELoadError,
+    freeze,
+    freeze_all_but,
+    is_single_file,
+    select_trainable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -997,3 +1006,62 @@ def build_tiny(class_name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     family = family_of(class_name)
     torch.manual_seed(seed)
     return family.model_class(**(family.tiny_config() | overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a run's decoder
+
+
+def check_run_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """Settings the shards' family cannot take, refused before the run folder is touched."""
+    family = manifest_family(manifest["settings"]["vae"])
+    if family.store == "latent" and cfg.model.latent_sample == "sample":
+        raise TrainError(f"model.latent_sample=sample: the shards hold one deterministic {family.class_name} "
+                         "latent per image (no posterior to sample); set model.latent_sample=mode")
+    if cfg.model.channels_last and not family.supports_channels_last:
+        raise TrainError(f"model.channels_last: {family.class_name}'s decoder is 3-D (causal video "
+                         "convolutions); set model.channels_last=false")
+
+
+def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
+    """The trainable half of the manifest's VAE (or model.vae with the same encoder): AutoencoderKL's
+    post_quant_conv + decoder (vae.TrainableDecoder), or its family's; the encoder is freed here and never
+    reaches the device."""
+    family, vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder,
+                                    cfg.data.shards)
+    if cfg.model.gradient_checkpointing:
+        try:
+            family.gradient_checkpointing(vae)  # diffusers' own (AutoencoderKL: mid and up blocks, non-reentrant)
+        except FamilyError as e:
+            raise TrainError(str(e)) from None
+    decoder = family.trainable_decoder(vae)
+    del vae
+    if getattr(decoder, "post_quant_conv", None) is not None and not cfg.model.train_post_quant_conv:
+        freeze(decoder.post_quant_conv)
+    freeze_all_but(decoder, cfg.model.trainable)
+    if cfg.model.channels_last:
+        decoder.to(memory_format=torch.channels_last)
+    return decoder
+
+
+def latent_noise_raw(cfg: TrainConfig, manifest: dict[str, Any]) -> float | torch.Tensor:
+    """model.latent_noise_std (the diffusion model's units) in raw latent units: std / scaling_factor as ever,
+    or a (C, h, w) map for a per-channel or batch-norm normalisation (`raw_noise_std`); 0 stays 0."""
+    vae = manifest["settings"]["vae"]
+    norm, std = manifest_normalisation(vae), cfg.model.latent_noise_std
+    if not std:
+        return 0.0
+    if norm.kind == "scale_shift" and norm.scaling_factor is None:
+        raise TrainError("model.latent_noise_std: the shards' VAE has no scaling_factor, so the diffusion "
+                         "model's units are unknown; re-encode with --scaling-factor")
+    r = manifest["settings"]["preprocessing"]["resolution"] // vae["downsample_factor"]
+    return raw_noise_std(norm, std, (vae["latent_channels"], r, r))
+
+
+def zero_unreached_grads(decoder: nn.Module) -> None:
+    """Causal 3-D kernels: the temporal slices one frame never reaches get an exact zero gradient (they only
+    meet zero padding), whatever the convolution algorithm computes for them."""
+    for name, idx in getattr(decoder, "unreached", {}).items():
+        grad = decoder.get_parameter(name).grad
+        if grad is not None:
+            grad[idx] = 0
