@@ -22,8 +22,8 @@ does not depend on transformers; its latents come out already normalised, its pi
 decoder's output size is fixed by the config, not by the crop); AutoencoderKLQwenImage21 (Qwen-Image 2.1's
 VAE, another architecture, not adapted yet).
 
-Where the pipeline asks the family (`family_of`, `family_for`, `manifest_family`) instead of assuming
-AutoencoderKL:
+Phase 2, the wiring (after issue 15's refactor; done on branch families-port, on the refactor's layout): the
+call sites that ask the family (`family_of`, `family_for`, `manifest_family`) instead of assuming AutoencoderKL:
   vae.py         the VAE a manifest names (`load_manifest_vae`: another class only with the same store and
                  rank, the fingerprint checked); AutoencoderKL's loader, fingerprint, summary and
                  TrainableDecoder stay there, FLUX.2 uses that decoder too; the others use FamilyDecoder (the
