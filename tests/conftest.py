@@ -255,7 +255,7 @@ class StepParts:
     train.generator_step / discriminator_step themselves."""
 
     cfg: object  # TrainConfig
-    decoder: torch.nn.Module  # vae.trainable_decoder: post_quant_conv + decoder, frozen parts frozen
+    decoder: torch.nn.Module  # families.trainable_decoder: post_quant_conv + decoder, frozen parts frozen
     disc: torch.nn.Module
     logvar: torch.nn.Parameter  # not learned
     opt_g: torch.optim.Optimizer
@@ -268,9 +268,9 @@ def step_parts(shards: Path, overrides: list[str], samples: int, seed: int | Non
     makes them (torch seeded with `seed` first unless None), and `samples` decoded samples."""
     from vaedec.config import load_train_config
     from vaedec.discriminator import build_discriminator
+    from vaedec.families import trainable_decoder
     from vaedec.shards import read_manifest, read_samples, shard_paths
     from vaedec.train import build_optimizers
-    from vaedec.vae import trainable_decoder
 
     manifest = read_manifest(shards)
     cfg = load_train_config(None, [*FAST_TRAIN, f"data.shards={shards}", *overrides])

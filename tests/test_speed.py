@@ -13,10 +13,10 @@ from conftest import FAST_TRAIN, ROOT, step_parts
 
 import vaedec.train as train_mod
 from vaedec.config import load_train_config
+from vaedec.families import trainable_decoder
 from vaedec.images import batch_to_model
 from vaedec.latents import sample_latent
 from vaedec.shards import collate, read_manifest
-from vaedec.vae import trainable_decoder
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -5,9 +5,8 @@ A run folder RUN/ holds the files named by the RUN_* constants below: config.yam
 log.txt, metrics.jsonl, TensorBoard events, images/, checkpoints/ and export/.
 
 A checkpoint is `RUN/checkpoints/step-%08d/`, the state_dict() of a `TrainState`:
-    decoder.safetensors   the post_quant_conv + decoder parameters that train (AutoencoderKL names); frozen
-                          ones (model.trainable, model.train_post_quant_conv) are the original VAE's and not
-                          stored
+    decoder.safetensors   the post_quant_conv + decoder parameters that train (the VAE's own names); frozen ones
+                          (model.trainable, model.train_post_quant_conv) are the original VAE's and not stored
     ema.safetensors       EMA of the same parameters (when EMA is on)
     disc.safetensors      the PatchGAN, BatchNorm buffers included
     extra.safetensors     logvar and the latent-noise generator state
@@ -34,11 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaedec.config import TrainConfig, config_to_dict
-from vaedec.convert import replace_vae_in_checkpoint, write_single_file
+from vaedec.convert import replace_vae_in_checkpoint
 from vaedec.errors import VaedecError
+from vaedec.families import FamilyError, family_for, load_manifest_vae, manifest_family
 from vaedec.io import atomic_folder, atomic_write_json
 from vaedec.stream import loaded_stream_state, new_stream_state, saved_stream_state
-from vaedec.vae import load_manifest_vae, manifest_vae_source, named_trainable_parameters, select_trainable
+from vaedec.vae import manifest_vae_source, named_trainable_parameters
 
 # The run folder's names (train writes them, export and eval read them).
 RUN_CONFIG = "config.yaml"  # the resolved config
@@ -391,19 +391,16 @@ def run_vae_source(run_dir: str | Path, ckpt: str | Path | None = None) -> tuple
 
 
 def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
-    """The run's AutoencoderKL: original encoder (checked against the shards' fingerprint) + trained
-    decoder."""
+    """The run's VAE, of its family's class: original encoder (checked against the shards' fingerprint) +
+    trained decoder."""
     model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
-    vae = load_manifest_vae(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"],
-                            f"the shards of run {run_dir}")
+    family, vae = load_manifest_vae(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"],
+                                    f"the shards of run {run_dir}")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
     missing, unexpected = vae.load_state_dict(weights, strict=False)
-    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's; the ones it
-    # trained must all be there.
-    decoder_names = [n for n, _ in vae.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
-    trained, _ = select_trainable(decoder_names, tuple(model.get("trainable") or ()))
-    if not model["train_post_quant_conv"]:
-        trained = [n for n in trained if not n.startswith("post_quant_conv.")]
+    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's; the ones it trained
+    # must all be there.
+    trained = family.trainable_names(vae, model["train_post_quant_conv"], tuple(model.get("trainable") or ()))
     missing = [k for k in missing if k in trained]
     if missing or unexpected:
         raise CheckpointError(
@@ -453,17 +450,21 @@ def export_run(
     if use_ema is None:
         use_ema = default_use_ema(ckpt)
     check_export_target(run_dir, ckpt, out, overwrite)
+    single_file = manifest_family(run_manifest(run_dir)["settings"]["vae"]).single_file == "ldm"
+    if (fmt in ("ldm", "both") or into is not None) and not single_file:
+        raise FamilyError(f"--format {fmt}{' --into' if into else ''}: the run's VAE class has no single-file "
+                          "layout vaedec can write; export the diffusers folder (--format diffusers), which its "
+                          "pipelines load with from_pretrained")
     vae = finetuned_vae(run_dir, use_ema, ckpt)
+    family = family_for(vae)  # model.vae may be another class with the same latents (Qwen-Image on Wan 2.1's)
     with atomic_folder(out) as tmp:
         if fmt in ("diffusers", "both"):
-            vae.save_pretrained(tmp, safe_serialization=True)
+            family.export(vae, tmp)
         if fmt in ("ldm", "both"):
-            write_single_file(vae, tmp / "vae.safetensors")
+            family.export_single_file(vae, tmp / "vae.safetensors")
         if into is not None:
             replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
-        trained = {
-            k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))
-        }
+        trained = {k: v for k, v in vae.state_dict().items() if k.startswith(family.decoder_prefixes)}
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
         record = {
             "run": str(Path(run_dir).resolve()),

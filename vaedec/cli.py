@@ -70,74 +70,31 @@ def main() -> None:
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option(
-    "--vae",
-    required=True,
-    help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file.",
-)
-@click.option(
-    "--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'."
-)
-@click.option(
-    "--resolution",
-    type=click.IntRange(8),
-    default=256,
-    help="Side of the encoded square, pixels (a multiple of the VAE's downsampling factor: 8 for SD VAEs).",
-)
-@click.option(
-    "--resize",
-    type=click.IntRange(8),
-    default=None,
-    help="Resize the shorter side to this before cropping [default: resolution].",
-)
-@click.option(
-    "--crops-per-image",
-    type=click.IntRange(0),
-    default=0,
-    help="0 = one center crop; N = N seeded random crops per image.",
-)
+@click.option("--vae", required=True, help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file; its class (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderDC, AutoencoderKLHunyuanImage, AutoencoderTiny) is read from its config.json.")
+@click.option("--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'.")
+@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (a multiple of the VAE's downsampling factor: 8 for SD VAEs).")
+@click.option("--resize", type=click.IntRange(8), default=None, help="Resize the shorter side to this before cropping [default: resolution].")
+@click.option("--crops-per-image", type=click.IntRange(0), default=0, help="0 = one center crop; N = N seeded random crops per image.")
 @click.option("--flip/--no-flip", default=False, help="Also encode each mirrored crop as its own sample.")
 @click.option("--seed", type=int, default=0, help="Seed of the random crops.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per encoder forward.")
-@click.option(
-    "--num-workers", type=click.IntRange(0), default=2, help="Image-decoding processes (0 = main process)."
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    help="Encoder compute dtype; moments are stored as float16.",
-)
-@click.option(
-    "--device",
-    default=None,
-    help="torch device [default: cuda if available, else cpu; under accelerate launch: each process's own].",
-)
-@click.option(
-    "--shard-size-mb",
-    type=click.FloatRange(0.001),
-    default=256.0,
-    help="Close a shard once it holds this many MiB.",
-)
-@click.option(
-    "--depth-dir",
-    type=click.Path(path_type=str),
-    default=None,
-    help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.",
-)
-@click.option(
-    "--scaling-factor",
-    type=float,
-    default=None,
-    help="The VAE's latent scaling_factor, recorded in the manifest and exports [default: the VAE's "
-    "config; for a single LDM file, which does not store it, 0.18215 (SDXL: pass 0.13025)].",
-)
+@click.option("--num-workers", type=click.IntRange(0), default=2, help="Image-decoding processes (0 = main process).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Encoder compute dtype; moments are stored as float16.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu; under accelerate launch: each process's own].")
+@click.option("--shard-size-mb", type=click.FloatRange(0.001), default=256.0, help="Close a shard once it holds this many MiB.")
+@click.option("--depth-dir", type=click.Path(path_type=str), default=None, help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.")
+@click.option("--scaling-factor", type=float, default=None,
+              help="The VAE's latent scaling_factor, recorded in the manifest and exports [default: the VAE's "
+                   "config; for a single LDM file, which does not store it, 0.18215 (SDXL: pass 0.13025)].")
+@click.option("--vae-config", default=None,
+              help="A single file of another VAE class than AutoencoderKL (Wan, DC-AE): the diffusers folder or "
+                   "hub id whose config.json gives its class and architecture.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT's shards instead of resuming or refusing.")
 def encode(**kwargs: object) -> None:
     """Encode SRC (a folder, searched recursively, or a text file list) into WebDataset shards in OUT.
 
-    Each sample stores the encoder's posterior moments (mean ‖ logvar, float16, before scaling_factor) and the
-    exact pixels that were encoded. Rerunning the same command after a kill resumes; with other settings it is
+    Each sample stores the encoder's posterior moments (mean ‖ logvar, float16, before scaling_factor; for
+    deterministic encoders such as DC-AE's and TAESD's, the latent) and the exact pixels that were encoded. Rerunning the same command after a kill resumes; with other settings it is
     refused unless --overwrite. Unreadable inputs are skipped and listed in OUT/skipped.jsonl (exit code 3).
 
     Many GPUs or machines: `accelerate launch --multi_gpu --num_processes N cli.py encode SRC OUT ...` (the

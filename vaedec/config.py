@@ -36,7 +36,7 @@ class EncodeConfig:
 
     src: str = ""  # folder of images (recursive) or a text file list, one path a line relative to the list
     out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
-    vae: str = ""  # diffusers folder or hub id of the AutoencoderKL whose encoder is used
+    vae: str = ""  # diffusers folder, hub id or single file of the VAE whose encoder is used (vaedec/families.py)
     subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
     resolution: int = 256  # side of the square crop encoded, pixels (a multiple of the VAE's downsampling)
     resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
@@ -52,6 +52,9 @@ class EncodeConfig:
     # The VAE's latent scale, recorded in the manifest and carried into exports. None = the VAE's config; LDM
     # single files do not store it, so they get SD 1.x/2.x's 0.18215 (SDXL's VAE: 0.13025).
     scaling_factor: float | None = None
+    # A single checkpoint file of another VAE class than AutoencoderKL (Wan, DC-AE: diffusers' from_single_file):
+    # the diffusers folder or hub id whose config.json gives its class and architecture. None = not needed.
+    vae_config: str | None = None
     overwrite: bool = False  # delete OUT's shards and manifest and start again instead of resuming
 
     @property

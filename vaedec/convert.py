@@ -532,7 +532,21 @@ def _describe_config(config: Mapping) -> str:
     return ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in config.items() if k in keys)
 
 
+def _folder_class(folder: Path) -> str:
+    """The `_class_name` of a diffusers folder's config.json; AutoencoderKL when it has none (or none is read:
+    from_pretrained then says what is wrong)."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError, AttributeError):
+        return "AutoencoderKL"
+    return name if isinstance(name, str) else "AutoencoderKL"
+
+
 def _folder_to_file(src: Path, subfolder: str | None, dst: Path, prefix: str) -> str:
+    name = _folder_class(src / subfolder if subfolder else src)
+    if name != "AutoencoderKL":  # FLUX.2's would load as an AutoencoderKL without its bn, and be written so
+        raise ConversionError(f"{src} holds a {name}: the LDM layout is AutoencoderKL's only, and diffusers has "
+                              f"no single-file layout vaedec can write for {name}; use the diffusers folder")
     try:
         vae = AutoencoderKL.from_pretrained(src, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as e:

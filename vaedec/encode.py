@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from vaedec.config import EncodeConfig
 from vaedec.device import pick_device
 from vaedec.errors import ShardError, VaedecError
+from vaedec.families import family_for
+from vaedec.families import load as load_family_vae
 from vaedec.images import (
     InputItem,
     Skip,
@@ -39,7 +41,6 @@ from vaedec.images import (
     to_model_range,
 )
 from vaedec.io import atomic_write_json
-from vaedec.latents import encode_moments
 from vaedec.shards import (
     MANIFEST,
     RANK_SHARD_NAME,
@@ -52,7 +53,7 @@ from vaedec.shards import (
     write_manifest,
     write_skipped,
 )
-from vaedec.vae import DTYPES, encoder_fingerprint, freeze, load_vae, vae_summary
+from vaedec.vae import DTYPES, freeze
 
 log = logging.getLogger("vaedec")
 
@@ -213,14 +214,8 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
     _encoder_on(vae, device, dtype)
     start = manifest["next_input"]
     todo = items[start:]
-    sink = _ShardSink(
-        out,
-        manifest,
-        skips,
-        cfg.shard_size_mb * 2**20,
-        lambda b: _encode_batch(vae, b, device, dtype),
-        save=lambda m, sk: _write_state(out, m, sk),
-    )
+    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype),
+                      save=lambda m, sk: _write_state(out, m, sk), store=family_for(vae).store)
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
     _feed(cfg, todo, depth_index, sink, skips, len(items), bar)
@@ -231,11 +226,11 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
 
 def _encoder_on(vae: Any, device: torch.device, dtype: torch.dtype) -> None:
     """Freeze the encoder half and move it to `device`; drop the decoder half, never used here."""
+    family = family_for(vae)
     freeze(vae)
-    vae.decoder = vae.post_quant_conv = None  # free their memory
-    vae.encoder.to(device=device, dtype=dtype)
-    if vae.quant_conv is not None:
-        vae.quant_conv.to(device=device, dtype=dtype)
+    family.drop_decoder(vae)  # free its memory
+    for module in family.encoder_parts(vae).values():
+        module.to(device=device, dtype=dtype)
 
 
 def _feed(
@@ -284,8 +279,8 @@ def _inputs(cfg: EncodeConfig) -> tuple[list[InputItem], list[Skip], dict[str, s
 def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
     """The VAE and its manifest record (source, fingerprint, channels, factors), refused when it cannot encode
     these inputs at this resolution."""
-    vae = load_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor)
-    info = vae_summary(vae)
+    family, vae = load_family_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor, config=cfg.vae_config)
+    info = family.summary(vae)
     expected_in = 4 if depth else 3
     if info["in_channels"] != expected_in:
         hint = "give --depth-dir for an RGB+depth VAE" if info["in_channels"] == 4 else "drop --depth-dir"
@@ -300,12 +295,10 @@ def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
     # A local path is recorded absolute so `train` finds the VAE from any working directory; a hub id as
     # given.
     source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
-    return vae, {
-        "source": source,
-        "subfolder": cfg.subfolder,
-        "encoder_sha256": encoder_fingerprint(vae),
-        **info,
-    }
+    record = {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": family.fingerprint(vae), **info}
+    if cfg.vae_config is not None:  # a single file's architecture: train and export load it with the same
+        record["config"] = str(Path(cfg.vae_config).resolve()) if Path(cfg.vae_config).exists() else cfg.vae_config
+    return vae, record
 
 
 def _resume_or_refuse(
@@ -495,7 +488,7 @@ def _encode_ranks(
 
         sink = _ShardSink(out, state, skips, cfg.shard_size_mb * 2**20,
                           lambda b: _encode_batch(vae, b, procs.device, dtype), save=save,
-                          shard_name=lambda i: RANK_SHARD_NAME.format(rank, i))
+                          shard_name=lambda i: RANK_SHARD_NAME.format(rank, i), store=family_for(vae).store)
         bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"encode (rank 0 of {world})",
                    dynamic_ncols=True, disable=not main)
         _feed(cfg, items[start:hi], depth_index, sink, skips, hi, bar)
@@ -553,15 +546,10 @@ class _ShardSink:
     names the i-th shard (None = SHARD_NAME)."""
 
     def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any,
-                 save: Callable[[dict, list[Skip]], None], shard_name: Callable[[int], str] | None = None):
-        self.out, self.manifest, self.skips, self.limit, self.encode_batch = (
-            out,
-            manifest,
-            skips,
-            limit,
-            encode_batch,
-        )
-        self.save, self.shard_name = save, shard_name
+                 save: Callable[[dict, list[Skip]], None], shard_name: Callable[[int], str] | None = None,
+                 store: str = "moments"):
+        self.out, self.manifest, self.skips, self.limit, self.encode_batch = out, manifest, skips, limit, encode_batch
+        self.save, self.shard_name, self.store = save, shard_name, store
         self.writer: ShardWriter | None = None
         # (input index, sample, last sample of its input)
         self.pending: list[tuple[int, PreparedSample, bool]] = []
@@ -577,14 +565,13 @@ class _ShardSink:
         batch, self.pending = self.pending, []
         for (index, sample, last), m in zip(batch, self.encode_batch(batch)):
             if not np.isfinite(m).all():
-                self.skips.append(
-                    Skip(index, sample.record["source"], "non-finite moments from the encoder", sample.key)
-                )
+                self.skips.append(Skip(index, sample.record["source"], f"non-finite {self.store} from the encoder",
+                                       sample.key))
             else:
                 if self.writer is None:
                     i = len(self.manifest["shards"])
                     self.writer = ShardWriter(self.out, i, self.shard_name(i) if self.shard_name else None)
-                self.writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth))
+                self.writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth, self.store))
             if last and self.writer is not None and self.writer.bytes >= self.limit:
                 _commit(self.manifest, self.writer, index + 1, self.skips, self.save)
                 self.writer = None
@@ -609,14 +596,14 @@ class _ShardSink:
 
 
 def _encode_batch(vae: Any, batch: list, device: torch.device, dtype: torch.dtype) -> list[np.ndarray]:
-    """uint8 crops -> float16-ready moments, one (2C, h, w) array per sample (fp32)."""
+    """uint8 crops -> float16-ready moments (or latents), one (2C or C, h, w) array per sample (fp32)."""
     pixels = torch.from_numpy(np.stack([s.pixels for _, s, _ in batch])).permute(0, 3, 1, 2)  # (B, 3, H, W)
     x = to_model_range(pixels)
     if batch[0][1].depth is not None:
         # (B, 1, H, W)
         depth = torch.from_numpy(np.stack([s.depth.astype(np.int32) for _, s, _ in batch]))[:, None]
         x = torch.cat([x, depth_to_model_range(depth)], dim=1)
-    moments = encode_moments(vae, x.to(device=device, dtype=dtype))
+    moments = family_for(vae).encode(vae, x.to(device=device, dtype=dtype))
     # fp16 storage: values beyond its range become inf and are caught as non-finite, not silently clipped.
     return list(moments.to(torch.float16).float().cpu().numpy())
 

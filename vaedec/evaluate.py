@@ -34,6 +34,8 @@ from vaedec.config import EncodeConfig, EvalConfig, config_to_dict
 from vaedec.device import pick_device
 from vaedec.encode import encode
 from vaedec.errors import VaedecError
+from vaedec.families import family_for
+from vaedec.families import load as load_family_vae
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json
 from vaedec.latents import split_moments
@@ -49,7 +51,7 @@ from vaedec.metrics import (
 )
 from vaedec.shards import MANIFEST, collate, read_manifest, read_samples, shard_paths
 from vaedec.transport import is_remote, local_folder, spec_name
-from vaedec.vae import encoder_fingerprint, freeze, load_vae
+from vaedec.vae import freeze
 
 log = logging.getLogger("vaedec")
 
@@ -237,11 +239,11 @@ def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
 
 
 def load_model(spec: ModelSpec):
-    """The AutoencoderKL of a spec in fp32, frozen: a run's original encoder + its trained decoder, or a
-    VAE."""
+    """The VAE of a spec in fp32, frozen, of its own class (vaedec/families.py): a run's original encoder + its
+    trained decoder, or a VAE."""
     if spec.run is not None:
         return freeze(finetuned_vae(spec.run, spec.use_ema, spec.ckpt))
-    return freeze(load_vae(spec.source))
+    return freeze(load_family_vae(spec.source)[1])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -253,9 +255,16 @@ def sample_seed(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:15], 16)
 
 
-def eval_latents(moments: torch.Tensor, keys: list[str], mode: str, seed: int) -> torch.Tensor:
-    """(B, 2C, h, w) moments -> z (B, C, h, w): the mean, or mean + std·eps with per-key seeded eps."""
-    mean, logvar = split_moments(moments)
+def eval_latents(batch: dict[str, Any], mode: str, seed: int) -> torch.Tensor:
+    """A batch's z (B, C, h, w): the mean of its (B, 2C, h, w) moments, or mean + std·eps with per-key seeded
+    eps; a deterministic family's stored latent as it is."""
+    if "latent" in batch:
+        if mode != "mode":
+            raise EvalError("--sample: these shards hold one deterministic latent per image (DC-AE, TAESD), there "
+                            "is no posterior to sample; leave --sample out")
+        return batch["latent"].float()
+    keys = batch["key"]
+    mean, logvar = split_moments(batch["moments"])
     if mode == "mode":
         return mean
     eps = torch.stack(
@@ -269,8 +278,9 @@ def eval_latents(moments: torch.Tensor, keys: list[str], mode: str, seed: int) -
 
 @torch.no_grad()
 def decode(vae: Any, z: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Raw z -> reconstruction in [-1, 1], fp32 on the CPU (B, C_out, H, W)."""
-    return vae.decode(z.to(device)).sample.float().cpu()
+    """Raw z (B, C, h, w) -> reconstruction, fp32 on the CPU (B, C_out, H, W), by the class's own decode as its
+    pipelines call it (5-D classes: one frame, clamped to [-1, 1] as they clamp)."""
+    return family_for(vae).decode(vae, z.to(device)).float().cpu()
 
 
 @dataclass
@@ -299,7 +309,7 @@ def score_model(vae: Any, evalset: EvalSet, cfg: EvalConfig, device: torch.devic
     bar = tqdm(total=evalset.samples, desc=f"eval {label} on {evalset.name}", unit="img", dynamic_ncols=True)
     for batch in iter_batches(evalset, cfg.batch_size):
         x = batch_to_model(batch, torch.device("cpu"))
-        x_rec = decode(vae, eval_latents(batch["moments"], batch["key"], cfg.latent_sample, cfg.seed), device)
+        x_rec = decode(vae, eval_latents(batch, cfg.latent_sample, cfg.seed), device)
         scores.add(batch["key"], per_image_metrics(x.to(device), x_rec.to(device), lpips_model))
         if fid is not None:
             if not real_known:  # the first model's pass: the real images' statistics, kept across reset()
@@ -435,7 +445,7 @@ def write_grids(out: Path, evalset: EvalSet, specs: list[ModelSpec], models: dic
     written = []
     for name, keys in picks.items():
         batch = collate([found[k] for k in keys])
-        z = eval_latents(batch["moments"], batch["key"], cfg.latent_sample, cfg.seed)
+        z = eval_latents(batch, cfg.latent_sample, cfg.seed)
         labels = [s.label for s in specs] if name == "sample" else [specs[0].label, name.split("-", 1)[1]]
         columns = [batch_to_model(batch, torch.device("cpu"))] + [
             decode(models[lb], z, device) for lb in labels
@@ -483,7 +493,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     models = {}
     for spec in specs:
         vae = load_model(spec)
-        fingerprint = encoder_fingerprint(vae)
+        fingerprint = family_for(vae).fingerprint(vae)
         for s in sets:
             if fingerprint != s.encoder_sha256:
                 raise EvalError(

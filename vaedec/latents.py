@@ -49,16 +49,28 @@ def sample_latent(
     return mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
 
 
-def add_latent_noise(
-    z: torch.Tensor, std_raw: float, generator: torch.Generator | None = None
+def batch_latent(
+    batch: dict, mode: Literal["sample", "mode"] = "sample", generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated
-    latents."""
-    if std_raw <= 0:
+    """The raw z of a batch (B, C, h, w), fp32: `sample_latent` of its moments, or the stored latent of a family
+    with a deterministic encoder (nothing to sample: no noise is drawn, `mode` must be "mode")."""
+    if "latent" in batch:
+        if mode != "mode":
+            raise ValueError("a deterministic latent cannot be sampled")  # refused with a message before this
+        return batch["latent"].float()
+    return sample_latent(batch["moments"], mode, generator)
+
+
+def add_latent_noise(
+    z: torch.Tensor, std_raw: float | torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated latents.
+    std_raw: a float, or a (C, h, w) map where a family's normalisation differs by channel (families.raw_noise_std)."""
+    if isinstance(std_raw, float | int) and std_raw <= 0:
         return z  # draws nothing, so runs without it keep their random stream
-    eps = torch.randn(
-        z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu"
-    )
+    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu")
+    if isinstance(std_raw, torch.Tensor):
+        return z + std_raw.to(z.device, z.dtype) * eps.to(z.device)
     return z + std_raw * eps.to(z.device)
 
 

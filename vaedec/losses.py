@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -370,8 +371,10 @@ def generator_grads(
     cfg: LossConfig,
     step: int,
     loss_scale: float = 1.0,
+    weight_grad: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> GeneratorGrads:
-    """∇_x̂ of L_G = nll + λ f_t g with no double backward; x_rec must be conv_out(h)."""
+    """∇_x̂ of L_G = nll + λ f_t g with no double backward; x_rec must be conv_out(h), or `weight_grad(h, ∇_x̂)`
+    gives ∇ of conv_out's weight for decoders that do more after it (vaedec/families.py FamilyDecoder)."""
     f = generator_gan_factor(cfg, step)
     # A leaf copy of x̂ cuts the graph at the decoder output: nothing here backprops into the decoder, which
     # is traversed once, by the caller's backward of grad_output. fp32 at least, so the losses are not fp16.
@@ -394,11 +397,14 @@ def generator_grads(
             (g_grad,) = torch.autograd.grad(g * loss_scale, [x_hat])
             g_grad = g_grad / loss_scale  # (B, C, H, W)
             # W enters L_G only through x̂ = conv_out(h): ∇_W = conv2d_weight(h, ∇_x̂) (LDM: autograd on W).
-            lam = adaptive_weight(
-                conv_weight_grad(h, nll_grad, conv_out),
-                conv_weight_grad(h, g_grad, conv_out),
-                cfg.disc_weight,
-            )
+            if weight_grad is None:
+                lam = adaptive_weight(
+                    conv_weight_grad(h, nll_grad, conv_out),
+                    conv_weight_grad(h, g_grad, conv_out),
+                    cfg.disc_weight,
+                )
+            else:
+                lam = adaptive_weight(weight_grad(h, nll_grad), weight_grad(h, g_grad), cfg.disc_weight)
             grad_output = nll_grad + (lam * f) * g_grad
         else:
             g = lam = nll.new_zeros(())

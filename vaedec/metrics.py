@@ -18,7 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from vaedec.errors import ShardError, VaedecError
 from vaedec.images import batch_to_model, to_uint8
 from vaedec.io import atomic_write_bytes, png_bytes
-from vaedec.latents import sample_latent
+from vaedec.latents import batch_latent
 from vaedec.losses import perceptual_distance
 from vaedec.shards import collate, read_samples
 
@@ -189,7 +189,7 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, pad: int = 2) -> No
 @torch.no_grad()
 def decode_mean(model: torch.nn.Module, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
     """Decode z = mean (deterministic) for grids and validation: fp32 (B, C_out, H, W) on the CPU."""
-    z = sample_latent(batch["moments"], "mode").to(device)
+    z = batch_latent(batch, "mode").to(device)  # the moments' mean, or a deterministic family's latent
     was_training = model.training
     model.eval()
     x_rec, _ = model(z)

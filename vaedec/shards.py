@@ -8,8 +8,9 @@ A shard folder holds
     skipped.jsonl          one JSON line per input or sample that was not encoded, with the reason
 
 Each sample in a tar is three (four) members sharing a dot-free key:
-    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before
-                      scaling_factor), logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
+    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before scaling_factor),
+                      logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
+    KEY.latent.npy    instead of moments.npy for VAEs with a deterministic encoder (DC-AE, TAESD): float16 (C, h, w)
     KEY.image.png     the exact uint8 RGB pixels (H, W, 3) that were encoded, lossless
     KEY.depth.png     RGB+depth VAEs only: the 16-bit depth map (H, W), cropped like the image
     KEY.json          {"source": path relative to SRC, "orig_size": [w, h], "crop_box": [l, t, r, b] in
@@ -52,7 +53,13 @@ from vaedec.transport import (
 log = logging.getLogger("vaedec")
 
 FORMAT = "vaedec-latent-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # AutoencoderKL shards, unchanged since the first release
+# Shards of other VAE classes (vaedec/families.py): settings.vae also names the family, what is stored, the rank
+# its encode/decode take and the diffusion model's normalisation. A new version so that a vaedec from before
+# families refuses them instead of reading them as an AutoencoderKL's.
+FORMAT_VERSION_FAMILIES = 2
+READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_FAMILIES)
+STORED_MEMBER = {"moments": "moments.npy", "latent": "latent.npy"}  # settings.vae.store -> a sample's member
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
 SHARD_NAME = "shard-{:06d}.tar"
@@ -64,13 +71,14 @@ RANK_SHARD_NAME = "shard-r{:03d}-{:06d}.tar"  # multi-process encode: (rank, tha
 
 
 def sample_members(
-    key: str, moments: np.ndarray, pixels: np.ndarray, record: dict, depth: np.ndarray | None = None
+    key: str, stored: np.ndarray, pixels: np.ndarray, record: dict, depth: np.ndarray | None = None,
+    store: str = "moments",
 ) -> dict[str, Any]:
-    """One sample as WebDataset members (already-encoded bytes)."""
+    """One sample as WebDataset members (already-encoded bytes); `stored` is the moments or the latent (`store`)."""
     assert "." not in key, key  # WebDataset splits keys at the first dot
     members = {
         "__key__": key,
-        "moments.npy": npy_bytes(moments.astype(np.float16)),
+        STORED_MEMBER[store]: npy_bytes(stored.astype(np.float16)),
         "image.png": png_bytes(pixels),
         "json": json.dumps(record, sort_keys=True).encode(),
     }
@@ -130,17 +138,20 @@ class ShardWriter:
 
 
 def new_manifest(settings: dict[str, Any]) -> dict[str, Any]:
-    """An empty manifest for a fresh OUT."""
+    """An empty manifest for a fresh OUT (version 1 for an AutoencoderKL, as before; 2 for other families)."""
+    store = settings["vae"].get("store", "moments")
+    described = {
+        "moments": "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]",
+        "latent": "float16 (latent_channels, H/f, W/f): the deterministic encoder's latent, raw",
+    }
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if "family" not in settings["vae"] else FORMAT_VERSION_FAMILIES,
         "vaedec_version": __version__,
         "complete": False,
         "settings": settings,
         "sample": {
-            "moments.npy": (
-                "float16 (2*latent_channels, H/f, W/f): mean ‖ logvar, raw, logvar clamped [-30, 20]"
-            ),
+            STORED_MEMBER[store]: described[store],
             "image.png": "uint8 RGB (H, W, 3): the exact pixels encoded",
             "depth.png": "uint16 (H, W), RGB+depth only",
             "json": "source, orig_size, crop_box, crop_index, flip, upscaled",
@@ -199,9 +210,10 @@ def _checked_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ShardError(f"{path} is not a vaedec manifest (format {found!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ShardError(
-            f"{path} has format version {manifest.get('format_version')}; this vaedec reads {FORMAT_VERSION}"
+            f"{path} has format version {manifest.get('format_version')}; this vaedec reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     missing = manifest_gaps(manifest)
     if missing:
@@ -217,14 +229,20 @@ _MANIFEST_FIELDS = (
     (("settings", "preprocessing", "resolution"), int),
     *((("settings", "vae", k), t) for k, t in (("source", str), ("encoder_sha256", str), ("in_channels", int),
                                               ("out_channels", int), ("latent_channels", int),
-                                              ("downsample_factor", int), ("scaling_factor", float))),
+                                              ("downsample_factor", int))),
 )
+# Version 1 (AutoencoderKL) always has a scaling factor; version 2 says the family and its normalisation instead.
+_VERSION_FIELDS = {
+    FORMAT_VERSION: ((("settings", "vae", "scaling_factor"), float),),
+    FORMAT_VERSION_FAMILIES: tuple((("settings", "vae", k), t) for k, t in (
+        ("family", str), ("store", str), ("latent_rank", int), ("normalisation", dict))),
+}
 
 
 def manifest_gaps(manifest: dict[str, Any]) -> list[str]:
     """Dotted names of required manifest fields that are absent or of the wrong type (empty = complete)."""
     gaps = []
-    for keys, kind in _MANIFEST_FIELDS:
+    for keys, kind in _MANIFEST_FIELDS + _VERSION_FIELDS.get(manifest.get("format_version"), ()):
         value: Any = manifest
         for k in keys:
             value = value.get(k) if isinstance(value, dict) else None
@@ -269,7 +287,7 @@ def read_skipped(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def decode_moments(data: bytes) -> np.ndarray:
-    """moments.npy bytes -> float16 (2C, h, w); never unpickles."""
+    """moments.npy (or latent.npy) bytes -> float16 (2C or C, h, w); never unpickles."""
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -281,12 +299,18 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB") if im.mode != "RGB" else im).copy()
 
 
+def stored_key(sample: dict[str, Any]) -> str:
+    """"latent" for a deterministic family's sample (latent.npy), else "moments": its batch key."""
+    return "latent" if STORED_MEMBER["latent"] in sample else "moments"
+
+
 def sample_to_tensors(sample: dict[str, Any], source: int | None = None) -> dict[str, Any]:
-    """Decode the keys training needs: moments (2C, h, w) fp16, pixels uint8 (C_out, H, W), key; and `source`,
-    the index of the shard set it came from when sets are mixed."""
+    """Decode the keys training needs: moments (2C, h, w) fp16 (or, for a deterministic family, latent (C, h, w)),
+    pixels uint8 (C_out, H, W), key; and `source`, the index of the shard set it came from when sets are mixed."""
+    stored = stored_key(sample)
     out = {
         "key": sample["__key__"],
-        "moments": torch.from_numpy(decode_moments(sample["moments.npy"])),
+        stored: torch.from_numpy(decode_moments(sample[STORED_MEMBER[stored]])),
         "pixels": torch.from_numpy(decode_png(sample["image.png"])).permute(2, 0, 1),  # uint8 (3, H, W)
     }
     if "depth.png" in sample:  # RGB+depth: raw 16-bit values, int32 since torch has no uint16 arithmetic
@@ -303,9 +327,9 @@ class BadSample(ValueError):
 def checked_sample(
     sample: dict[str, Any], source: int | None = None, expect: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, Any]:
-    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape
-    other than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
-    missing = {"moments.npy", "image.png"} - set(sample)
+    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape other
+    than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
+    missing = {STORED_MEMBER[stored_key(sample)], "image.png"} - set(sample)
     if missing:
         raise BadSample(f"missing {', '.join(sorted(missing))}")
     try:
@@ -313,18 +337,22 @@ def checked_sample(
     except Exception as e:  # noqa: BLE001 - numpy and Pillow raise many types for damaged bytes
         raise BadSample(f"cannot decode ({type(e).__name__}: {e})") from None
     for name, shape in (expect or {}).items():
+        if name not in out:
+            raise BadSample(f"no {STORED_MEMBER.get(name, name)}")
         if tuple(out[name].shape) != tuple(shape):
             raise BadSample(f"{name} shape {tuple(out[name].shape)}, expected {tuple(shape)}")
-    if not torch.isfinite(out["moments"]).all():
-        raise BadSample("non-finite moments")
+    stored = stored_key(sample)
+    if not torch.isfinite(out[stored]).all():
+        raise BadSample(f"non-finite {stored}")
     return out
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a list of decoded samples into a batch."""
+    stored = "latent" if "latent" in samples[0] else "moments"
     batch = {
         "key": [s["key"] for s in samples],
-        "moments": torch.stack([s["moments"] for s in samples]),
+        stored: torch.stack([s[stored] for s in samples]),
         "pixels": torch.stack([s["pixels"] for s in samples]),
     }
     if "depth" in samples[0]:
@@ -372,23 +400,24 @@ def summarize(folder: str | Path) -> str:
     t = m["totals"]
     c = vae["latent_channels"]
     r = pre["resolution"] // vae["downsample_factor"]
-    status = "complete" if m["complete"] else "INCOMPLETE (rerun the encode command to resume)"
+    store = vae.get("store", "moments")
+    stored = f"moments ({2 * c}, {r}, {r})" if store == "moments" else f"latent ({c}, {r}, {r})"
+    norm = vae.get("normalisation", {"kind": "scale_shift"})
+    scale = (f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}"
+             if norm["kind"] == "scale_shift" else norm["kind"].replace("_", " ") + " (normalisation in the manifest)")
     lines = [
-        f"shards         {redact(str(folder))}"
-        if is_remote(folder)
+        f"shards         {redact(str(folder))}" if is_remote(folder)
         else f"shard folder   {local_folder(folder).resolve()}",
-        f"status         {status}",
-        f"vae            {vae['source']}"
-        + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
+        f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
+        f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else "")
+        + f", {vae.get('family', 'AutoencoderKL')}",
         f"encoder sha256 {vae['encoder_sha256']}",
         (
-            f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; "
-            f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}"
+            f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; {scale}"
         ),
         (
-            f"samples        {t['samples']} in {len(m['shards'])} shards; "
-            f"moments ({2 * c}, {r}, {r}) float16, pixels {pre['resolution']}x{pre['resolution']}"
-            + (" + 16-bit depth" if pre.get("depth") else "")
+            f"samples        {t['samples']} in {len(m['shards'])} shards; {stored} float16, "
+            f"pixels {pre['resolution']}x{pre['resolution']}" + (" + 16-bit depth" if pre.get("depth") else "")
         ),
         f"preprocessing  shorter side -> {pre['resize_shorter_side_to']}, "
         + (f"{pre['crops_per_image']} random crops" if pre["crops_per_image"] else "center crop")
@@ -408,6 +437,8 @@ def verify(folder: str | Path) -> list[str]:
     m = read_manifest(folder)
     vae, pre = m["settings"]["vae"], m["settings"]["preprocessing"]
     c, f, res = vae["latent_channels"], vae["downsample_factor"], pre["resolution"]
+    store = vae.get("store", "moments")
+    member, channels = STORED_MEMBER[store], 2 * c if store == "moments" else c
     problems: list[str] = []
     keys: set[str] = set()
     for entry, path in zip(m["shards"], shard_paths(folder, m)):
@@ -419,15 +450,15 @@ def verify(folder: str | Path) -> list[str]:
                 if key in keys:
                     problems.append(f"{entry['name']}: duplicate key {key}")
                 keys.add(key)
-                missing = {"moments.npy", "image.png", "json"} - set(sample)
+                missing = {member, "image.png", "json"} - set(sample)
                 if missing:
                     problems.append(f"{entry['name']}:{key}: missing {sorted(missing)}")
                     continue
-                mom = decode_moments(sample["moments.npy"])
-                if mom.dtype != np.float16 or mom.shape != (2 * c, res // f, res // f):
-                    problems.append(f"{entry['name']}:{key}: moments {mom.dtype} {mom.shape}")
+                mom = decode_moments(sample[member])
+                if mom.dtype != np.float16 or mom.shape != (channels, res // f, res // f):
+                    problems.append(f"{entry['name']}:{key}: {store} {mom.dtype} {mom.shape}")
                 elif not np.isfinite(mom).all():
-                    problems.append(f"{entry['name']}:{key}: non-finite moments")
+                    problems.append(f"{entry['name']}:{key}: non-finite {store}")
                 img = decode_png(sample["image.png"])
                 if img.shape != (res, res, 3) or img.dtype != np.uint8:
                     problems.append(f"{entry['name']}:{key}: image {img.dtype} {img.shape}")

@@ -326,8 +326,9 @@ def train_batches(
     expect = None
     if manifest is not None:
         vae, res = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]["resolution"]
-        r = res // vae["downsample_factor"]
-        expect = {"moments": (2 * vae["latent_channels"], r, r), "pixels": (3, res, res)}
+        r, store = res // vae["downsample_factor"], vae.get("store", "moments")  # families: moments or latent
+        channels = 2 * vae["latent_channels"] if store == "moments" else vae["latent_channels"]
+        expect = {store: (channels, r, r), "pixels": (3, res, res)}
     positions, first_role = stream_start(cfg, sets, data, step, consumed)
     stream = TrainStream(
         sets[0].train,

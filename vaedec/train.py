@@ -2,9 +2,8 @@
 phases:
 
  0. run folder, accelerator, logging
- 1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is
-    touched)
- 2. model: the VAE named in the manifest, fingerprint check, keep post_quant_conv + decoder, drop the encoder
+ 1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is touched)
+ 2. model: the VAE named in the manifest, fingerprint check, its family's trainable decoder, the encoder dropped
  3. loss modules: LPIPS (frozen), PatchGAN, scalar logvar
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
@@ -56,6 +55,7 @@ from vaedec.config import OptimConfig, TrainConfig, config_to_dict, default_run_
 from vaedec.device import keep_freed_heap
 from vaedec.discriminator import build_discriminator
 from vaedec.errors import TrainError
+from vaedec.families import check_run_settings, latent_noise_raw, trainable_decoder, zero_unreached_grads
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
 from vaedec.latents import add_latent_noise, sample_latent
@@ -74,7 +74,7 @@ from vaedec.losses import (
 from vaedec.metrics import Evaluator, grid_batch, val_batches
 from vaedec.signals import StopRequest
 from vaedec.stream import ShardSet, epoch_of, note_batch, shard_sets, train_batches
-from vaedec.vae import freeze, named_trainable_parameters, trainable_decoder, trainable_parameters
+from vaedec.vae import freeze, named_trainable_parameters, trainable_parameters
 
 log = logging.getLogger("vaedec")
 
@@ -132,6 +132,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
     # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten ------
     manifest, sets = shard_sets(cfg)
+    check_run_settings(cfg, manifest)  # what the shards' VAE family cannot take
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
     if is_main:
@@ -141,8 +142,8 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # 2. model -----------------------------------------------------------------------------------------------
     decoder = trainable_decoder(cfg, manifest)
 
-    # 3. loss modules ----------------------------------------------------------------------------------------
-    lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.conv_out.out_channels, device)
+    # 3. loss modules ----------------------------------------------------------------------------------------------
+    lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.out_channels, device)
 
     anchors = None  # the original decoder's weights for loss.anchor_weight, taken before any update or resume
     if cfg.loss.anchor_weight:
@@ -185,14 +186,15 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         if is_main:
             accelerator.init_trackers("tensorboard")
 
-        # latent_noise_std is in scaled units (what a diffusion model sees); z is raw: divide by the scale.
-        latent_noise_raw = cfg.model.latent_noise_std / manifest["settings"]["vae"]["scaling_factor"]
+        # model.latent_noise_std is in the units a diffusion model sees; z is raw: divided by the scale, or a
+        # (C, h, w) map of stds for a per-channel or FLUX.2's batch-norm normalisation.
+        noise_raw = latent_noise_raw(cfg, manifest)
 
         # 7. the loop ----------------------------------------------------------------------------------------
         set_names = [st.name for st in sets]
 
         def step() -> dict[str, float]:
-            return train_step(state, batches, lpips_model, cfg, lrs, set_names, anchors, latent_noise_raw)
+            return train_step(state, batches, lpips_model, cfg, lrs, set_names, anchors, noise_raw)
 
         saved_at, stopped_by = _loop(run_dir, cfg, state, step, evaluators, ema_decoder, stop)
 
@@ -272,13 +274,13 @@ def train_step(
     lrs: tuple[float, float],
     set_names: list[str] = (),
     anchors: list[torch.Tensor] | None = None,
-    latent_noise_raw: float = 0.0,
+    latent_noise_raw: float | torch.Tensor = 0.0,
 ) -> dict[str, float]:
-    """One optimizer step of the run: the generator phase, then the discriminator phase on the same
-    micro-batches, then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed
-    shard sets (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`: see
-    generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units
-    (model.latent_noise_std / scaling_factor)."""
+    """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
+    then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed shard sets
+    (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`: see generator_step.
+    `latent_noise_raw`: std of the extra noise on z, in raw latent units (model.latent_noise_std / scaling_factor,
+    or a (C, h, w) map: families.latent_noise_raw)."""
     state.decoder.train()
     state.disc.train()
     # The LR is a pure function of the optimizer step (no scheduler state to save or to desynchronise).
@@ -290,7 +292,10 @@ def train_step(
     for _ in range(k):
         batch = next(batches)
         reports += note_batch(batch, state.data)
-        z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
+        if "latent" in batch:  # a deterministic family's stored latent (model.latent_sample=mode, checked)
+            z = batch["latent"].float()
+        else:
+            z = sample_latent(batch["moments"], cfg.model.latent_sample, state.noise)  # (B, C, h, w)
         z = add_latent_noise(z, latent_noise_raw, state.noise).to(device)
         if cfg.model.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
@@ -407,8 +412,9 @@ def generator_step(
     averaged over the micro-batches.
     """
     k, scaler = len(micro_batches), accelerator.scaler
-    # for λ: only its shape/stride/padding and input are used
-    conv_out = accelerator.unwrap_model(decoder).conv_out
+    raw = accelerator.unwrap_model(decoder)
+    conv_out = raw.conv_out  # for λ: only its shape/stride/padding and input are used
+    weight_grad = getattr(raw, "last_weight_grad", None)  # families whose x̂ is more than conv_out(h)
     logs: dict[str, float] = {}
     stored: list[MicroBatch] = []
     for i, (x, z) in enumerate(micro_batches):
@@ -418,7 +424,7 @@ def generator_step(
             with accelerator.no_sync(disc):
                 grads = generator_grads(
                     x, x_rec, h, conv_out, lpips_model, disc, logvar, cfg.loss, step,
-                    loss_scale=scaler.get_scale() if scaler is not None else 1.0,
+                    loss_scale=scaler.get_scale() if scaler is not None else 1.0, weight_grad=weight_grad,
                 )
             # One backward through the decoder with dL_G/dx̂ (no double backward for λ); accelerate applies
             # the grad scaler, and the 1/k of accumulation is ours since accumulation is done by hand here.
@@ -431,6 +437,7 @@ def generator_step(
     if anchors is not None:  # L2-SP toward the original decoder, added to the gradient before clipping
         logs["loss/anchor"] = add_anchor_grad(trainable_parameters(decoder), anchors, cfg.loss.anchor_weight,
                                               scaler.get_scale() if scaler is not None else 1.0)
+    zero_unreached_grads(raw)  # causal 3-D kernels: what one frame never reaches stays as it was
     if cfg.optim.grad_clip_norm:
         params = [p for group in opt_g.param_groups for p in group["params"]]
         logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
@@ -495,6 +502,12 @@ def build_optimizers(
     scale = cfg.data.batch_size_per_device * o.grad_accum_steps * processes if o.scale_lr else 1
     lr, disc_lr = o.lr * scale, (o.disc_lr or o.lr) * scale
     gen_params = trainable_parameters(decoder) + ([logvar] if cfg.loss.learn_logvar else [])
+    # Weights with slices an image never reaches (causal 3-D kernels) get no weight decay, so those slices come
+    # out bit-identical; AutoencoderKL has none and keeps its one group.
+    unreached = {id(decoder.get_parameter(n)) for n in getattr(decoder, "unreached", {})}
+    if o.weight_decay and unreached:
+        gen_params = [{"params": [p for p in gen_params if id(p) not in unreached]},
+                      {"params": [p for p in gen_params if id(p) in unreached], "weight_decay": 0.0}]
     opt_g = torch.optim.Adam(gen_params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
     opt_d = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=o.betas, weight_decay=o.weight_decay)
     return opt_g, opt_d, (lr, disc_lr)

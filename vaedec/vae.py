@@ -1,6 +1,7 @@
-"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading
-the VAE a shard manifest names with that fingerprint checked (train and export), and the trainable decoder
-(post_quant_conv + decoder) that training sees."""
+"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading the
+VAE a shard manifest names with that fingerprint checked, its trainable decoder (post_quant_conv + decoder) and
+the freezing helpers every family's decoder uses. Other VAE classes, and the run's decoder of any class
+(`families.trainable_decoder`), are vaedec/families.py's, one floor up."""
 
 from __future__ import annotations
 
@@ -8,13 +9,11 @@ import fnmatch
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from vaedec.config import TrainConfig
 from vaedec.convert import DEFAULT_SCALING_FACTOR, ConversionError, load_single_file_vae
 from vaedec.errors import TrainError, VaedecError
 
@@ -203,6 +202,11 @@ class TrainableDecoder(nn.Module):
     def conv_out(self) -> nn.Conv2d:
         return self.decoder.conv_out
 
+    @property
+    def out_channels(self) -> int:
+        """Pixel channels of x_rec (the discriminator's input)."""
+        return int(self.decoder.conv_out.out_channels)
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw z (B, C, h, w) -> (x_rec (B, C_out, 8h, 8w), conv_out input (B, C_last, 8h, 8w))."""
         if self.post_quant_conv is not None:
@@ -229,23 +233,6 @@ def vae_summary(vae: AutoencoderKL) -> dict:
 # the decoder that trains
 
 
-def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainableDecoder:
-    """post_quant_conv + decoder of the manifest's VAE (or model.vae with the same encoder); the encoder and
-    quant_conv are freed here and never reach the device."""
-    vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards)
-    if cfg.model.gradient_checkpointing:
-        # diffusers' Decoder: mid and up blocks under non-reentrant checkpoint
-        vae.enable_gradient_checkpointing()
-    decoder = TrainableDecoder(vae)
-    del vae
-    if decoder.post_quant_conv is not None and not cfg.model.train_post_quant_conv:
-        freeze(decoder.post_quant_conv)
-    freeze_all_but(decoder, cfg.model.trainable)
-    if cfg.model.channels_last:
-        decoder.to(memory_format=torch.channels_last)
-    return decoder
-
-
 def trainable_parameters(decoder: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The decoder parameters that train, in module order (what opt_g holds, logvar aside)."""
     return [p for _, p in named_trainable_parameters(decoder)]
@@ -261,8 +248,8 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
     if unmatched:
         parts = sorted({_part(n) + ".*" for n in names})
         raise TrainError(
-            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. "
-            "Patterns are fnmatch patterns on AutoencoderKL names, e.g. 'decoder.up_blocks.3.*'; its parts: "
+            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
+            f"fnmatch patterns on the VAE's parameter names, e.g. 'decoder.up_blocks.3.*'; its parts: "
             f"{', '.join(parts)}"
         )
     chosen_set = set(chosen)
