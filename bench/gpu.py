@@ -202,8 +202,10 @@ def encode_rows(sizes: Sizes, device: torch.device, quick: bool) -> tuple[list[R
     return encode_bench.rows(e), f"encode: {model}; {e.setup}; fastest of {e.repeats} interleaved rounds; {e.device}"
 
 
-def fits(bench: StepBench, batch: int) -> bool:
-    """Whether two steps (a) of this batch run (the second holds Adam's moments too) without CUDA running out."""
+def fits(bench: StepBench, batch: int, errors: list[str]) -> bool:
+    """Whether two steps (a) of this batch run (the second holds Adam's moments too) without CUDA running out.
+    Another error (a kernel refusing a tensor of more than 2^31 elements, say) also ends the search; its first line
+    goes into `errors` and the note."""
     try:
         bench.set_batch(batch)
         for _ in range(2):
@@ -211,6 +213,9 @@ def fits(bench: StepBench, batch: int) -> bool:
         sync(bench.device)
         return True
     except torch.OutOfMemoryError:
+        return False
+    except RuntimeError as e:
+        errors.append(f"{bench.resolution} px, batch {batch}: {str(e).strip().splitlines()[0][:200]}")
         return False
     finally:
         bench.opt_g.zero_grad(set_to_none=True)
@@ -244,7 +249,7 @@ def max_batch_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], str]:
     deadline = time.monotonic() + sizes.max_batch_budget_s
     bench = StepBench(sizes.max_batch_resolutions[0], 1, device, "bf16", sizes.vae_config, lpips=sizes.lpips,
                       disc_ndf=sizes.disc_ndf)
-    rows = []
+    rows, errors = [], []
     for resolution in sizes.max_batch_resolutions:
         bench.resolution = resolution
         found = {}
@@ -253,7 +258,7 @@ def max_batch_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], str]:
                 bench.vae.enable_gradient_checkpointing()  # diffusers' own, as model.gradient_checkpointing
             else:
                 bench.vae.disable_gradient_checkpointing()
-            found[gc_on] = largest_batch(lambda b: fits(bench, b), sizes.max_batch_cap, deadline)
+            found[gc_on] = largest_batch(lambda b: fits(bench, b, errors), sizes.max_batch_cap, deadline)
             log(f"  max batch {resolution} px, checkpointing {gc_on}: {found[gc_on]}")
         for gc_on, (batch, why) in found.items():
             stop = {"out of memory": "", "cap": f", ≥: the cap {sizes.max_batch_cap} fits",
@@ -265,7 +270,9 @@ def max_batch_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], str]:
     bench.vae.disable_gradient_checkpointing()
     note = (f"max batch: step (a) in bf16 as above (LPIPS + PatchGAN included), two steps per try (Adam's moments "
             f"allocated), batch doubled from 1 until CUDA ran out of memory, then bisected; capped at "
-            f"{sizes.max_batch_cap} and {sizes.max_batch_budget_s:.0f} s for all searches")
+            f"{sizes.max_batch_cap} and {sizes.max_batch_budget_s:.0f} s for all searches"
+            + ("; errors other than out of memory, each counted as not fitting: " + "; ".join(errors) if errors
+               else ""))
     return rows, note
 
 
