@@ -56,6 +56,7 @@ from vaedec.shards import (
 log = logging.getLogger("vaedec")
 
 EVAL_JSON, EVAL_REPORT = "eval.json", "report.md"  # in --out; export --eval reads eval.json into a model card
+GRID_MIN_TILE = 192  # px: smaller crops are shown scaled up (nearest) in the grids, 64 px ones x3
 
 # Metrics with a paired interval against the baseline, and which direction is better.
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -425,7 +426,7 @@ def write_grids(out: Path, evalset: EvalSet, specs: list[ModelSpec], models: dic
         labels = [s.label for s in specs] if name == "sample" else [specs[0].label, name.split("-", 1)[1]]
         columns = [batch_to_model(batch, torch.device("cpu"))] + [decode(models[lb], z, device) for lb in labels]
         path = out / "grids" / f"{evalset.name}-{_file_safe(name)}.png"
-        save_grid(columns, path)
+        save_grid(columns, path, labels=["original", *labels], min_tile=GRID_MIN_TILE)
         written.append(path)
     return written
 
