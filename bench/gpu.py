@@ -359,7 +359,7 @@ def main(device: str | None, quick: bool, write: Path | None) -> None:
     if dev.type == "cpu" and not quick:
         log("a CPU run at GPU sizes takes hours; add --quick for the toy run")
     if dev.type == "cpu" and quick:
-        # Toy ops: a second OpenMP thread costs more than it gains, many times more on busy cores (README, "threads").
+        # Toy ops: a second OpenMP thread costs more than it gains, many times more on busy cores (README, "CPU threads").
         torch.set_num_threads(1)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     rows, notes = run_all(dev, quick)
