@@ -54,7 +54,9 @@ def hub_id(source: str) -> str | None:
 def base_licence(source: str, repo: str | None) -> dict[str, str]:
     """The base VAE's licence fields (license, license_name, license_link) from its own card, read offline: a local
     folder's README.md, or the hub repo's README.md in the Hugging Face cache. {} when no card is at hand."""
-    candidates = [Path(source) / CARD, Path(source).parent / CARD] if Path(source).exists() else []
+    local = Path(source)
+    # A folder's own card (a pipeline folder's, for its vae/); a single file's, the card beside it.
+    candidates = [local / CARD] if local.is_dir() else [local.parent / CARD] if local.is_file() else []
     if repo is not None:
         try:
             from huggingface_hub import try_to_load_from_cache
