@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo experiment source-vae bench bench-gpu lint clean
+.PHONY: venv test test-fast demo experiment source-vae source-vae-qwenimage bench bench-gpu lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ demo: $(STAMP)
 # Retrain the shipped stand-in pretrained VAE (assets/source-vae; about 10 CPU minutes). Its model card is kept.
 source-vae: $(STAMP)
 	$(PY) -m vaedec.source_vae --out assets/source-vae
+
+# The same for a Qwen-Image / Wan 2.1-shaped VAE (AutoencoderKLQwenImage; about 20 CPU minutes).
+source-vae-qwenimage: $(STAMP)
+	$(PY) -m vaedec.source_vae --family qwenimage --out assets/source-vae-qwenimage
 
 # Fine-tune the source VAE's decoder on rendered text with each shipped recipe; writes docs/quality.md.
 experiment: $(STAMP)

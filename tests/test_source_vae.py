@@ -65,3 +65,24 @@ def test_lr_warms_up_then_decays_to_zero():
     assert lr_at(0, cfg) == 1e-4 and lr_at(9, cfg) == 1e-3
     assert math.isclose(lr_at(60, cfg), 5e-4) and lr_at(110, cfg) == 0.0
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 110))
+
+
+def test_qwenimage_source_vae_trains_deterministically_and_records_per_channel_statistics(tmp_path):
+    from diffusers import AutoencoderKLQwenImage
+
+    make_images(tmp_path / "img", 3, size=(40, 36))
+    cfg = SourceVAEConfig(family="qwenimage", block_out_channels=(8, 16), latent_channels=16, resolution=16,
+                          batch_size=2, steps=3, warmup_steps=1, threads=1)
+    a, losses_a = train_source_vae(tmp_path / "img", cfg, progress=False)
+    b, losses_b = train_source_vae(tmp_path / "img", cfg, progress=False)
+    assert isinstance(a, AutoencoderKLQwenImage) and losses_a == losses_b and all(map(math.isfinite, losses_a))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    stats = latent_stats(a, tmp_path / "img", cfg, n=8)
+    assert len(stats["latents_mean"]) == len(stats["latents_std"]) == 16 and min(stats["latents_std"]) > 0
+    a.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
+    save_atomic(a, tmp_path / "q", {"steps": 3})
+    loaded = AutoencoderKLQwenImage.from_pretrained(tmp_path / "q").eval()
+    assert loaded.config.latents_std == stats["latents_std"]
+    x = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x).latent_dist.mean, a.eval().encode(x).latent_dist.mean)

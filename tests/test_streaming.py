@@ -191,7 +191,7 @@ def test_missing_shard_is_a_one_line_error_naming_url_or_command(tmp_path, shard
         msg = one_line_error(cli("train", base, "--output", tmp_path / "url", *FAST_TRAIN, *STEPS, code=None))
         assert f"{base}shard-000000.tar: HTTP 404" in msg, msg
     msg = one_line_error(cli("train", pipe(folder), "--output", tmp_path / "pipe", *FAST_TRAIN, *STEPS, code=None))
-    assert f"`cat {folder.resolve()}/shard-000000.tar` exited with status 1" in msg and "No such file" in msg, msg
+    assert f"`pipe:cat {folder.resolve()}/shard-000000.tar` exited with status 1" in msg and "No such file" in msg, msg
     with pytest.raises(ShardUnreachable):
         list(read_samples(shard_paths(pipe(folder), read_manifest(pipe(folder))), skip_bad=True))
 

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import click
 
 from vaedec.config import ConfigError, EncodeConfig, EvalConfig
-from vaedec.io import setup_logging  # lives in io.py; `from vaedec.cli import setup_logging` keeps working
+from vaedec.io import setup_logging
+from vaedec.redact import redact  # lives in io.py; `from vaedec.cli import setup_logging` keeps working
 
 # Exit codes, documented in the README and in `--help`.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
@@ -23,7 +24,11 @@ log = logging.getLogger("vaedec")
 
 
 class UserError(click.ClickException):
-    """A mistake the user can fix: printed as 'Error: ...' with exit code 1, never a traceback."""
+    """A mistake the user can fix: printed as 'Error: ...' with exit code 1, never a traceback. Its message is
+    `redact`ed: a signed URL's token is not printed."""
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
 
 
 @contextmanager

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vaedec.redact import redact_tree
+
 log = logging.getLogger("vaedec")
 
 class ConfigError(ValueError):
@@ -439,7 +441,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Dataclass -> plain dict (tuples as lists) for YAML/JSON."""
+    """Dataclass -> plain dict (tuples as lists) for YAML/JSON: what run folders, checkpoints and reports store
+    and resume checks compare, so secrets in SHARDS (a signed URL's token) are `redact`ed."""
 
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -448,7 +451,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return redact_tree(plain(dataclasses.asdict(cfg)))
 
 
 def dump_config(cfg: Any) -> str:

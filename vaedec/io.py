@@ -2,12 +2,14 @@
 
 Every writer builds its output under a temp name next to the target and renames it when complete, so a reader
 (or a rerun after a kill) sees the old file or the new one, never half of one. Temp names are
-`.NAME.<random hex>.tmp`; they are created with the usual permissions (mode 0666/0777 minus the umask), which a
-rename keeps.
+`.NAME.<random hex>.tmp`. Before the rename every file gets mode 0666 and every folder 0777, minus the umask,
+whatever wrote it: safetensors' `save_file` (and so diffusers' `save_pretrained`) creates 0600 files, which a
+ComfyUI or pipeline running as another user (a shared models folder, a container with another uid) cannot read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -24,7 +26,46 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vaedec.redact import redact
+
 LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+class _Redacted(logging.Filter):
+    """Every line vaedec logs goes through `redact`: a signed URL's token never reaches stderr or log.txt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_modes(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and everything in it) the umask's modes: 0666 / 0777 minus the umask."""
+    mask = umask()
+    path = Path(path)
+    if not path.is_dir():
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def _temp_name(path: Path) -> Path:
@@ -38,6 +79,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     tmp = _temp_name(path)
     try:
         write(str(tmp))
+        usual_modes(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
@@ -68,6 +110,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        usual_modes(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -107,6 +150,7 @@ def setup_logging(logfile: str | os.PathLike | None = None) -> None:
         old.close()
     for h in handlers:
         h.setFormatter(LOG_FORMAT)
+        h.addFilter(_Redacted())
         log.addHandler(h)
     log.setLevel(logging.INFO)
     log.propagate = False

@@ -17,6 +17,7 @@ Each sample in a tar is three (four) members sharing a dot-free key:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import http.client
@@ -46,6 +47,7 @@ from PIL import Image
 from vaedec import __version__
 from vaedec.images import GREY16_MODES
 from vaedec.io import atomic_write_bytes, atomic_write_json, npy_bytes, png_bytes
+from vaedec.redact import redact
 
 log = logging.getLogger("vaedec")
 
@@ -339,13 +341,24 @@ def spec_name(spec: str) -> str:
     return local_folder(s).resolve().name
 
 
+def _request(url: str) -> urllib.request.Request:
+    """A GET of `url`; user:password@ in it is sent as HTTP basic authentication (urllib would take it for part
+    of the host name)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url)
+    userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return urllib.request.Request(bare, headers={"Authorization": "Basic " + base64.b64encode(userinfo).decode()})
+
+
 class _HTTPStream:
     """The body of an http(s) response as a file; a broken connection is remembered for `failure`."""
 
     def __init__(self, url: str):
         self.url, self._failure, self._read = url, None, 0
         try:
-            self._response = urllib.request.urlopen(url, timeout=REMOTE_TIMEOUT_S)  # only http(s) URLs come here
+            self._response = urllib.request.urlopen(_request(url), timeout=REMOTE_TIMEOUT_S)  # http(s) only
         except urllib.error.HTTPError as e:
             raise ShardUnreachable(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
@@ -382,7 +395,7 @@ class _PipeStream:
             self._proc = subprocess.Popen(self.cmd, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
         except OSError as e:
             self._stderr.close()
-            raise ShardUnreachable(f"`{self.cmd}` cannot be started ({e})") from None
+            raise ShardUnreachable(f"`{self.url}` cannot be started ({e})") from None
 
     def read(self, n: int = -1) -> bytes:
         data = self._proc.stdout.read(n)
@@ -402,13 +415,13 @@ class _PipeStream:
         try:
             status = self._proc.wait(timeout=REMOTE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            return f"`{self.cmd}` closed its output but did not exit within {REMOTE_TIMEOUT_S:g} s"
+            return f"`{self.url}` closed its output but did not exit within {REMOTE_TIMEOUT_S:g} s"
         if status == 0:
             return None
         self._stderr.seek(0)
         lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
         said = "; ".join(lines[-3:])[-400:]
-        return f"`{self.cmd}` exited with status {status}" + (f": {said}" if said else " (it printed nothing)")
+        return f"`{self.url}` exited with status {status}" + (f": {said}" if said else " (it printed nothing)")
 
     def close(self) -> None:
         self._proc.stdout.close()  # a command still writing gets SIGPIPE
@@ -784,7 +797,7 @@ def summarize(folder: str | Path) -> str:
     c = vae["latent_channels"]
     r = pre["resolution"] // vae["downsample_factor"]
     lines = [
-        f"shards         {folder}" if is_remote(folder) else f"shard folder   {local_folder(folder).resolve()}",
+        f"shards         {redact(str(folder))}" if is_remote(folder) else f"shard folder   {local_folder(folder).resolve()}",
         f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
         f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else ""),
         f"encoder sha256 {vae['encoder_sha256']}",

@@ -1,4 +1,4 @@
-"""The stand-in *pretrained* VAE: a small AutoencoderKL trained (encoder and decoder) on photographs, offline.
+"""The stand-in *pretrained* VAEs: small VAEs trained (encoder and decoder) on photographs, offline.
 
 No pretrained SD VAE can be downloaded on an offline machine, so the demo and the quality experiment use this one:
 trained on `domains.photos(split="train")` the way SD's VAE was trained on photographs (L1 reconstruction plus a
@@ -6,6 +6,11 @@ tiny KL), in SD's block layout at a fraction of its size. It is *pretrained on a
 decoder on `domains.rendered_text` is then the same story as fine-tuning SD's decoder on documents or anime.
 
     python -m vaedec.source_vae --out assets/source-vae      # or: make source-vae
+    python -m vaedec.source_vae --family qwenimage --out assets/source-vae-qwenimage   # make source-vae-qwenimage
+
+Two families: `kl`, diffusers' AutoencoderKL in SD's block layout (4 latent channels), and `qwenimage`, diffusers'
+AutoencoderKLQwenImage in Qwen-Image / Wan 2.1's layout (causal 3-D convolutions, RMS norms, 16 latent channels,
+images as one-frame videos (B, 3, 1, H, W)): the stand-in for fine-tuning Qwen-Image's decoder as its authors did.
 
 Deterministic on CPU for a given seed, thread count and torch build. Saved atomically as a diffusers folder plus
 `training.json` (settings, losses, latent statistics, wall time).
@@ -25,19 +30,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderKLQwenImage
 from PIL import Image
 
 from vaedec.images import load_rgb, to_model_range
-from vaedec.latents import encode_moments, split_moments
+from vaedec.latents import LOGVAR_MAX, LOGVAR_MIN, encode_moments, split_moments
 
 
 @dataclass(frozen=True)
 class SourceVAEConfig:
+    family: str = "kl"  # "kl": AutoencoderKL, SD's layout; "qwenimage": AutoencoderKLQwenImage (Qwen-Image, Wan 2.1)
     block_out_channels: tuple[int, ...] = (32, 64, 96)  # 3 levels: downsampling factor 4; 1.6 M parameters
     layers_per_block: int = 1  # resnets per encoder block (decoder blocks get one more, as in SD)
     latent_channels: int = 4  # SD's
@@ -51,6 +58,40 @@ class SourceVAEConfig:
     seed: int = 0  # weights, crops, flips and posterior noise
     threads: int = 1  # torch.set_num_threads: results depend on it, so it is fixed and recorded. 1, not 2: on a
     # shared 2-core machine two OpenMP threads spin-wait and cost 4x the CPU time per step (measured)
+
+
+# The qwenimage stand-in: Qwen-Image's 16 latent channels, widths 16/32/64 (1.9 M parameters, close to the kl
+# one's 1.6 M: its 3x3x3 kernels hold 3x the weights of 3x3 ones), downsampling factor 4 as the kl one.
+QWENIMAGE = {"family": "qwenimage", "block_out_channels": (16, 32, 64), "latent_channels": 16}
+FAMILIES = ("kl", "qwenimage")
+
+
+def build_vae(cfg: SourceVAEConfig) -> AutoencoderKL | AutoencoderKLQwenImage:
+    """A randomly initialised VAE of `cfg.family` (seeded by the caller)."""
+    if cfg.family == "kl":
+        return AutoencoderKL(**source_vae_config(cfg))
+    if cfg.family == "qwenimage":
+        base = cfg.block_out_channels[0]
+        return AutoencoderKLQwenImage(
+            base_dim=base, z_dim=cfg.latent_channels, dim_mult=[c // base for c in cfg.block_out_channels],
+            num_res_blocks=cfg.layers_per_block, temperal_downsample=[False] * (len(cfg.block_out_channels) - 1),
+            latents_mean=[0.0] * cfg.latent_channels, latents_std=[1.0] * cfg.latent_channels,
+        )
+    raise ValueError(f"unknown source VAE family {cfg.family!r}; one of {', '.join(FAMILIES)}")
+
+
+def posterior(vae: AutoencoderKL | AutoencoderKLQwenImage, x: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, H, W) -> moments (B, 2C, H/f, W/f), mean ‖ logvar unclamped, with gradients."""
+    if isinstance(vae, AutoencoderKLQwenImage):  # an image is a one-frame video: (B, 3, 1, H, W)
+        return vae.encode(x.unsqueeze(2)).latent_dist.parameters.squeeze(2)
+    return vae.quant_conv(vae.encoder(x))
+
+
+def decode(vae: AutoencoderKL | AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tensor:
+    """z (B, C, h, w) -> pixels (B, 3, H, W); the qwenimage decoder's output is clamped to [-1, 1] (diffusers')."""
+    if isinstance(vae, AutoencoderKLQwenImage):
+        return vae.decode(z.unsqueeze(2)).sample.squeeze(2)
+    return vae.decode(z).sample
 
 
 def source_vae_config(cfg: SourceVAEConfig) -> dict:
@@ -145,16 +186,20 @@ def deterministic(cfg: SourceVAEConfig) -> Iterator[None]:
         torch.use_deterministic_algorithms(strict)
 
 
-def train_source_vae(images: Path, cfg: SourceVAEConfig, progress: bool = True) -> tuple[AutoencoderKL, list[float]]:
+def train_source_vae(
+    images: Path, cfg: SourceVAEConfig, progress: bool = True
+) -> tuple[AutoencoderKL | AutoencoderKLQwenImage, list[float]]:
     """Train encoder + decoder from scratch on random crops of the images in `images`; returns (vae, losses)."""
     with deterministic(cfg):
         return _train(images, cfg, progress)
 
 
-def _train(images: Path, cfg: SourceVAEConfig, progress: bool) -> tuple[AutoencoderKL, list[float]]:
+def _train(
+    images: Path, cfg: SourceVAEConfig, progress: bool
+) -> tuple[AutoencoderKL | AutoencoderKLQwenImage, list[float]]:
     from tqdm import tqdm
 
-    vae = AutoencoderKL(**source_vae_config(cfg)).train()
+    vae = build_vae(cfg).train()
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     levels = load_pyramid(images, cfg.resolution)
     rng = random.Random(cfg.seed)
@@ -165,11 +210,11 @@ def _train(images: Path, cfg: SourceVAEConfig, progress: bool) -> tuple[Autoenco
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x = random_crops(levels, cfg.batch_size, cfg.resolution, rng)  # (B, 3, res, res)
-        moments = vae.quant_conv(vae.encoder(x))  # (B, 2C, res/4, res/4) mean ‖ logvar, unclamped
+        moments = posterior(vae, x)  # (B, 2C, res/4, res/4) mean ‖ logvar, unclamped
         mean, logvar = moments.chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution range
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise)
-        x_rec = vae.decode(z).sample
+        x_rec = decode(vae, z)
         loss, logs = vae_loss(x, x_rec, mean, logvar, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,17 +225,32 @@ def _train(images: Path, cfg: SourceVAEConfig, progress: bool) -> tuple[Autoenco
     return vae.eval(), losses
 
 
+def moments_of(vae: AutoencoderKL | AutoencoderKLQwenImage, x: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, H, W) -> moments (B, 2C, h, w) with logvar clamped, no gradients (as encode stores them)."""
+    if isinstance(vae, AutoencoderKL):
+        return encode_moments(vae, x)
+    with torch.no_grad():
+        mean, logvar = posterior(vae, x).float().chunk(2, dim=1)
+    return torch.cat([mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)], dim=1)
+
+
 @torch.no_grad()
-def latent_stats(vae: AutoencoderKL, images: Path, cfg: SourceVAEConfig, n: int = 512) -> dict[str, float]:
+def latent_stats(vae: AutoencoderKL | AutoencoderKLQwenImage, images: Path, cfg: SourceVAEConfig,
+                 n: int = 512) -> dict[str, Any]:
     """Posterior statistics on n seeded training crops: std and mean of the means, mean posterior std.
 
     scaling_factor = 1 / std(mean), as SD's 0.18215 was derived, so scaled latents have unit variance for a UNet.
+    Per channel too (latents_mean / latents_std): the normalisation Qwen-Image and Wan pipelines apply.
     """
     levels = load_pyramid(images, cfg.resolution)
     x = random_crops(levels, n, cfg.resolution, random.Random(cfg.seed + 1))
-    mean, logvar = split_moments(torch.cat([encode_moments(vae, b) for b in x.split(64)]))
+    mean, logvar = split_moments(torch.cat([moments_of(vae, b) for b in x.split(64)]))
     std_of_mean = float(mean.std())
-    return {
+    per_channel = {
+        "latents_mean": [round(float(v), 4) for v in mean.mean(dim=(0, 2, 3))],
+        "latents_std": [round(float(v), 4) for v in mean.std(dim=(0, 2, 3))],
+    } if cfg.family == "qwenimage" else {}
+    return {**per_channel,
         "latent_mean_mean": float(mean.mean()),
         "latent_mean_std": std_of_mean,
         "posterior_std_mean": float(torch.exp(0.5 * logvar).mean()),
@@ -212,16 +272,17 @@ def tiles(path: Path, resize: int, tile: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, folder: Path, resize: int = 128, tile: int = 64) -> float:
+def reconstruction_psnr(vae: AutoencoderKL | AutoencoderKLQwenImage, folder: Path, resize: int = 128,
+                        tile: int = 64) -> float:
     """Mean PSNR (dB, per tile) of decode(z = mean) over tile x tile pieces of every image in `folder`."""
     from vaedec.metrics import reconstruction_metrics
 
     x = torch.cat([tiles(p, resize, tile) for p in sorted(folder.iterdir())])
-    rec = torch.cat([vae.decode(split_moments(encode_moments(vae, b))[0]).sample for b in x.split(64)])
+    rec = torch.cat([decode(vae, split_moments(moments_of(vae, b))[0]) for b in x.split(64)])
     return reconstruction_metrics(x, rec, None)["psnr"]
 
 
-def save_atomic(vae: AutoencoderKL, out: Path, record: dict) -> None:
+def save_atomic(vae: AutoencoderKL | AutoencoderKLQwenImage, out: Path, record: dict) -> None:
     """save_pretrained + training.json into a temp folder next to `out`, then swap it in."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -264,18 +325,23 @@ def _git_commit() -> str:
               help="Optimizer steps of batch 8 (about 1 CPU-second each on one core).")
 @click.option("--seed", default=SourceVAEConfig.seed, show_default=True, type=int,
               help="Seeds the weights, crops, flips and posterior noise.")
+@click.option("--family", type=click.Choice(FAMILIES), default="kl", show_default=True,
+              help="kl: AutoencoderKL (SD's layout, 4 latent channels); qwenimage: AutoencoderKLQwenImage "
+                   "(Qwen-Image / Wan 2.1's causal 3-D layout, 16 latent channels).")
 @click.option("--threads", default=SourceVAEConfig.threads, show_default=True, type=click.IntRange(1),
               help="CPU threads; the weights depend on it, so it is recorded.")
-def main(out: Path, steps: int, seed: int, threads: int) -> None:
+def main(out: Path, steps: int, seed: int, family: str, threads: int) -> None:
     """Train the stand-in pretrained VAE on scikit-image's photographs (train split) and save it to OUT.
 
-    Encoder and decoder, L1 + MSE + 1e-6 KL, 64 px crops, downsampling factor 4, 4 latent channels. Then measures
-    reconstruction PSNR on the held-out photographs and on rendered text, and sets scaling_factor = 1 / std of
-    the latent means on training crops. Everything it measured goes into OUT/training.json.
+    Encoder and decoder, L1 + MSE + 1e-6 KL, 64 px crops, downsampling factor 4, 4 latent channels (qwenimage: 16).
+    Then measures reconstruction PSNR on the held-out photographs and on rendered text, and sets scaling_factor =
+    1 / std of the latent means on training crops (qwenimage: latents_mean / latents_std per channel, as its
+    pipelines use). Everything it measured goes into OUT/training.json.
     """
     from vaedec.domains import photos, rendered_text
 
-    cfg = SourceVAEConfig(steps=steps, seed=seed, threads=threads)
+    preset = QWENIMAGE if family == "qwenimage" else {}
+    cfg = SourceVAEConfig(**preset, steps=steps, seed=seed, threads=threads)
     commit = _git_commit()  # now, not after training: the code that trained is the code checked out at the start
     with tempfile.TemporaryDirectory() as d, deterministic(cfg):  # evaluation too runs on cfg.threads
         data = Path(d)
@@ -286,7 +352,10 @@ def main(out: Path, steps: int, seed: int, threads: int) -> None:
         vae, losses = train_source_vae(data / "train", cfg)
         wall, cpu = time.time() - t0, time.process_time() - cpu0
         stats = latent_stats(vae, data / "train", cfg)
-        vae.register_to_config(scaling_factor=stats["scaling_factor"])
+        if cfg.family == "qwenimage":  # its pipelines whiten per channel: (z - latents_mean) / latents_std
+            vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
+        else:
+            vae.register_to_config(scaling_factor=stats["scaling_factor"])
         psnr = {
             "heldout_photos": reconstruction_psnr(vae, data / "heldout"),
             "train_photos": reconstruction_psnr(vae, data / "train"),

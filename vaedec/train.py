@@ -154,7 +154,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
     if is_main:
-        (run_dir / RUN_CONFIG).write_text(dump_config(cfg))
+        atomic_write_bytes(run_dir / RUN_CONFIG, dump_config(cfg).encode())
         atomic_write_json(run_dir / RUN_MANIFEST, manifest)  # export needs the VAE source and fingerprint
 
     # 2. model ---------------------------------------------------------------------------------------------------
