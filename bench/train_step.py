@@ -162,9 +162,10 @@ class StepBench:
         """A new batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py encode`)."""
         self.batch_size = batch_size
         self.batch = {"pixels": smooth_pixels(batch_size, self.resolution)}
-        with torch.no_grad():
+        with torch.no_grad():  # 8 images an encoder forward: a large batch must not fail here rather than in training
             x = batch_to_model(self.batch, self.device)
-            self.batch["moments"] = encode_moments(self.vae, x).half().cpu()  # (B, 2C, R/f, R/f)
+            moments = [encode_moments(self.vae, chunk).half().cpu() for chunk in x.split(8)]
+            self.batch["moments"] = torch.cat(moments)  # (B, 2C, R/f, R/f)
 
     def _update(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         """backward + optimizer step; with fp16 through the GradScaler, which skips inf/nan steps."""
