@@ -310,6 +310,12 @@ def model_card(
               "`vae.safetensors`, which this export lacks: write it with `vaedec convert OUT vae.safetensors` "
               "(or export with `--format both`)")
     name = _display_name(source, repo)
+    diffusers = ("\n\n```python\nfrom diffusers import AutoencoderKL, DiffusionPipeline\n\n"
+                 'vae = AutoencoderKL.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
+                 'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the base '
+                 "VAE\n```" if fmt != "ldm" else
+                 ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors my-vae/` "
+                 "writes one, or export with `--format both`.")
     base_table = _table(["", ""], [
         ["base VAE", f"`{base}`"],
         ["encoder fingerprint", (f"sha256 `{vae_info['encoder_sha256']}` (encoder + quant_conv weights; vaedec "
@@ -354,14 +360,7 @@ Encode settings (from the shards' manifest):
 
 Files: {", ".join(f"`{f}`" for f in files)}, `decoder.safetensors` (only the decoder path's weights).
 
-**diffusers**
-
-```python
-from diffusers import AutoencoderKL, DiffusionPipeline
-
-vae = AutoencoderKL.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo
-pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the base VAE
-```
+**diffusers**{diffusers}
 
 **ComfyUI**: copy {single} into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired to *VAE Decode*.
 
