@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo experiment source-vae source-vae-qwenimage bench lint clean
+.PHONY: venv test test-fast demo experiment source-vae source-vae-qwenimage bench bench-gpu lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -39,6 +39,12 @@ experiment: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/all.py --write docs/benchmarks.md $(BENCH_FLAGS)
 	$(PY) bench/memory.py
+
+# The GPU figures in one run on one CUDA GPU (bf16 256 px step vs bare decoder with MFU, fp16 with its grad scaler,
+# encode, largest batch at 512/1024 px with and without checkpointing); writes docs/benchmarks-gpu.md.
+# `python bench/gpu.py --device cpu --quick` is its toy CPU run (the test suite runs it).
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py --write docs/benchmarks-gpu.md $(BENCH_FLAGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

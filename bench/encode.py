@@ -117,18 +117,11 @@ class EncodeResult:
     load_average: float
 
 
-def measure(
-    resolution: int | None = None,
-    images: int | None = None,
-    batch_size: int | None = None,
-    source_size: int | None = None,
-    num_workers: int = 2,
-    dtype: str = "fp32",
-    device: str | None = None,
-    repeats: int = 3,
-) -> EncodeResult:
-    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture; None = the device's
-    default."""
+def measure(resolution: int | None = None, images: int | None = None, batch_size: int | None = None,
+            source_size: int | None = None, num_workers: int = 2, dtype: str = "fp32", device: str | None = None,
+            repeats: int = 3, vae_config: dict | None = None) -> EncodeResult:
+    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture (or `vae_config`: bench/gpu.py's
+    CPU smoke run); None = the device's default."""
     from diffusers import AutoencoderKL
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -141,7 +134,7 @@ def measure(
         tmp = Path(tmp)
         torch.manual_seed(0)
         vae_dir = tmp / "sd-vae"
-        AutoencoderKL(**SD_VAE).save_pretrained(vae_dir)
+        AutoencoderKL(**(vae_config or SD_VAE)).save_pretrained(vae_dir)
         sources = make_sources(tmp / "images", images, (long_side, long_side * 3 // 4))
         cfg = EncodeConfig(
             src=str(tmp / "images"), out=str(tmp / "shards"), vae=str(vae_dir), resolution=resolution,

@@ -97,6 +97,162 @@ class StepResult:
         return self.batch_size / statistics.median(self.times[key])  # median: robust to a busy machine
 
 
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StepBench:
+    """One VAE (decoder trainable, encoder frozen), LPIPS, PatchGAN and their optimizers on a device, and the
+    variants' step functions on one batch as the shards hold it (`fns`, keys of VARIANTS). bench/gpu.py reuses it
+    with another batch size (`set_batch`), fp16 (a GradScaler, as accelerate's), gradient checkpointing, or a
+    small VAE (`vae_config`), no LPIPS (`lpips=False`; its VGG16 in bf16/fp16 takes seconds a step on a CPU) and a
+    narrow PatchGAN (`disc_ndf`) for its CPU smoke run."""
+
+    def __init__(
+        self,
+        resolution: int,
+        batch_size: int,
+        device: str | torch.device,
+        dtype: str = "fp32",
+        vae_config: dict | None = None,
+        gradient_checkpointing: bool = False,
+        lpips: bool = True,
+        disc_ndf: int = 64,
+    ):
+        from diffusers import AutoencoderKL
+
+        self.resolution, self.dtype, self.device = resolution, dtype, torch.device(device)
+        dev = self.device
+        self.autocast = torch.autocast(dev.type, dtype=AUTOCAST_DTYPES[dtype] or torch.float32,
+                                       enabled=dtype != "fp32")
+        # fp16: accelerate's GradScaler (scale 65536, halved on inf/nan, doubled every 2000 finite steps)
+        self.scaler = torch.amp.GradScaler(dev.type) if dtype == "fp16" else None
+        torch.manual_seed(0)
+
+        # --- models: one VAE; the decoder path trains, the encoder is frozen and used by (b) only
+        self.vae_config = vae_config or SD_VAE
+        vae = AutoencoderKL(**self.vae_config)
+        if gradient_checkpointing:
+            vae.enable_gradient_checkpointing()  # diffusers' own, as model.gradient_checkpointing
+        self.vae = vae
+        freeze(vae.encoder).to(dev)
+        freeze(vae.quant_conv).to(dev)
+        self.decoder = TrainableDecoder(vae).to(dev).train()
+        # LDM loss, GAN term on from step 0
+        self.cfg = LossConfig(disc_start_step=0, lpips_random_backbone=True, perceptual_weight=1.0 if lpips else 0.0,
+                              disc_ndf=disc_ndf)
+        self.lpips_model = None
+        if lpips:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the RANDOM-backbone warning: said in the output instead
+                self.lpips_model = load_lpips(None, random_backbone=True).to(dev)
+        self.disc = build_discriminator(self.cfg, 3).to(dev).train()
+        self.logvar = torch.zeros((), device=dev)  # LDM's s, not trained (learn_logvar=False)
+        self.opt_g = torch.optim.Adam(self.decoder.parameters(), lr=1e-6, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=1e-6, betas=(0.5, 0.9))
+        self.noise = torch.Generator().manual_seed(0)
+        self.step_index = 10  # > disc_start_step: the GAN term and λ are on
+        self.seen: dict[str, float] = {}  # λ · f_t of each variant's last step (the GAN term was on)
+        self.skipped = 0  # fp16: optimizer steps the scaler skipped (inf/nan gradients)
+        self.fns: dict[str, Callable[[], None]] = {
+            "a": self.step_a, "b": self.step_b, "c": self.step_c, "d": self.step_d
+        }
+        self.set_batch(batch_size)
+
+    def set_batch(self, batch_size: int) -> None:
+        """A new batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py encode`)."""
+        self.batch_size = batch_size
+        self.batch = {"pixels": smooth_pixels(batch_size, self.resolution)}
+        with torch.no_grad():  # 8 images an encoder forward: a large batch must not fail here rather than in training
+            x = batch_to_model(self.batch, self.device)
+            moments = [encode_moments(self.vae, chunk).half().cpu() for chunk in x.split(8)]
+            self.batch["moments"] = torch.cat(moments)  # (B, 2C, R/f, R/f)
+
+    def _update(self, loss: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """backward + optimizer step; with fp16 through the GradScaler, which skips inf/nan steps."""
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            before = self.scaler.get_scale()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.skipped += int(self.scaler.get_scale() < before)
+        opt.zero_grad(set_to_none=True)
+
+    def _disc_step(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
+        self.opt_d.zero_grad(set_to_none=True)  # (c) filled the PatchGAN's .grad too, as LDM's toggling clears it
+        with self.autocast:
+            d_loss, _ = discriminator_loss(self.disc, x, x_rec, self.cfg, self.step_index)
+        self._update(d_loss, self.opt_d)
+
+    def _fast_step(self, x: torch.Tensor, z: torch.Tensor, key: str) -> None:
+        scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+        with self.autocast:
+            x_rec, h = self.decoder(z)
+            grads = generator_grads(x, x_rec, h, self.decoder.conv_out, self.lpips_model, self.disc, self.logvar,
+                                    self.cfg, self.step_index, loss_scale=scale)
+        self._update(surrogate_loss(x_rec, grads, self.logvar), self.opt_g)
+        self._disc_step(x, x_rec.detach())
+        self.seen[key] = grads.logs["loss/d_weight"] * grads.logs["loss/disc_factor"]
+
+    def _inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch_to_model(self.batch, self.device)
+        return x, sample_latent(self.batch["moments"], "sample", self.noise).to(self.device)
+
+    def step_a(self) -> None:
+        """(a) this trainer: z from stored moments, fast λ, one decoder backward, then the PatchGAN step."""
+        x, z = self._inputs()
+        self._fast_step(x, z, "a")
+
+    def step_b(self) -> None:
+        """(b) the encoder online on the pixels, then (a)'s step."""
+        x = batch_to_model(self.batch, self.device)
+        with self.autocast:
+            moments = encode_moments(self.vae, x)  # no_grad inside; (B, 2C, R/f, R/f) mean ‖ clamped logvar
+        self._fast_step(x, sample_latent(moments, "sample", self.noise).to(self.device), "b")
+
+    def step_c(self) -> None:
+        """(c) LDM's naive λ: autograd.grad on conv_out.weight on the graph, then the full backward."""
+        x, z = self._inputs()
+        with self.autocast:
+            x_rec, _ = self.decoder(z)
+            loss, logs = ldm_generator_loss(x, x_rec, self.decoder.conv_out.weight, self.lpips_model, self.disc,
+                                            self.logvar, self.cfg, self.step_index)
+        self._update(loss, self.opt_g)
+        self._disc_step(x, x_rec.detach())
+        self.seen["c"] = logs["loss/d_weight"] * logs["loss/disc_factor"]
+
+    def step_d(self) -> None:
+        """(d) the limit: decoder forward, L1, backward, Adam step (no LPIPS, no GAN)."""
+        x, z = self._inputs()
+        with self.autocast:
+            x_rec, _ = self.decoder(z)
+        self._update((x_rec.float() - x).abs().mean(), self.opt_g)
+
+
+def time_steps(
+    fns: dict[str, Callable[[], None]], steps: int, warmup: int, dev: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds of each timed step and the CUDA peak MiB (0 on CPU) per variant, interleaved step by step: a busy
+    machine slows every variant alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peak: dict[str, float] = dict.fromkeys(fns, 0.0)
+    for i in range(warmup + steps):
+        for key, fn in fns.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            if i >= warmup:
+                times[key].append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                peak[key] = max(peak[key], torch.cuda.max_memory_allocated(dev) / 2**20)
+    return times, peak
+
+
 def measure(
     resolution: int = 64,
     batch_size: int = 2,
@@ -110,105 +266,11 @@ def measure(
         raise click.BadParameter(
             "must be a multiple of 8 (the VAE downsamples by 8)", param_hint="--resolution"
         )
-    from diffusers import AutoencoderKL
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    torch.manual_seed(0)
-
-    # --- models: one SD VAE; the decoder path trains, the encoder is frozen and used by (b) only
-    vae = AutoencoderKL(**SD_VAE)
-    freeze(vae.encoder).to(dev)
-    freeze(vae.quant_conv).to(dev)
-    decoder = TrainableDecoder(vae).to(dev).train()
-    cfg = LossConfig(disc_start_step=0, lpips_random_backbone=True)  # LDM loss, GAN term on from step 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the RANDOM-backbone warning: said in the output below instead
-        lpips_model = load_lpips(None, random_backbone=True).to(dev)
-    disc = build_discriminator(cfg, 3).to(dev).train()
-    logvar = torch.zeros((), device=dev)  # LDM's s, not trained (learn_logvar=False)
-    opt_g = torch.optim.Adam(decoder.parameters(), lr=1e-6, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-6, betas=(0.5, 0.9))
-
-    # --- one batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py encode`)
-    batch = {"pixels": smooth_pixels(batch_size, resolution)}
-    with torch.no_grad():
-        batch["moments"] = encode_moments(vae, batch_to_model(batch, dev)).half().cpu()  # (B, 8, R/8, R/8)
-    noise = torch.Generator().manual_seed(0)
-    step_index = 10  # > disc_start_step: the GAN term and λ are on
-    seen: dict[str, float] = {}
-
-    def disc_step(x: torch.Tensor, x_rec: torch.Tensor) -> None:
-        opt_d.zero_grad(set_to_none=True)
-        with autocast:
-            d_loss, _ = discriminator_loss(disc, x, x_rec, cfg, step_index)
-        d_loss.backward()
-        opt_d.step()
-        opt_d.zero_grad(set_to_none=True)
-
-    def fast_step(x: torch.Tensor, z: torch.Tensor, key: str) -> None:
-        with autocast:
-            x_rec, h = decoder(z)
-            grads = generator_grads(x, x_rec, h, decoder.conv_out, lpips_model, disc, logvar, cfg, step_index)
-        surrogate_loss(x_rec, grads, logvar).backward()
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        disc_step(x, x_rec.detach())
-        seen[key] = grads.logs["loss/d_weight"] * grads.logs["loss/disc_factor"]
-
-    def step_a() -> None:
-        x = batch_to_model(batch, dev)
-        z = sample_latent(batch["moments"], "sample", noise).to(dev)
-        fast_step(x, z, "a")
-
-    def step_b() -> None:
-        x = batch_to_model(batch, dev)
-        with autocast:
-            moments = encode_moments(vae, x)  # no_grad inside; (B, 8, R/8, R/8) mean ‖ clamped logvar
-        z = sample_latent(moments, "sample", noise).to(dev)
-        fast_step(x, z, "b")
-
-    def step_c() -> None:
-        x = batch_to_model(batch, dev)
-        z = sample_latent(batch["moments"], "sample", noise).to(dev)
-        with autocast:
-            x_rec, _ = decoder(z)
-            loss, logs = ldm_generator_loss(
-                x, x_rec, decoder.conv_out.weight, lpips_model, disc, logvar, cfg, step_index
-            )
-        loss.backward()  # also fills the PatchGAN's .grad; disc_step clears it first, as LDM's toggling does
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        disc_step(x, x_rec.detach())
-        seen["c"] = logs["loss/d_weight"] * logs["loss/disc_factor"]
-
-    def step_d() -> None:
-        x = batch_to_model(batch, dev)
-        z = sample_latent(batch["moments"], "sample", noise).to(dev)
-        with autocast:
-            x_rec, _ = decoder(z)
-        (x_rec.float() - x).abs().mean().backward()
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-
-    fns: dict[str, Callable[[], None]] = {"a": step_a, "b": step_b, "c": step_c, "d": step_d}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    peak: dict[str, float] = dict.fromkeys(fns, 0.0)
-    for i in range(warmup + steps):
-        for key, fn in fns.items():  # interleaved: a busy machine slows every variant alike
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            if i >= warmup:
-                times[key].append(time.perf_counter() - t0)
-            if dev.type == "cuda":
-                peak[key] = max(peak[key], torch.cuda.max_memory_allocated(dev) / 2**20)
-    assert all(seen[k] > 0 for k in "abc"), f"the GAN term was off: {seen}"
-
-    return StepResult(times, peak, batch_size, resolution, dtype, steps, warmup, dev, cfg)
+    bench = StepBench(resolution, batch_size, dev, dtype)
+    times, peak = time_steps(bench.fns, steps, warmup, dev)
+    assert all(bench.seen[k] > 0 for k in "abc"), f"the GAN term was off: {bench.seen}"
+    return StepResult(times, peak, batch_size, resolution, dtype, steps, warmup, dev, bench.cfg)
 
 
 def rows(r: StepResult) -> list[Row]:

@@ -20,7 +20,8 @@ from PIL import Image
 
 from vaedec.config import EncodeConfig
 from vaedec.encode import encode
-from vaedec.metrics import paired_ci, per_image_metrics
+from vaedec.evaluate import GRID_MIN_TILE
+from vaedec.metrics import paired_ci, per_image_metrics, save_grid
 from vaedec.shards import read_manifest, read_samples, shard_paths
 
 RES = 32
@@ -127,7 +128,31 @@ def test_every_kind_of_model_in_one_call(tmp_path, data) -> None:
     assert len(grids) == 1 + 2 * 5
     w_sample = Image.open(out / "grids" / "heldout-sample.png").size[0]
     w_pair = Image.open(out / "grids" / "heldout-worsened-export.png").size[0]
-    assert w_sample == 7 * (RES + 2) + 2 and w_pair == 3 * (RES + 2) + 2
+    tile = RES * -(-GRID_MIN_TILE // RES)  # small tiles are shown scaled up by a whole factor
+    assert w_sample == 7 * (tile + 2) + 2 and w_pair == 3 * (tile + 2) + 2
+
+
+def test_grid_scales_small_tiles_up_nearest_and_labels_its_columns(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    columns = [torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for _ in range(3)]  # (B, C, H, W) in [-1, 1]
+    save_grid(columns, tmp_path / "plain.png")
+    save_grid(columns, tmp_path / "grid.png", labels=["original", "original decoder", "a-long-model-label"],
+              min_tile=40)
+    plain = np.asarray(Image.open(tmp_path / "plain.png").convert("RGB"))
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    tile, pad = 48, 2  # 16 px x 3: the smallest whole factor reaching 40 px
+    top = grid.shape[0] - (2 * (tile + pad) + pad)  # the label band
+    assert grid.shape[1] == 3 * (tile + pad) + pad and top > 10
+    for i in range(2):
+        for j in range(3):
+            small = plain[pad + i * 18 : pad + i * 18 + 16, pad + j * 18 : pad + j * 18 + 16]
+            y0, x0 = top + pad + i * (tile + pad), pad + j * (tile + pad)
+            big = grid[y0 : y0 + tile, x0 : x0 + tile]
+            assert np.array_equal(big, small.repeat(3, axis=0).repeat(3, axis=1))  # nearest: each pixel a 3x3 block
+    for j in range(3):  # every column has ink in the band above it, and only within its own width
+        band = grid[:top, pad + j * (tile + pad) : pad + j * (tile + pad) + tile]
+        assert (band < 128).any()
+    assert (grid[:top, :pad] == 255).all()
 
 
 def test_improved_and_worsened_grids_pick_by_psnr_gain() -> None:

@@ -383,7 +383,7 @@ def test_export_ldm_file_loads_in_diffusers_from_single_file(tmp_path, vae_dir, 
     cli("export", rgb_run, tmp_path / "diffusers")
     cli("export", rgb_run, tmp_path / "ldm", "--format", "ldm")
     assert sorted(p.name for p in (tmp_path / "ldm").iterdir()) == [
-        "decoder.safetensors", "vae.safetensors", "vaedec_export.json"
+        "README.md", "decoder.safetensors", "vae.safetensors", "vaedec_export.json"  # README.md: the model card
     ]
     reference = AutoencoderKL.from_pretrained(tmp_path / "diffusers").state_dict()
     source = AutoencoderKL.from_pretrained(vae_dir).state_dict()

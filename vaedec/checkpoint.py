@@ -441,10 +441,14 @@ def export_run(
     ckpt: str | Path | None = None,
     into: str | Path | None = None,
     overwrite: bool = False,
+    eval_dir: str | Path | None = None,
 ) -> Path:
-    """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, and with `into`
-    a copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier
-    export, or `overwrite`. use_ema None = `default_use_ema`."""
+    """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, the model card README.md
+    (vaedec/model_card.py; with `eval_dir`, the table of that `vaedec eval` of this run), and with `into` a copy
+    of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier export, or
+    `overwrite`. use_ema None = `default_use_ema`."""
+    from vaedec.model_card import CARD, attach_eval, model_card, write_model_card
+
     out = Path(out).resolve()  # "." has no name to put a temp folder next to
     ckpt = Path(ckpt) if ckpt is not None else run_checkpoint(run_dir)
     if use_ema is None:
@@ -455,8 +459,10 @@ def export_run(
         raise FamilyError(f"--format {fmt}{' --into' if into else ''}: the run's VAE class has no single-file "
                           "layout vaedec can write; export the diffusers folder (--format diffusers), which its "
                           "pipelines load with from_pretrained")
+    evaluation = attach_eval(eval_dir, run_dir, ckpt, use_ema) if eval_dir is not None else None  # before writing
     vae = finetuned_vae(run_dir, use_ema, ckpt)
     family = family_for(vae)  # model.vae may be another class with the same latents (Qwen-Image on Wan 2.1's)
+    card = model_card(vae, run_dir, ckpt, use_ema, fmt, evaluation)
     with atomic_folder(out) as tmp:
         if fmt in ("diffusers", "both"):
             family.export(vae, tmp)
@@ -466,11 +472,8 @@ def export_run(
             replace_vae_in_checkpoint(into, vae, tmp / Path(into).name)
         trained = {k: v for k, v in vae.state_dict().items() if k.startswith(family.decoder_prefixes)}
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
-        record = {
-            "run": str(Path(run_dir).resolve()),
-            "ema": use_ema,
-            "format": fmt,
-            "into": str(into) if into else None,
-        }
+        write_model_card(tmp / CARD, card)
+        record = {"run": str(Path(run_dir).resolve()), "step": checkpoint_state(ckpt)["step"], "ema": use_ema,
+                  "format": fmt, "into": str(into) if into else None}
         atomic_write_json(tmp / "vaedec_export.json", record)
     return out

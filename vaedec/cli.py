@@ -263,13 +263,12 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
               help="A checkpoint folder of RUN [default: the newest].")
 @click.option("--into", "into", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="A full SD checkpoint (.safetensors/.ckpt): also write a copy of it with this VAE inside.")
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace OUT even when it holds other files [default: only an empty folder or an earlier export].",
-)
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT even when it holds other files [default: only an empty folder or an earlier export].")
+@click.option("--eval", "eval_dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+              help="The --out folder of a `vaedec eval` that scored RUN: its table goes into the model card.")
 def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | None, into: str | None,
-           overwrite: bool) -> None:
+           overwrite: bool, eval_dir: str | None) -> None:
     """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT.
 
     \b
@@ -277,16 +276,17 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     OUT/vae.safetensors                                     LDM layout, plain keys (UIs' VAE files)
     OUT/decoder.safetensors                                 only the trained weights
     OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
+    OUT/README.md                                           the model card (hub format; --eval adds its table)
     """
     from vaedec.checkpoint import default_use_ema, export_run, run_checkpoint
 
     try:
         if ema is None:
             ema = default_use_ema(checkpoint or run_checkpoint(run))
-        with disk_full_is_a_message(
-            f"exporting into {out}", f"{out} holds what it held before (an earlier export stays whole)"
-        ):
-            path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite)
+        with disk_full_is_a_message(f"exporting into {out}", f"{out} holds what it held before (an earlier export "
+                                    "stays whole)"):
+            path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite,
+                              eval_dir=eval_dir)
     except VaedecError as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")

@@ -55,6 +55,9 @@ from vaedec.vae import freeze
 
 log = logging.getLogger("vaedec")
 
+EVAL_JSON, EVAL_REPORT = "eval.json", "report.md"  # in --out; export --eval reads eval.json into a model card
+GRID_MIN_TILE = 192  # px: smaller crops are shown scaled up (nearest) in the grids, 64 px ones x3
+
 # Metrics with a paired interval against the baseline, and which direction is better.
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
 
@@ -451,7 +454,7 @@ def write_grids(out: Path, evalset: EvalSet, specs: list[ModelSpec], models: dic
             decode(models[lb], z, device) for lb in labels
         ]
         path = out / "grids" / f"{evalset.name}-{_file_safe(name)}.png"
-        save_grid(columns, path)
+        save_grid(columns, path, labels=["original", *labels], min_tile=GRID_MIN_TILE)
         written.append(path)
     return written
 
@@ -532,8 +535,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     # 4. summaries and files
     result = {
         "config": config_to_dict(cfg),
-        "models": [{"label": sp.label, "source": sp.source, "run": str(sp.run) if sp.run else None,
-                    "checkpoint": str(sp.ckpt) if sp.ckpt else None, "ema": sp.use_ema if sp.run else None}
+        # Absolute: export --eval finds its run here from any working directory.
+        "models": [{"label": sp.label, "source": sp.source, "run": str(sp.run.resolve()) if sp.run else None,
+                    "checkpoint": str(sp.ckpt.resolve()) if sp.ckpt else None, "ema": sp.use_ema if sp.run else None}
                    for sp in specs],
         "baseline": specs[0].label,
         "sets": [summarize_set(s, specs, scores[s.name], cfg) for s in sets],
@@ -545,6 +549,6 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         picks = grid_keys(scores[s.name], specs, cfg.grid_samples)
         grids += write_grids(out, s, specs, models, picks, cfg, device)
     write_per_image_csv(out / "per_image.csv", sets, scores)
-    atomic_write_json(out / "eval.json", result)
-    atomic_write_bytes(out / "report.md", report.encode())
+    atomic_write_json(out / EVAL_JSON, result)
+    atomic_write_bytes(out / EVAL_REPORT, report.encode())
     return EvalResult(out=out, report=report, result=result, grids=grids)

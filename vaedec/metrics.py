@@ -169,17 +169,64 @@ def to_display(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(tiles, dim=3)
 
 
-def save_grid(columns: list[torch.Tensor], path: str | Path, pad: int = 2) -> None:
-    """Rows = samples, columns = versions (e.g. original | original decoder | decoder | EMA); PNG, atomic."""
+def save_grid(
+    columns: list[torch.Tensor], path: str | Path, pad: int = 2, labels: list[str] | None = None, min_tile: int = 0
+) -> None:
+    """Rows = samples, columns = versions (e.g. original | original decoder | decoder | EMA); PNG, atomic.
+
+    `labels`: one name per column, written above it. `min_tile`: tiles smaller than this many pixels high are
+    scaled up by a whole factor, nearest neighbour (every decoded pixel stays a visible square, nothing is
+    smoothed away), so 64 px tiles can be read; 0 = as decoded.
+    """
     tiles = [to_display(c) for c in columns]  # each (B, 3, H, W')
+    scale = -(-min_tile // tiles[0].shape[2]) if min_tile > tiles[0].shape[2] else 1  # ceil
+    if scale > 1:
+        tiles = [t.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3) for t in tiles]
     b, _, h, w = tiles[0].shape
-    grid = np.full((b * (h + pad) + pad, len(tiles) * (w + pad) + pad, 3), 255, np.uint8)
+    top = _label_height(h) + pad if labels else 0
+    grid = np.full((top + b * (h + pad) + pad, len(tiles) * (w + pad) + pad, 3), 255, np.uint8)
     for j, col in enumerate(tiles):
         for i in range(b):
-            y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
+            y0, x0 = top + pad + i * (h + pad), pad + j * (w + pad)
             grid[y0 : y0 + h, x0 : x0 + w] = col[i].permute(1, 2, 0).numpy()
+    if labels:
+        grid = _draw_labels(grid, labels, w, pad, top)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, png_bytes(grid))
+
+
+def _label_height(tile: int) -> int:
+    """Pixels of the label band above a grid of tiles `tile` px high: a readable size that grows with the tiles."""
+    return max(14, min(28, tile // 8))
+
+
+def _label_font(size: int) -> Any:
+    """Pillow's built-in font at `size` px (FreeType, Pillow >= 10.1), else its fixed ~11 px bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _draw_labels(grid: np.ndarray, labels: list[str], w: int, pad: int, top: int) -> np.ndarray:
+    """Each label centred above its column, in a font shrunk (then the text shortened) until it fits the tile."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(grid)
+    draw = ImageDraw.Draw(im)
+    for j, text in enumerate(labels):
+        size = top - pad - 2
+        font = _label_font(size)
+        while draw.textlength(text, font=font) > w and size > 9:
+            size -= 1
+            font = _label_font(size)
+        while draw.textlength(text, font=font) > w and len(text) > 2:
+            text = text[:-2] + "…"
+        x = pad + j * (w + pad) + (w - draw.textlength(text, font=font)) / 2
+        draw.text((x, pad + (top - pad) / 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(im)
 
 
 # ------------------------------------------------------------------------------------------------------------
