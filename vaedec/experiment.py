@@ -322,7 +322,7 @@ temporal kernel slices a one-frame image never reaches stay bit-identical. {time
 {variants}
 
 {result.report}
-{chr(10).join(grids)}
+{(chr(10) * 2).join(grids)}
 
 {checks}
 """
