@@ -223,6 +223,22 @@ def _trained_parts(config: dict[str, Any], vae: Any) -> str:
     return f"{what}: {n:,} of the decoder path's {total:,} parameters; {kept} the base VAE's, bit for bit"
 
 
+def _normalisation_text(vae: Any) -> str:
+    """What a diffusion model applies to this VAE's raw latents, in words (vaedec/families.py's Normalisation)."""
+    from vaedec.families import family_for
+
+    family = family_for(vae)
+    norm = family.normalisation(vae)
+    if norm.kind == "scale_shift":
+        scale = "none" if norm.scaling_factor is None else f"{norm.scaling_factor:g}"
+        shift = f", shift_factor {norm.shift_factor:g}" if norm.shift_factor is not None else ""
+        return f"{family.class_name}: scaling_factor {scale}{shift}"
+    if norm.kind == "channel_mean_std":
+        return f"{family.class_name}: per-channel latents_mean / latents_std ({len(norm.mean)} channels, config.json)"
+    return (f"{family.class_name}: the `bn` running statistics over {norm.patch_size}x{norm.patch_size}-patchified "
+            f"latents ({len(norm.mean)} channels), kept bit-identical")
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -240,7 +256,9 @@ def model_card(
     fmt: str,
     evaluation: AttachedEval | None = None,
 ) -> ModelCard:
-    """The card of an export of `run_dir` at checkpoint `ckpt` (`vae`: the exported AutoencoderKL)."""
+    """The card of an export of `run_dir` at checkpoint `ckpt` (`vae`: the exported VAE, of its family's class)."""
+    from vaedec.families import family_for
+
     from vaedec.checkpoint import checkpoint_state, run_manifest, run_vae_source
 
     state = checkpoint_state(ckpt)
@@ -294,9 +312,7 @@ def model_card(
         ["inputs", (f"{manifest['settings']['source']['inputs']:,} images; "
                     f"{manifest['totals'].get('inputs_skipped', 0)} skipped as unreadable")],
     ])
-    shift = vae.config.get("shift_factor")
-    factors = f"scaling_factor {vae.config.scaling_factor:g}" + (f", shift_factor {shift:g}" if shift is not None
-                                                                 else "")
+    factors = _normalisation_text(vae)
     if evaluation is None:
         eval_text = ("No evaluation was attached to this export. Score it against the base VAE on held-out data "
                      "of the target domain and of general images:\n\n```bash\nvaedec eval HELDOUT/ GENERAL/ "
@@ -311,8 +327,10 @@ def model_card(
               "`vae.safetensors`, which this export lacks: write it with `vaedec convert OUT vae.safetensors` "
               "(or export with `--format both`)")
     name = _display_name(source, repo)
-    diffusers = ("\n\n```python\nfrom diffusers import AutoencoderKL, DiffusionPipeline\n\n"
-                 'vae = AutoencoderKL.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
+    cls = type(vae).__name__  # the family's own class (vaedec/families.py): what loads the folder
+    latent_channels = family_for(vae).channels(vae)[2]
+    diffusers = (f"\n\n```python\nfrom diffusers import {cls}, DiffusionPipeline\n\n"
+                 f'vae = {cls}.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
                  'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the base '
                  "VAE\n```" if fmt != "ldm" else
                  ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors my-vae/` "
@@ -321,7 +339,7 @@ def model_card(
         ["base VAE", f"`{base}`"],
         ["encoder fingerprint", (f"sha256 `{vae_info['encoder_sha256']}` (encoder + quant_conv weights; vaedec "
                                  "refuses latents of any other encoder)")],
-        ["latents", f"{vae.config.latent_channels} channels, {factors}"],
+        ["latents", f"{latent_channels} channels, {factors}"],
         ["licence", licence_text],
     ])
     body = f"""
@@ -368,7 +386,7 @@ Files: {", ".join(f"`{f}`" for f in files)}, `decoder.safetensors` (only the dec
 **AUTOMATIC1111 / Forge**: copy {single} into `stable-diffusion-webui/models/VAE/`, then pick it under
 Settings → Stable Diffusion → SD VAE.
 
-Use it only with diffusion models of the base VAE's latent space ({vae.config.latent_channels} channels, {factors}).
+Use it only with diffusion models of the base VAE's latent space ({latent_channels} channels, {factors}).
 From this folder, `hf upload USER/REPO .` (older huggingface_hub: `huggingface-cli upload USER/REPO .`) pushes it
 to the hub with this card.
 
