@@ -102,6 +102,10 @@ def test_bad_samples_are_skipped_counted_logged_and_resumed_exactly(tmp_path, sh
         ), (shard, reason, log)
     lines = train_lines(run_a)
     assert lines[-1]["data/bad_samples"] >= len(faults)
+    # Each bad sample is logged once per run, though every epoch meets it again and counts it again.
+    logged = [line.split("bad sample skipped: ")[1].split(":")[0] for line in log.splitlines()
+              if "bad sample skipped" in line]
+    assert len(logged) == len(set(logged)) and lines[-1]["data/bad_samples"] > len(logged), (logged, lines[-1])
     assert [m["step"] for m in lines] == list(range(1, 9))  # training went on
     assert all(math.isfinite(m["loss/total"]) for m in lines) and lines[-1]["train/bad_steps"] == 0
 

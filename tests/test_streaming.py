@@ -231,3 +231,31 @@ def test_a_stuck_read_stops_the_run_after_read_timeout_s(tmp_path, shards) -> No
             "data.num_workers=1", "data.read_timeout_s=2", code=None)
     msg = one_line_error(r)
     assert "no batch from the data loader in 2 s" in msg and "rerun the same command to resume" in msg, msg
+
+
+def test_a_pipe_command_started_with_stop_signals_blocked_does_not_inherit_the_block(monkeypatch) -> None:
+    """A DataLoader worker blocks SIGTERM/SIGUSR1 (signals.ignore_stop_signals); its pipe: commands must still end
+    on them, with the rest of the job. Debian's dash clears the mask itself, bash (/bin/sh on RHEL-family
+    clusters) keeps it: the command runs under bash here, as it would there."""
+    import functools
+    import shutil
+    import signal
+    import subprocess
+
+    from vaedec import transport
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash on this machine")
+    monkeypatch.setattr(transport.subprocess, "Popen", functools.partial(subprocess.Popen, executable="bash"))
+    stop = {signal.SIGTERM, signal.SIGUSR1}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        stream = transport.open_remote("pipe:grep SigBlk /proc/self/status")
+        try:
+            blocked = int(stream.read().decode().split()[-1], 16)
+        finally:
+            stream.close()
+        assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's block is kept
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert blocked & (1 << (signal.SIGTERM - 1)) == 0 and blocked & (1 << (signal.SIGUSR1 - 1)) == 0, hex(blocked)

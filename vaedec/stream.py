@@ -391,11 +391,16 @@ def stream_start(
 
 def note_batch(batch: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
     """Keep the data position a consumed batch carries in `data` (its role's, for the next checkpoint) and log
-    the bad samples its reader skipped; returns them (train._count_faults counts them)."""
+    the bad samples its reader skipped, each once per run (a damaged sample is met again every epoch; the log
+    would repeat it for ever); returns them all (train._count_faults counts every skip)."""
     data["positions"][str(batch.get("worker", 0))] = batch["position"]
     reports = batch.get("bad_samples", [])
+    logged = data.setdefault("logged_bad_samples", set())  # (shard, key); in memory only, not in checkpoints
     for r in reports:
-        log.warning("bad sample skipped: shard %s, key %s: %s", r["shard"], r["key"], r["reason"])
+        if (r["shard"], r["key"]) not in logged:
+            logged.add((r["shard"], r["key"]))
+            log.warning("bad sample skipped: shard %s, key %s: %s (logged once; data/bad_samples counts every "
+                        "skip)", r["shard"], r["key"], r["reason"])
     return reports
 
 

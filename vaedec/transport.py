@@ -13,6 +13,7 @@ import base64
 import http.client
 import re
 import shlex
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -151,6 +152,13 @@ class _HTTPStream:
         return self.url
 
 
+def _no_blocked_signals() -> None:
+    """In the child, before the command runs: no signal blocked. A DataLoader worker blocks SIGTERM and SIGUSR1
+    (signals.ignore_stop_signals) and a child inherits the mask, so without this a pipe: command would outlive
+    its worker when the job is stopped. Only a syscall runs between fork and exec."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 class _PipeStream:
     """The stdout of a pipe: command as a file; its stderr goes to a temp file so that a failure can quote
     it."""
@@ -160,7 +168,8 @@ class _PipeStream:
         # stderr to a file, not a pipe: a chatty command cannot block on it. Closed in close().
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         try:  # through the shell, as WebDataset's pipe: does: the command runs exactly as the user wrote it
-            self._proc = subprocess.Popen(self.cmd, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+            self._proc = subprocess.Popen(self.cmd, shell=True, stdout=subprocess.PIPE, stderr=self._stderr,
+                                          preexec_fn=_no_blocked_signals)
         except OSError as e:
             self._stderr.close()
             raise ShardUnreachable(f"`{self.url}` cannot be started ({e})") from None
