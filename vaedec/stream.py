@@ -260,9 +260,9 @@ class ShardSet:
     mix_p: float | None = None
 
 
-def split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], list[str]]:
+def split_shards(folder: str, n_val: int, mixed: bool = False) -> tuple[dict[str, Any], list[str], list[str]]:
     """(manifest, training shards, validation shards) of one shard folder: the last n_val shards are held
-    out."""
+    out. A `mixed` set (data.mix) too small for that holds out none, with a warning that says how to."""
     manifest = read_manifest(folder)
     if not manifest["complete"]:
         log.warning(
@@ -278,6 +278,11 @@ def split_shards(folder: str, n_val: int) -> tuple[dict[str, Any], list[str], li
             f"{f'its {SKIPPED}' if is_remote(folder) else local_folder(folder) / SKIPPED}); fix the inputs "
             "and encode again"
         )
+    if mixed and n_val >= len(all_shards):  # a small replay set: training on it is what matters
+        log.warning("data.mix set %s has %d shard(s), not more than data.val_shards=%d: none held out from it, "
+                    "all of it trains. To validate on it too, encode it with a smaller --shard-size-mb (more "
+                    "shards than data.val_shards)", folder, len(all_shards), n_val)
+        n_val = 0
     if n_val >= len(all_shards):
         raise TrainError(
             f"data.val_shards={n_val} leaves no training shards ({len(all_shards)} in {folder}); "
@@ -296,7 +301,7 @@ def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
     manifest, train, val = split_shards(cfg.data.shards, cfg.data.val_shards)
     sets = [ShardSet(_set_name(cfg.data.shards), cfg.data.shards, train, val)]
     for path, p in map(parse_mix, cfg.data.mix):
-        other, train, val = split_shards(path, cfg.data.val_shards)
+        other, train, val = split_shards(path, cfg.data.val_shards, mixed=True)
         for section, key in MIX_MUST_MATCH:
             mine, theirs = manifest["settings"][section][key], other["settings"][section][key]
             if mine != theirs:
