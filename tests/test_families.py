@@ -114,7 +114,9 @@ def test_flux_ae_safetensors_in_bfl_layout_is_read_directly(tmp_path, images) ->
 
     a, b = tmp_path / "from-file", tmp_path / "from-folder"
     common = ["--resolution", RES, "--num-workers", 0]
-    cli("encode", images, a, "--vae", tmp_path / "ae.safetensors", "--scaling-factor", scaling, *common)
+    shift = FAMILIES["flux"][1]
+    cli("encode", images, a, "--vae", tmp_path / "ae.safetensors", "--scaling-factor", scaling,
+        "--shift-factor", shift, *common)
     cli("encode", images, b, "--vae", tmp_path / "vae", *common)
     info_a, info_b = (json.loads((p / "manifest.json").read_text())["settings"]["vae"] for p in (a, b))
     assert info_a["encoder_sha256"] == info_b["encoder_sha256"] and info_a["scaling_factor"] == scaling
@@ -125,9 +127,8 @@ def test_flux_ae_safetensors_in_bfl_layout_is_read_directly(tmp_path, images) ->
         ma, mb = (np.load(io.BytesIO(f["moments.npy"])).astype(np.float32) for f in (fa, fb))
         assert ma.shape == (32, RES // 2, RES // 2)
         np.testing.assert_allclose(ma, mb, rtol=1e-3, atol=1e-3)  # float16 storage of the same encoder
-    # the file does not hold shift_factor: README tells FLUX users to export from the diffusers folder or set
-    # it
-    assert info_a["shift_factor"] is None
+    # the file does not hold shift_factor: --shift-factor gives it, the manifest records it, the export keeps it
+    assert info_a["shift_factor"] == shift == info_b["shift_factor"]
 
     run = tmp_path / "run"
     cli("train", a, "--output", run, *FAST_TRAIN, "run.max_steps=1")
@@ -136,3 +137,5 @@ def test_flux_ae_safetensors_in_bfl_layout_is_read_directly(tmp_path, images) ->
         frozen_part(exported), frozen_part(folder_vae.state_dict()), "encoder of ae.safetensors run"
     )
     assert np.isfinite(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss/total"])
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert (config["scaling_factor"], config["shift_factor"]) == (scaling, shift)

@@ -86,6 +86,9 @@ def main() -> None:
 @click.option("--scaling-factor", type=float, default=None,
               help="The VAE's latent scaling_factor, recorded in the manifest and exports [default: the VAE's "
                    "config; for a single LDM file, which does not store it, 0.18215 (SDXL: pass 0.13025)].")
+@click.option("--shift-factor", type=float, default=None,
+              help="The VAE's latent shift_factor, recorded like --scaling-factor [default: the VAE's config; a "
+                   "single LDM file does not store it: for BFL's FLUX.1 ae.safetensors pass 0.1159].")
 @click.option("--vae-config", default=None,
               help="A single file of another VAE class than AutoencoderKL (Wan, DC-AE): the diffusers folder or "
                    "hub id whose config.json gives its class and architecture.")

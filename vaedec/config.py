@@ -52,6 +52,9 @@ class EncodeConfig:
     # The VAE's latent scale, recorded in the manifest and carried into exports. None = the VAE's config; LDM
     # single files do not store it, so they get SD 1.x/2.x's 0.18215 (SDXL's VAE: 0.13025).
     scaling_factor: float | None = None
+    # The VAE's latent shift, (z - shift_factor) * scaling_factor, recorded like scaling_factor. None = the VAE's
+    # config; LDM single files do not store it (BFL's FLUX.1 ae.safetensors: pass 0.1159).
+    shift_factor: float | None = None
     # A single checkpoint file of another VAE class than AutoencoderKL (Wan, DC-AE: diffusers' from_single_file):
     # the diffusers folder or hub id whose config.json gives its class and architecture. None = not needed.
     vae_config: str | None = None

@@ -280,6 +280,8 @@ def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
     """The VAE and its manifest record (source, fingerprint, channels, factors), refused when it cannot encode
     these inputs at this resolution."""
     family, vae = load_family_vae(cfg.vae, cfg.subfolder, cfg.scaling_factor, config=cfg.vae_config)
+    if cfg.shift_factor is not None:
+        family.set_shift_factor(vae, cfg.shift_factor)
     info = family.summary(vae)
     expected_in = 4 if depth else 3
     if info["in_channels"] != expected_in:

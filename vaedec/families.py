@@ -336,6 +336,15 @@ class Family:
             )
         vae.register_to_config(scaling_factor=scaling_factor)
 
+    def set_shift_factor(self, vae: nn.Module, shift_factor: float) -> None:
+        """--shift-factor: replace the config's (a single file does not store it: FLUX.1's 0.1159)."""
+        if self.normalisation(vae).kind != "scale_shift":
+            raise FamilyError(
+                f"--shift-factor: {self.class_name} has no shift_factor; its pipelines normalise "
+                f"latents with {self.normalisation(vae).kind.replace('_', ' ')} from the VAE itself"
+            )
+        vae.register_to_config(shift_factor=shift_factor)
+
     # -- facts -----------------------------------------------------------------------------------------------
     def downsample_factor(self, vae: nn.Module) -> int:
         return 2 ** (len(vae.config.block_out_channels) - 1)
@@ -946,6 +955,8 @@ def load_manifest_vae(
         family, model = load(
             vae_info["source"], vae_info.get("subfolder"), scaling, config=vae_info.get("config")
         )
+    if norm.kind == "scale_shift" and norm.shift_factor is not None:  # encode --shift-factor (BFL's ae.safetensors)
+        family.set_shift_factor(model, norm.shift_factor)
     source = vae or vae_info["source"]
     if (family.store, family.latent_rank) != (expected.store, expected.latent_rank):
         raise FamilyError(
