@@ -91,7 +91,10 @@ def test_fp16_trains_skips_an_injected_inf_step_and_lowers_the_scale(tmp_path, s
     # Then the injected inf step, and only it, is skipped, and the scaler backs off once more.
     assert skipped == finding + [INJECT_AT + 1]
     assert lines[INJECT_AT + 1]["grad_scale"] == settled / 2
-    assert lines[STEPS]["train/bad_steps"] == len(skipped) and lines[STEPS]["train/bad_steps_in_a_row"] == 0
+    # The scale search is not a fault (it would stop a high-resolution run at max_bad_steps); the inf step is.
+    assert [lines[s]["train/bad_steps"] for s in finding] == [0] * len(finding)
+    assert lines[STEPS]["train/scale_search_steps"] == len(finding) and lines[STEPS]["train/bad_steps"] == 1
+    assert lines[STEPS]["train/bad_steps_in_a_row"] == 0
     assert all(m["train/skipped_discriminator"] == 0 for m in lines.values())  # D's step had finite gradients
 
     def weights(step: int, stem: str) -> dict[str, torch.Tensor]:

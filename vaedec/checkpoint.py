@@ -279,7 +279,10 @@ class TrainState:
 
 def new_faults() -> dict[str, Any]:
     """TrainState.faults of a run that has met none."""
-    return {"bad_samples": 0, "bad_steps": 0, "bad_steps_in_a_row": 0}
+    # scale_search_steps: fp16 steps the grad scaler skipped while finding its scale at the start of the run
+    # (expected, not faults); scaler_settled: it has made its first update.
+    return {"bad_samples": 0, "bad_steps": 0, "bad_steps_in_a_row": 0, "scale_search_steps": 0,
+            "scaler_settled": False}
 
 
 def _noise_states(noise: torch.Generator, accelerator: Accelerator) -> dict[str, torch.Tensor]:

@@ -373,6 +373,12 @@ def _count_faults(
     if acc.num_processes > 1:
         n = int(acc.reduce(torch.tensor([n], device=acc.device), reduction="sum").item())
     f["bad_samples"] += n
+    if state.accelerator.scaler is not None and not f["scaler_settled"]:
+        # fp16: the scaler starts at 2**16 and halves it on each overflowing step until one fits (about 10-20
+        # skipped steps, more at high resolution): its normal start, not a fault that counts to max_bad_steps.
+        f["scaler_settled"] = not bad_step
+        f["scale_search_steps"] += int(bad_step)
+        bad_step = False
     f["bad_steps"] += int(bad_step)
     f["bad_steps_in_a_row"] = f["bad_steps_in_a_row"] + 1 if bad_step else 0
     if bad_step:
@@ -388,7 +394,7 @@ def _count_faults(
             "newest checkpoint; run.max_bad_steps=0 never stops."
         )
     return {"data/bad_samples": f["bad_samples"], "train/bad_steps": f["bad_steps"],
-            "train/bad_steps_in_a_row": f["bad_steps_in_a_row"]}
+            "train/bad_steps_in_a_row": f["bad_steps_in_a_row"], "train/scale_search_steps": f["scale_search_steps"]}
 
 
 def generator_step(
