@@ -100,7 +100,7 @@ def test_family_encode_train_resume_export_eval(tmp_path, images, monkeypatch, n
     assert "every sample read back" in verified.output, verified.output
 
     # --- train: A uninterrupted; B killed after step 3 (checkpoint at 2), then rerun to resume
-    args = ["train", shards, *RUN] + (["model.latent_sample=mode"] if family.store == "latent" else [])
+    args = ["train", shards, *RUN]  # model.latent_sample: the family's default (mode for a deterministic one)
     a, b = tmp_path / "a", tmp_path / "b"
     cli(*args, "--output", a, "run.max_steps=4")
     crash_after(3, monkeypatch)
@@ -208,7 +208,7 @@ def family_shards(tmp_path_factory, images) -> dict[str, Path]:
 def test_settings_a_family_cannot_take_are_refused(tmp_path, family_shards):
     run = ["--output", tmp_path / "run", *FAST_TRAIN, "run.max_steps=1", "--no-export"]
     dc, qwen = family_shards["AutoencoderDC"], family_shards["AutoencoderKLQwenImage"]
-    refused = cli("train", dc, *run, code=1)  # model.latent_sample defaults to sample
+    refused = cli("train", dc, *run, "model.latent_sample=sample", code=1)  # asked for: refused
     assert (
         "model.latent_sample=mode" in refused.output
         and "deterministic AutoencoderDC latent" in refused.output

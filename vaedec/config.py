@@ -135,7 +135,9 @@ class ModelConfig:
     vae: str | None = None  # None = the VAE named in the shard manifest; else a folder, hub id or single file
     subfolder: str | None = None  # with a hub id or pipeline folder: "vae"; None = the manifest's choice
     train_post_quant_conv: bool = True  # also train the 1x1 conv in front of the decoder
-    latent_sample: Literal["sample", "mode"] = "sample"  # z = mean + std*eps drawn each step, or z = mean
+    # z = mean + std*eps drawn each step ("sample"), or z = mean ("mode"). None = the VAE's kind: sample for a
+    # Gaussian posterior, mode (the stored latent) for deterministic encoders (DC-AE, TAESD), which refuse sample.
+    latent_sample: Literal["sample", "mode"] | None = None
     # Extra Gaussian noise added to z in training, std in the units a diffusion model sees ((z - shift) *
     # scale, about unit variance), so the decoder tolerates the small errors of generated latents; 0 = off.
     # Typical: 0.05-0.2.

@@ -49,6 +49,7 @@ the call sites that ask the family (`family_of`, `family_for`, `manifest_family`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -1025,15 +1026,21 @@ def build_tiny(class_name: str, seed: int = 0, **overrides: Any) -> nn.Module:
 # a run's decoder
 
 
-def check_run_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """Settings the shards' family cannot take, refused before the run folder is touched."""
+def check_run_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainConfig:
+    """`cfg` with the family's defaults filled in (model.latent_sample None: sample a Gaussian posterior, take a
+    deterministic latent as it is); settings the shards' family cannot take are refused before the run folder
+    is touched."""
     family = manifest_family(manifest["settings"]["vae"])
+    if cfg.model.latent_sample is None:
+        mode = "mode" if family.store == "latent" else "sample"
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, latent_sample=mode))
     if family.store == "latent" and cfg.model.latent_sample == "sample":
         raise TrainError(f"model.latent_sample=sample: the shards hold one deterministic {family.class_name} "
                          "latent per image (no posterior to sample); set model.latent_sample=mode")
     if cfg.model.channels_last and not family.supports_channels_last:
         raise TrainError(f"model.channels_last: {family.class_name}'s decoder is 3-D (causal video "
                          "convolutions); set model.channels_last=false")
+    return cfg
 
 
 def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:

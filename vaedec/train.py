@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
 
     # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten ------
     manifest, sets = shard_sets(cfg)
-    check_run_settings(cfg, manifest)  # what the shards' VAE family cannot take
+    cfg = check_run_settings(cfg, manifest)  # what the shards' VAE family cannot take; its defaults filled in
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
     if is_main:
