@@ -9,14 +9,18 @@ in one run, on the same model, batch size, resolution and device, images per sec
       then the same decoder/loss/optimizer step as (a);
   (c) LDM's naive λ: `ldm_generator_loss` (autograd.grad of nll and g w.r.t. conv_out.weight on the graph,
       retain_graph, then the full backward), then the same PatchGAN step;
-  (d) the limit: decoder forward, L1 loss, backward, Adam step (no LPIPS, no GAN).
-(a)-(c) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so a busy
+  (d) the limit: decoder forward, L1 loss, backward, Adam step (no LPIPS, no GAN);
+  (e) (a) with a teacher (loss.teacher_weight=1): the original decoder, frozen, decodes the same z under no_grad
+      and L1 + LPIPS towards its output join the loss (vaedec/decoders.py's new decoders, preview models).
+(a)-(c) and (e) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so a busy
 machine slows them alike, and images/s is batch size / the median step time. Reading and decoding shards is
 not timed (DataLoader workers overlap it with the step).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import platform
 import statistics
 import sys
@@ -46,12 +50,14 @@ VARIANTS = {
     "b": "(b) encoder online (no_grad) + same step",
     "c": "(c) naive double-backward λ (LDM)",
     "d": "(d) bare decoder fwd+bwd, L1 (limit)",
+    "e": "(e) (a) + teacher (frozen decoder fwd)",
 }
 ROW_NAMES = {  # the same variants, as rows of bench/all.py's table
     "a": "(a) vaedec: stored moments, single-backward λ",
     "b": "(b) encoder run online on pixels, same loss",
     "c": "(c) naive double-backward λ (LDM)",
     "d": "(d) bare decoder fwd + bwd, L1 (the limit)",
+    "e": "(e) (a) + a teacher: the original decoder's forward, frozen",
 }
 MODEL = (
     f"SD 1.x VAE architecture {SD_VAE['block_out_channels']}, random weights; LPIPS random VGG16; PatchGAN"
@@ -60,8 +66,8 @@ MODEL = (
 NOTE = """\
 vs (a): images/s relative to this trainer's step (> 1 = faster). (d) is the decoder alone, the floor for any
 decoder loss: (d)/(a) is what LPIPS + the GAN add; (b) adds the encoder's forward; (c) adds a second LPIPS +
-PatchGAN backward, which is small next to the decoder's backward at low resolution. Differences inside the
-min-max spread are noise."""
+PatchGAN backward, which is small next to the decoder's backward at low resolution; (e) adds the teacher's
+forward (no backward: it is frozen) and its LPIPS term. Differences inside the min-max spread are noise."""
 
 
 def sync(device: torch.device) -> None:
@@ -121,7 +127,9 @@ def measure(
     freeze(vae.encoder).to(dev)
     freeze(vae.quant_conv).to(dev)
     decoder = TrainableDecoder(vae).to(dev).train()
+    teacher = freeze(copy.deepcopy(decoder))  # (e): the original decoder, no gradients, in no optimizer
     cfg = LossConfig(disc_start_step=0, lpips_random_backbone=True)  # LDM loss, GAN term on from step 0
+    cfg_teacher = dataclasses.replace(cfg, teacher_weight=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the RANDOM-backbone warning: said in the output below instead
         lpips_model = load_lpips(None, random_backbone=True).to(dev)
@@ -146,10 +154,15 @@ def measure(
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
 
-    def fast_step(x: torch.Tensor, z: torch.Tensor, key: str) -> None:
+    def fast_step(x: torch.Tensor, z: torch.Tensor, key: str, with_teacher: bool = False) -> None:
         with autocast:
             x_rec, h = decoder(z)
-            grads = generator_grads(x, x_rec, h, decoder.conv_out, lpips_model, disc, logvar, cfg, step_index)
+            x_t = None
+            if with_teacher:
+                with torch.no_grad():
+                    x_t, _ = teacher(z)
+            grads = generator_grads(x, x_rec, h, decoder.conv_out, lpips_model, disc, logvar,
+                                    cfg_teacher if with_teacher else cfg, step_index, x_teacher=x_t)
         surrogate_loss(x_rec, grads, logvar).backward()
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
@@ -191,7 +204,12 @@ def measure(
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
 
-    fns: dict[str, Callable[[], None]] = {"a": step_a, "b": step_b, "c": step_c, "d": step_d}
+    def step_e() -> None:
+        x = batch_to_model(batch, dev)
+        z = sample_latent(batch["moments"], "sample", noise).to(dev)
+        fast_step(x, z, "e", with_teacher=True)
+
+    fns: dict[str, Callable[[], None]] = {"a": step_a, "b": step_b, "c": step_c, "d": step_d, "e": step_e}
     times: dict[str, list[float]] = {k: [] for k in fns}
     peak: dict[str, float] = dict.fromkeys(fns, 0.0)
     for i in range(warmup + steps):
@@ -206,7 +224,7 @@ def measure(
                 times[key].append(time.perf_counter() - t0)
             if dev.type == "cuda":
                 peak[key] = max(peak[key], torch.cuda.max_memory_allocated(dev) / 2**20)
-    assert all(seen[k] > 0 for k in "abc"), f"the GAN term was off: {seen}"
+    assert all(seen[k] > 0 for k in "abce"), f"the GAN term was off: {seen}"
 
     return StepResult(times, peak, batch_size, resolution, dtype, steps, warmup, dev, cfg)
 
