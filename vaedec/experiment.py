@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -165,9 +166,21 @@ def run_minutes(run: Path, max_steps: int) -> float:
     return (last - first).total_seconds() / 60
 
 
+# The section of docs/quality.md that `make preview` (vaedec/preview_experiment.py) writes; kept when this rewrites
+# the rest.
+PREVIEW_START, PREVIEW_END = "<!-- preview:start -->", "<!-- preview:end -->"
+
+
+def kept_preview_section(path: Path) -> str:
+    """The preview section of an existing docs/quality.md, or ''."""
+    found = re.search(re.escape(PREVIEW_START) + ".*?" + re.escape(PREVIEW_END) + "\n?",
+                      path.read_text() if path.is_file() else "", re.DOTALL)
+    return "\n" + found.group(0) if found else ""
+
+
 def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str],
                       minutes: dict[str, float]) -> None:
-    """docs/quality.md: what was run, the eval tables, the grids, how to rerun."""
+    """docs/quality.md: what was run, the eval tables, the grids, how to rerun (and `make preview`'s section)."""
     variants = "\n".join(f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS)
     images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
         f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
@@ -204,7 +217,7 @@ make experiment            # python -m vaedec.experiment --out experiment --docs
 ```
 Every step resumes or finds its output complete; `experiment/eval/` holds eval.json, per_image.csv and all grids.
 """
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, (text + kept_preview_section(path)).encode())
 
 
 def _git_commit() -> str:
