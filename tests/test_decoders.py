@@ -285,3 +285,17 @@ def test_preview_config_follows_the_latent_space(data) -> None:
         preview_vae(manifest, {"latent_channels": 4}, seed=0)
     with pytest.raises(TrainError, match="as many encoder and decoder levels"):
         preview_vae(manifest, {"encoder_block_out_channels": [8, 8, 8], "num_encoder_blocks": [1, 1, 1]}, seed=0)
+
+
+def test_make_experiment_keeps_the_preview_section_and_make_preview_replaces_it(tmp_path) -> None:
+    from vaedec.experiment import PREVIEW_END, PREVIEW_START, VARIANTS, write_quality_doc
+    from vaedec.preview_experiment import write_section
+
+    doc = tmp_path / "quality.md"
+    write_section(doc, f"{PREVIEW_START}\nfirst\n{PREVIEW_END}\n")
+    write_section(doc, f"{PREVIEW_START}\nsecond\n{PREVIEW_END}\n")
+    assert doc.read_text().count(PREVIEW_START) == 1 and "second" in doc.read_text()
+    facts = dict.fromkeys(("wall", "machine", "date", "commit", "schedule", "lpips", "encoders"), "-")
+    write_quality_doc(doc, "THE REPORT", {}, facts, {v.name: 1.0 for v in VARIANTS})
+    text = doc.read_text()
+    assert "THE REPORT" in text and text.count(PREVIEW_START) == 1 and "second" in text

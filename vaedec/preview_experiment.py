@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -40,8 +41,12 @@ from vaedec.experiment import (
     reset_accelerate,
     run_minutes,
 )
-from vaedec.families import load
+from vaedec.families import Normalisation, load, normalise
+from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, setup_logging
+from vaedec.latents import batch_latent
+from vaedec.metrics import reconstruction_metrics
+from vaedec.shards import collate, read_manifest, read_samples, shard_paths
 from vaedec.train import train
 
 SIZES = Sizes(text_train_pages=64, text_heldout_pages=16, crops_per_page=2, photo_crops=8, max_steps=300)
@@ -93,12 +98,30 @@ def check_export(export: Path) -> str:
             f"{record['normalisation']}, scaling_factor {preview.config.scaling_factor}.")
 
 
+@torch.no_grad()
+def encoder_check(export: Path, shards: Path) -> str:
+    """How well the tiny encoder regresses the stored latents of held-out images, in the diffusion model's units,
+    and what decoding its latents costs against decoding the stored ones."""
+    preview = AutoencoderTiny.from_pretrained(export).eval()
+    norm = Normalisation.from_dict(preview.config[LATENT_SPACE_KEY]["normalisation"])
+    batch = collate(list(read_samples(shard_paths(shards, read_manifest(shards)), 10_000)))
+    x = batch_to_model(batch, torch.device("cpu"))
+    stored = normalise(batch_latent(batch, "mode"), norm)  # (B, C, h, w)
+    tiny = preview.encode(x).latents
+    psnr = {k: float(reconstruction_metrics(x, preview.decode(z).sample, None)["psnr"])
+            for k, z in (("stored", stored), ("tiny", tiny))}
+    return (f"Its tiny encoder on the same held-out photographs ({x.shape[0]} crops): mean squared error "
+            f"{float((tiny - stored).square().mean()):.3f} against the stored latents (their variance "
+            f"{float(stored.var()):.3f}, diffusion-model units); the preview decoder scores {psnr['tiny']:.2f} dB on "
+            f"the tiny encoder's latents and {psnr['stored']:.2f} dB on the stored ones.")
+
+
 def section(table: str, report: str, facts: dict[str, str]) -> str:
     """docs/quality.md's preview section (between PREVIEW_START and PREVIEW_END)."""
     return f"""{PREVIEW_START}
 ## A preview model for the source VAE's latents
 
-`make preview` ({facts['wall']} of training on {facts['machine']}; {facts['date']}; commit {facts['commit']})
+`make preview` ({facts['wall']} on {facts['machine']}; {facts['date']}; commit {facts['commit']})
 trains a TAESD-style preview model (`AutoencoderTiny`, configs/preview.yaml with 24 channels: the source VAE is
 itself tiny) for the source VAE's latent space from the same shards: its decoder on the latents as a diffusion
 model sees them (z · {facts['scale']}), against the images and the original decoder's output on the same z
@@ -110,7 +133,9 @@ excluded, batch 32, CPU).
 
 {table}
 
-{facts['check']}
+{facts['check']} {facts['encoder']}
+
+![held-out photographs: original | original decoder | preview decoder](quality-preview-photos.png)
 
 Full `eval` report (paired intervals against the original decoder):
 
@@ -131,18 +156,24 @@ def write_section(path: Path, text: str) -> None:
 def run_preview(out: Path, docs: Path | None, max_steps: int = SIZES.max_steps) -> str:
     """Data, the preview run, eval and the check; returns the compact table (markdown)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    load_avg, lpips_ok = os.getloadavg()[0], lpips_available()
+    t0, load_avg, lpips_ok = time.perf_counter(), os.getloadavg()[0], lpips_available()
     shards = prepare_data(out, SIZES)
     run = train_preview(shards, out, max_steps, lpips_ok)
     result = evaluate(EvalConfig(data=(str(shards["photos-heldout"]), str(shards["text-heldout"])),
                                  vaes=(f"original={SOURCE_VAE}", f"preview={run / 'export'}"),
                                  out=str(out / "eval"), batch_size=32, grid_samples=6, speed_rounds=10))
     table, check = compact_table(result.result), check_export(run / "export")
+    encoder = encoder_check(run / "export", shards["photos-heldout"])
     if docs is not None:
         vae_config = json.loads((SOURCE_VAE / "config.json").read_text())
+        shutil.copyfile(out / "eval" / "grids" / "photos-heldout-sample.png", docs / "quality-preview-photos.png")
+        threads = torch.get_num_threads()
         facts = {
-            "wall": f"{run_minutes(run, max_steps):.1f} minutes", "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), {torch.get_num_threads()} torch threads",
+            "wall": (f"{run_minutes(run, max_steps):.1f} minutes of training, "
+                     f"{(time.perf_counter() - t0) / 60:.1f} for the whole command"),
+            "date": time.strftime("%Y-%m-%d"), "encoder": encoder,
+            "machine": (f"{os.cpu_count()} CPU cores ({platform.machine()}), {threads} torch "
+                        f"thread{'s' if threads > 1 else ''}"),
             "commit": _git_commit(), "scale": str(vae_config["scaling_factor"]), "check": check,
             "schedule": f"{max_steps} steps of batch 8, lr 2e-3 (cosine), EMA 0.99",
             "load": f"{load_avg:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
@@ -160,8 +191,12 @@ def run_preview(out: Path, docs: Path | None, max_steps: int = SIZES.max_steps) 
               help="Where quality.md's preview section is written.")
 @click.option("--max-steps", default=SIZES.max_steps, show_default=True, type=click.IntRange(1),
               help="Training steps of the preview model.")
-def main(out: Path, docs: Path, max_steps: int) -> None:
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="torch threads: on a shared 2-core machine two spin-waiting OpenMP threads cost more than one "
+                   "(vaedec/source_vae.py measured it).")
+def main(out: Path, docs: Path, max_steps: int, threads: int) -> None:
     """Train a preview model for the source VAE's latents and judge it next to the original decoder."""
+    torch.set_num_threads(threads)
     setup_logging()
     click.echo(run_preview(out, docs, max_steps))
     click.echo(f"written: {docs / 'quality.md'} (its preview section); details in {out / 'eval'}")
