@@ -22,12 +22,14 @@ does not depend on transformers; its latents come out already normalised, its pi
 decoder's output size is fixed by the config, not by the crop); AutoencoderKLQwenImage21 (Qwen-Image 2.1's
 VAE, another architecture, not adapted yet).
 
-Where the pipeline asks the family (`family_of`, `family_for`, `manifest_family`) instead of assuming
-AutoencoderKL:
-  vae.py         the VAE a manifest names (`load_manifest_vae`: another class only with the same store and
-                 rank, the fingerprint checked); AutoencoderKL's loader, fingerprint, summary and
-                 TrainableDecoder stay there, FLUX.2 uses that decoder too; the others use FamilyDecoder (the
-                 same interface: forward(z) -> (x_rec, h), conv_out, out_channels, last_weight_grad)
+Phase 2, the wiring (after issue 15's refactor; done on branch families-port, on the refactor's layout):
+the call sites that ask the family (`family_of`, `family_for`, `manifest_family`), not AutoencoderKL:
+  vae.py         the run's decoder (`trainable_decoder(cfg, manifest)`) and the VAE a manifest names
+                 (`load_manifest_vae`: another class only with the same store and rank, the fingerprint
+                 checked) move here: vae.py imports convert, which may not import a module above it (the
+                 refactor's import-graph test). AutoencoderKL's loader, fingerprint, summary and
+                 TrainableDecoder stay in vae.py (FLUX.2 uses that decoder too); the others use FamilyDecoder,
+                 of the same interface: forward(z) -> (x_rec, h), conv_out, out_channels, last_weight_grad
   latents.py     Family.encode (moments or one latent); a deterministic family's stored latent is z itself
   encode.py      load, in_channels, downsample_factor, manifest fields, fingerprint (`_encoder_vae`); the
                  encoder parts to the device, the decoder dropped (`_encoder_on`); `_encode_batch`

@@ -53,6 +53,7 @@ from vaedec.checkpoint import (
 )
 from vaedec.config import OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
 from vaedec.decoders import PreviewDecoder, check_settings, run_decoders
+from vaedec.device import keep_freed_heap
 from vaedec.discriminator import build_discriminator
 from vaedec.errors import TrainError
 from vaedec.families import check_run_settings, latent_noise_raw, zero_unreached_grads
@@ -528,6 +529,8 @@ def _start(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     else:
         log.setLevel(logging.WARNING)  # one copy of the INFO log, from rank 0
     accelerator.wait_for_everyone()
+    if accelerator.device.type == "cpu":
+        keep_freed_heap()  # else each step gives its activations' pages back and faults them in again
     set_seed(cfg.run.seed)  # model init (discriminator) is identical on every rank
     if cfg.run.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         log.warning("run.mixed_precision=fp16 has no effect on CPU (accelerate runs fp32 there); use bf16 on CPU")
