@@ -31,7 +31,7 @@ source-vae: $(STAMP)
 experiment: $(STAMP)
 	$(PY) -m vaedec.experiment --out experiment --docs docs
 
-# A TAESD-style preview model for the source VAE's latents (about 10 CPU minutes); its section of docs/quality.md.
+# A TAESD-style preview model for the source VAE's latents (about 5 CPU minutes); its section of docs/quality.md.
 preview: $(STAMP)
 	$(PY) -m vaedec.preview_experiment --out preview --docs docs
 

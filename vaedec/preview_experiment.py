@@ -1,7 +1,7 @@
 """`make preview`: a TAESD-style preview model for the shipped source VAE's latent space, trained in a few CPU
 minutes against its original decoder, and judged next to it: decoder parameters, decode images/s, PSNR/SSIM on
 held-out photographs (and rendered text). Offline, rerunnable (each step resumes or finds its output complete),
-about 10 minutes on 2 shared CPU cores; writes its section of docs/quality.md.
+about 5 minutes on one thread of 2 shared CPU cores; writes its section of docs/quality.md.
 
 1. data (vaedec/experiment.py's `prepare_data`): the source domain's training photographs, rendered text pages and
    the held-out photographs, encoded once with assets/source-vae (64 px crops, f4, 4 latent channels)
