@@ -284,7 +284,7 @@ def main(resolution: int, batch_size: int, steps: int, warmup: int, device: str 
     )
     print(
         "LPIPS: VGG16 with a RANDOM backbone (speed does not depend on the weights); PatchGAN: LDM "
-        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c)"
+        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c), (e)"
     )
     print()
     ips = {k: r.images_per_s(k) for k in times}
