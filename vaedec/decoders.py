@@ -252,8 +252,11 @@ class PreviewDecoder(FamilyDecoder):
 
 
 def check_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
-    """What the shards' family cannot take for a new decoder, refused before the run folder is touched."""
-    if cfg.model.decoder_init == "scratch" and cfg.model.decoder_class == "vae":
+    """What the shards' family cannot take for a new decoder, refused before the run folder is touched (the
+    shapes are checked when the model is built)."""
+    if cfg.model.decoder_class == "AutoencoderTiny":
+        preview_config(manifest["settings"]["vae"], cfg.model.decoder_config)  # its keys
+    elif cfg.model.decoder_init == "scratch":
         check_decoder_keys(manifest_family(manifest["settings"]["vae"]), cfg.model.decoder_config)
 
 
