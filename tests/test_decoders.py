@@ -74,13 +74,13 @@ def test_teacher_gradient_matches_a_plain_reference() -> None:
                        ).sum() / 2
         (ref,) = torch.autograd.grad(plain, [leaf])
         torch.testing.assert_close(with_t.grad_output - without.grad_output, ref, rtol=1e-12, atol=1e-12)
-        assert with_t.logs["loss/teacher"] == pytest.approx(float(plain), rel=1e-12)
+        assert with_t.logs["loss/teacher"] == pytest.approx(float(plain.detach()), rel=1e-12)
         assert with_t.logs["loss/d_weight"] == without.logs["loss/d_weight"]  # λ balances the GAN against nll only
         assert (with_t.logs["loss/d_weight"] > 0) == gan_on
         # The pure function is the same formula, and the teacher's output is a constant (no gradient to it).
         xt_leaf = x_t.clone().requires_grad_(True)
         value = teacher_loss(leaf, xt_leaf, lpips, 0.7)
-        assert float(0.3 * value) == pytest.approx(float(plain), rel=1e-12)
+        assert float(0.3 * value) == pytest.approx(float(plain.detach()), rel=1e-12)
         value.backward()
         assert xt_leaf.grad is None
 
@@ -192,7 +192,7 @@ def test_what_a_class_cannot_express_is_a_message(tmp_path, data) -> None:
     refused = cli("train", data["flux2"], "--output", tmp_path / "run2", *RUN, "run.max_steps=1",
                   "model.decoder_init=scratch", "model.decoder_config={decoder_block_out_channels: [4, 8, 8]}",
                   code=1)
-    assert "keep the number of decoder levels" in refused.output or "cannot be built" in refused.output
+    assert "keep the number of decoder levels" in refused.output
     # The same architecture from scratch is fine for any class: a new random decoder, the encoder kept.
     cli(*base[:3], tmp_path / "same", *RUN, "run.max_steps=1", "model.decoder_init=scratch")
 

@@ -235,8 +235,10 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     shards = prepare_data(out, sizes)
     runs = [train_variant(v, shards, out, sizes, lpips_ok) for v in VARIANTS]
     vaes = [f"original={SOURCE_VAE}"] + [f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")]
+    # speed_rounds=0: every variant has the source's architecture, so decode speed says nothing (and a rerun's
+    # table stays the same)
     result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
-                                 out=str(out / "eval"), batch_size=32, grid_samples=6))
+                                 out=str(out / "eval"), batch_size=32, grid_samples=6, speed_rounds=0))
     encoders = check_encoders(runs)
     if docs is not None:
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
