@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo experiment source-vae source-vae-qwenimage bench bench-gpu lint clean
+.PHONY: venv test test-fast demo experiment preview source-vae source-vae-qwenimage bench bench-gpu lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -35,6 +35,10 @@ source-vae-qwenimage: $(STAMP)
 experiment: $(STAMP)
 	$(PY) -m vaedec.experiment --out experiment --docs docs
 
+# A TAESD-style preview model for the source VAE's latents (about 5 CPU minutes); its section of docs/quality.md.
+preview: $(STAMP)
+	$(PY) -m vaedec.preview_experiment --out preview --docs docs
+
 # One table of every benchmark, also written to docs/benchmarks.md. `make bench BENCH_FLAGS=--quick` is faster.
 bench: $(STAMP)
 	$(PY) bench/all.py --write docs/benchmarks.md $(BENCH_FLAGS)
@@ -50,4 +54,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf demo runs experiment eval .pytest_cache
+	rm -rf demo runs experiment preview eval .pytest_cache

@@ -9,14 +9,18 @@ in one run, on the same model, batch size, resolution and device, images per sec
       then the same decoder/loss/optimizer step as (a);
   (c) LDM's naive λ: `ldm_generator_loss` (autograd.grad of nll and g w.r.t. conv_out.weight on the graph,
       retain_graph, then the full backward), then the same PatchGAN step;
-  (d) the limit: decoder forward, L1 loss, backward, Adam step (no LPIPS, no GAN).
-(a)-(c) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so a busy
+  (d) the limit: decoder forward, L1 loss, backward, Adam step (no LPIPS, no GAN);
+  (e) (a) with a teacher (loss.teacher_weight=1): the original decoder, frozen, decodes the same z under no_grad
+      and L1 + LPIPS towards its output join the loss (vaedec/decoders.py's new decoders, preview models).
+(a)-(c) and (e) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so a busy
 machine slows them alike, and images/s is batch size / the median step time. Reading and decoding shards is
 not timed (DataLoader workers overlap it with the step).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import platform
 import statistics
 import sys
@@ -46,12 +50,14 @@ VARIANTS = {
     "b": "(b) encoder online (no_grad) + same step",
     "c": "(c) naive double-backward λ (LDM)",
     "d": "(d) bare decoder fwd+bwd, L1 (limit)",
+    "e": "(e) (a) + teacher (frozen decoder fwd)",
 }
 ROW_NAMES = {  # the same variants, as rows of bench/all.py's table
     "a": "(a) vaedec: stored moments, single-backward λ",
     "b": "(b) encoder run online on pixels, same loss",
     "c": "(c) naive double-backward λ (LDM)",
     "d": "(d) bare decoder fwd + bwd, L1 (the limit)",
+    "e": "(e) (a) + a teacher: the original decoder's forward, frozen",
 }
 MODEL = (
     f"SD 1.x VAE architecture {SD_VAE['block_out_channels']}, random weights; LPIPS random VGG16; PatchGAN"
@@ -60,8 +66,8 @@ MODEL = (
 NOTE = """\
 vs (a): images/s relative to this trainer's step (> 1 = faster). (d) is the decoder alone, the floor for any
 decoder loss: (d)/(a) is what LPIPS + the GAN add; (b) adds the encoder's forward; (c) adds a second LPIPS +
-PatchGAN backward, which is small next to the decoder's backward at low resolution. Differences inside the
-min-max spread are noise."""
+PatchGAN backward, which is small next to the decoder's backward at low resolution; (e) adds the teacher's
+forward (no backward: it is frozen) and its LPIPS term. Differences inside the min-max spread are noise."""
 
 
 def sync(device: torch.device) -> None:
@@ -137,6 +143,7 @@ class StepBench:
         freeze(vae.encoder).to(dev)
         freeze(vae.quant_conv).to(dev)
         self.decoder = TrainableDecoder(vae).to(dev).train()
+        self.teacher = freeze(copy.deepcopy(self.decoder))  # (e): the original decoder, no gradients, no optimizer
         # LDM loss, GAN term on from step 0
         self.cfg = LossConfig(disc_start_step=0, lpips_random_backbone=True, perceptual_weight=1.0 if lpips else 0.0,
                               disc_ndf=disc_ndf)
@@ -145,6 +152,7 @@ class StepBench:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the RANDOM-backbone warning: said in the output instead
                 self.lpips_model = load_lpips(None, random_backbone=True).to(dev)
+        self.cfg_teacher = dataclasses.replace(self.cfg, teacher_weight=1.0)
         self.disc = build_discriminator(self.cfg, 3).to(dev).train()
         self.logvar = torch.zeros((), device=dev)  # LDM's s, not trained (learn_logvar=False)
         self.opt_g = torch.optim.Adam(self.decoder.parameters(), lr=1e-6, betas=(0.5, 0.9))
@@ -154,7 +162,7 @@ class StepBench:
         self.seen: dict[str, float] = {}  # λ · f_t of each variant's last step (the GAN term was on)
         self.skipped = 0  # fp16: optimizer steps the scaler skipped (inf/nan gradients)
         self.fns: dict[str, Callable[[], None]] = {
-            "a": self.step_a, "b": self.step_b, "c": self.step_c, "d": self.step_d
+            "a": self.step_a, "b": self.step_b, "c": self.step_c, "d": self.step_d, "e": self.step_e
         }
         self.set_batch(batch_size)
 
@@ -186,12 +194,17 @@ class StepBench:
             d_loss, _ = discriminator_loss(self.disc, x, x_rec, self.cfg, self.step_index)
         self._update(d_loss, self.opt_d)
 
-    def _fast_step(self, x: torch.Tensor, z: torch.Tensor, key: str) -> None:
+    def _fast_step(self, x: torch.Tensor, z: torch.Tensor, key: str, with_teacher: bool = False) -> None:
         scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         with self.autocast:
             x_rec, h = self.decoder(z)
+            x_t = None
+            if with_teacher:
+                with torch.no_grad():
+                    x_t, _ = self.teacher(z)
             grads = generator_grads(x, x_rec, h, self.decoder.conv_out, self.lpips_model, self.disc, self.logvar,
-                                    self.cfg, self.step_index, loss_scale=scale)
+                                    self.cfg_teacher if with_teacher else self.cfg, self.step_index,
+                                    loss_scale=scale, x_teacher=x_t)
         self._update(surrogate_loss(x_rec, grads, self.logvar), self.opt_g)
         self._disc_step(x, x_rec.detach())
         self.seen[key] = grads.logs["loss/d_weight"] * grads.logs["loss/disc_factor"]
@@ -222,6 +235,11 @@ class StepBench:
         self._update(loss, self.opt_g)
         self._disc_step(x, x_rec.detach())
         self.seen["c"] = logs["loss/d_weight"] * logs["loss/disc_factor"]
+
+    def step_e(self) -> None:
+        """(e) (a) with a teacher: the frozen original decoder decodes the same z, L1 + LPIPS towards it."""
+        x, z = self._inputs()
+        self._fast_step(x, z, "e", with_teacher=True)
 
     def step_d(self) -> None:
         """(d) the limit: decoder forward, L1, backward, Adam step (no LPIPS, no GAN)."""
@@ -269,7 +287,7 @@ def measure(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bench = StepBench(resolution, batch_size, dev, dtype)
     times, peak = time_steps(bench.fns, steps, warmup, dev)
-    assert all(bench.seen[k] > 0 for k in "abc"), f"the GAN term was off: {bench.seen}"
+    assert all(bench.seen[k] > 0 for k in "abce"), f"the GAN term was off: {bench.seen}"
     return StepResult(times, peak, batch_size, resolution, dtype, steps, warmup, dev, bench.cfg)
 
 
@@ -328,7 +346,7 @@ def main(resolution: int, batch_size: int, steps: int, warmup: int, device: str 
     )
     print(
         "LPIPS: VGG16 with a RANDOM backbone (speed does not depend on the weights); PatchGAN: LDM "
-        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c)"
+        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c), (e)"
     )
     print()
     ips = {k: r.images_per_s(k) for k in times}

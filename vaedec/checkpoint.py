@@ -34,8 +34,9 @@ from torch import nn
 
 from vaedec.config import TrainConfig, config_to_dict
 from vaedec.convert import replace_vae_in_checkpoint
+from vaedec.decoders import run_family, run_model, trained_names
 from vaedec.errors import VaedecError
-from vaedec.families import FamilyError, family_for, load_manifest_vae, manifest_family
+from vaedec.families import FamilyError, family_for
 from vaedec.io import atomic_folder, atomic_write_json
 from vaedec.stream import loaded_stream_state, new_stream_state, saved_stream_state
 from vaedec.vae import manifest_vae_source, named_trainable_parameters
@@ -150,6 +151,9 @@ RESUME_FIELDS = (
     ("loss", "disc_norm"),
     ("loss", "learn_logvar"),  # adds a parameter group to the decoder's optimizer
     ("model", "trainable"),  # which parameters the optimizer, EMA and checkpoint hold
+    ("model", "decoder_init"),  # pretrained or a new decoder (vaedec/decoders.py)
+    ("model", "decoder_config"),  # the new decoder's architecture
+    ("model", "decoder_class"),  # the VAE's class or a preview AutoencoderTiny
 )
 
 
@@ -395,15 +399,16 @@ def run_vae_source(run_dir: str | Path, ckpt: str | Path | None = None) -> tuple
 
 def finetuned_vae(run_dir: str | Path, use_ema: bool = True, ckpt: str | Path | None = None):
     """The run's VAE, of its family's class: original encoder (checked against the shards' fingerprint) +
-    trained decoder."""
-    model = checkpoint_config(ckpt or run_checkpoint(run_dir))["model"]
-    family, vae = load_manifest_vae(run_manifest(run_dir)["settings"]["vae"], model["vae"], model["subfolder"],
-                                    f"the shards of run {run_dir}")
+    trained decoder; or the run's new model (vaedec/decoders.py: a decoder from scratch, a preview model)."""
+    config = checkpoint_config(ckpt or run_checkpoint(run_dir))
+    model = config["model"]
+    family, vae = run_model(model, config["run"]["seed"], run_manifest(run_dir)["settings"]["vae"],
+                            f"the shards of run {run_dir}")
     weights = trained_weights(ckpt or run_checkpoint(run_dir), use_ema)
     missing, unexpected = vae.load_state_dict(weights, strict=False)
-    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's; the ones it trained
-    # must all be there.
-    trained = family.trainable_names(vae, model["train_post_quant_conv"], tuple(model.get("trainable") or ()))
+    # Parameters the run kept frozen are not in the checkpoint and stay the original VAE's (a new decoder's:
+    # rebuilt from run.seed); the ones it trained must all be there.
+    trained = trained_names(family, vae, model)
     missing = [k for k in missing if k in trained]
     if missing or unexpected:
         raise CheckpointError(
@@ -457,7 +462,8 @@ def export_run(
     if use_ema is None:
         use_ema = default_use_ema(ckpt)
     check_export_target(run_dir, ckpt, out, overwrite)
-    single_file = manifest_family(run_manifest(run_dir)["settings"]["vae"]).single_file == "ldm"
+    model = checkpoint_config(ckpt)["model"]
+    single_file = run_family(model, run_manifest(run_dir)["settings"]["vae"]).single_file == "ldm"
     if (fmt in ("ldm", "both") or into is not None) and not single_file:
         raise FamilyError(f"--format {fmt}{' --into' if into else ''}: the run's VAE class has no single-file "
                           "layout vaedec can write; export the diffusers folder (--format diffusers), which its "

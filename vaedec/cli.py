@@ -364,14 +364,12 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     "--lpips-random-backbone", is_flag=True, hidden=True, help="Tests only: LPIPS on a random VGG16."
 )
 @click.option("--grid-samples", type=click.IntRange(1), default=8, help="Rows in each PNG grid.")
-@click.option(
-    "--confidence",
-    type=click.FloatRange(0.5, 0.999),
-    default=0.95,
-    help="Level of the paired bootstrap intervals.",
-)
+@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, help="Level of the paired bootstrap intervals.")
+@click.option("--speed-rounds", type=click.IntRange(0), default=5,
+              help="Timed decodes per model for decode images/s (after a warm-up, models interleaved); 0 = no timing.")
 def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> None:
-    """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals.
+    """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals; each
+    model's decoder parameters and decode images/s, measured side by side.
 
     \b
     DATA: shard folders (`vaedec encode` output; the same encoder as every --vae) or their http(s):// URL or

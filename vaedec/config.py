@@ -96,6 +96,9 @@ class EvalConfig:
     lpips_random_backbone: bool = False  # tests only: random VGG16 (LPIPS values are then meaningless; warns)
     grid_samples: int = 8  # rows in each PNG grid (fixed sample, most improved, most worsened)
     confidence: float = 0.95  # level of the paired bootstrap intervals of the deltas against the baseline
+    # Decode images/s of each model, side by side: this many timed decodes of each set's first batch per model
+    # (after one untimed warm-up; models interleaved; the median), on `device`. 0 = not measured.
+    speed_rounds: int = 5
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -151,6 +154,20 @@ class ModelConfig:
     # decoder.conv_out.*]; the rest stays frozen at the original weights. () = the whole decoder (and
     # post_quant_conv, see above).
     trainable: tuple[str, ...] = ()
+    # A new decoder for the same frozen latent space (vaedec/decoders.py; README "New decoders"). "pretrained" =
+    # start from the VAE's decoder weights (a fine-tune); "scratch" = the same class with model.decoder_config
+    # over its config, the decoder initialised at random from run.seed, the encoder copied unchanged.
+    decoder_init: Literal["pretrained", "scratch"] = "pretrained"
+    # Overrides of the class's config for the new decoder, e.g. {decoder_block_out_channels: [96, 192, 384, 384]}
+    # for FLUX.2's smaller decoder. Only keys that shape the decoder alone (decoders.DECODER_KEYS; plain
+    # AutoencoderKL has none); with decoder_class=AutoencoderTiny, any AutoencoderTiny key but latent_channels.
+    # {} = the class's own config.
+    decoder_config: dict[str, Any] = field(default_factory=dict)
+    # "vae" = the shards' VAE class; "AutoencoderTiny" = a TAESD-style preview model for the shards' latent space:
+    # its decoder takes the latents a diffusion model sees (the family's normalisation applied; config
+    # scaling_factor 1.0) and its tiny encoder learns to regress the stored latents, both trained here
+    # (needs decoder_init=scratch).
+    decoder_class: Literal["vae", "AutoencoderTiny"] = "vae"
 
 
 @dataclass(frozen=True)
@@ -184,6 +201,11 @@ class LossConfig:
     # them toward the original decoder's, which keeps it good outside the domain; 0 = off. Costs one fp32 copy
     # of the trained weights and one elementwise pass over them per step.
     anchor_weight: float = 0.0
+    # Distillation from the original decoder: teacher_weight * sum(|x_rec - x_teacher| + perceptual_weight *
+    # LPIPS(x_teacher, x_rec)) / B, in rec's units (so 1.0 weighs the teacher as much as the image), with x_teacher
+    # the original (frozen, no gradients) decoder's output on the same z, as preview decoders are trained. Costs
+    # one forward of the original decoder per micro-batch (`make bench`). 0 = off.
+    teacher_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +278,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:  # model.decoder_config: a mapping of config keys to YAML values, kept as given
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of key: value, e.g. {{decoder_block_out_channels: [64, "
+                              f"128]}}, got {value!r}")
+        return dict(value)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: a list of any length
         if isinstance(value, str):
             value = [value]  # `model.trainable=decoder.conv_out.*` on the command line: a list of one
@@ -452,6 +479,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         (cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0"),
         (cfg.loss.disc_weight >= 0, "loss.disc_weight must be >= 0"),
         (cfg.loss.anchor_weight >= 0, "loss.anchor_weight must be >= 0"),
+        (cfg.loss.teacher_weight >= 0, "loss.teacher_weight must be >= 0"),
         (cfg.loss.disc_num_layers >= 1, "loss.disc_num_layers must be >= 1"),
         (cfg.loss.disc_r1_weight >= 0, "loss.disc_r1_weight must be >= 0"),
         (cfg.loss.disc_r1_every >= 1, "loss.disc_r1_every must be >= 1"),
@@ -468,6 +496,28 @@ def validate_train_config(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    validate_new_decoder(cfg)
+
+
+def validate_new_decoder(cfg: TrainConfig) -> None:
+    """model.decoder_init / decoder_config / decoder_class: the combinations that cannot mean anything."""
+    m, scratch = cfg.model, cfg.model.decoder_init == "scratch"
+    if m.decoder_class != "vae" and not scratch:
+        raise ConfigError(f"model.decoder_class={m.decoder_class} is a new model with no pretrained weights for "
+                          "this latent space: set model.decoder_init=scratch")
+    if m.decoder_config and not scratch:
+        raise ConfigError("model.decoder_config changes the decoder's architecture, so it cannot start from the "
+                          "pretrained weights: set model.decoder_init=scratch")
+    if scratch and m.trainable:
+        raise ConfigError("model.trainable with model.decoder_init=scratch would keep random layers frozen: a new "
+                          "decoder trains whole; leave model.trainable empty")
+    if scratch and not m.train_post_quant_conv:
+        raise ConfigError("model.train_post_quant_conv=false with model.decoder_init=scratch would keep a random "
+                          "post_quant_conv; set it to true")
+    if scratch and cfg.loss.anchor_weight > 0:
+        raise ConfigError("loss.anchor_weight pulls weights toward the original decoder's, which a decoder from "
+                          "scratch does not have; learn from the original decoder's outputs with "
+                          "loss.teacher_weight instead")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,11 @@ from tqdm.auto import tqdm
 
 from vaedec.checkpoint import default_use_ema, finetuned_vae, latest_checkpoint, run_vae_source
 from vaedec.config import EncodeConfig, EvalConfig, config_to_dict
+from vaedec.decoders import decode as decode_any
+from vaedec.decoders import decoder_parameters, latent_space_fingerprint
 from vaedec.device import pick_device
 from vaedec.encode import encode
 from vaedec.errors import VaedecError
-from vaedec.families import family_for
 from vaedec.families import load as load_family_vae
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json
@@ -282,8 +284,31 @@ def eval_latents(batch: dict[str, Any], mode: str, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def decode(vae: Any, z: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Raw z (B, C, h, w) -> reconstruction, fp32 on the CPU (B, C_out, H, W), by the class's own decode as its
-    pipelines call it (5-D classes: one frame, clamped to [-1, 1] as they clamp)."""
-    return family_for(vae).decode(vae, z.to(device)).float().cpu()
+    pipelines call it (5-D classes: one frame, clamped to [-1, 1] as they clamp; a preview model: on the
+    normalised z, vaedec/decoders.py)."""
+    return decode_any(vae, z.to(device)).float().cpu()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decode_speed(models: dict[str, Any], z: torch.Tensor, device: torch.device, rounds: int) -> dict[str, float]:
+    """Decode images/s of each model on the same z (B, C, h, w): one untimed warm-up decode each, then `rounds`
+    rounds in which every model decodes once (interleaved, so a busy machine slows them alike); B / the median."""
+    z = z.to(device)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for r in range(rounds + 1):
+        for label, vae in models.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            decode_any(vae, z)
+            _sync(device)
+            if r:  # round 0 is the warm-up
+                times[label].append(time.perf_counter() - t0)
+    return {label: z.shape[0] / max(float(np.median(t)), 1e-9) for label, t in times.items()}
 
 
 @dataclass
@@ -330,9 +355,10 @@ def score_model(vae: Any, evalset: EvalSet, cfg: EvalConfig, device: torch.devic
 # 4. summaries, files
 
 
-def summarize_set(evalset: EvalSet, specs: list[ModelSpec], scores: dict[str, ModelScores],
-                  cfg: EvalConfig) -> dict[str, Any]:
-    """Means per model and paired deltas (with intervals) of every model against the baseline."""
+def summarize_set(evalset: EvalSet, specs: list[ModelSpec], scores: dict[str, ModelScores], cfg: EvalConfig,
+                  params: dict[str, int] | None = None, speed: dict[str, float] | None = None) -> dict[str, Any]:
+    """Means per model and paired deltas (with intervals) of every model against the baseline; with each model's
+    decoder parameters and decode images/s when given."""
     base = scores[specs[0].label]
     channels = channel_names(base.array("colour_shift").shape[1])
     out: dict[str, Any] = {"name": evalset.name, "folder": str(evalset.folder), "samples": evalset.samples,
@@ -346,6 +372,8 @@ def summarize_set(evalset: EvalSet, specs: list[ModelSpec], scores: dict[str, Mo
             **{m: float(s.array(m).mean()) if m in s.values else None for m in HIGHER_IS_BETTER},
             "colour_shift": dict(zip(channels, map(float, shift))),
             "fid": s.fid,
+            "decoder_parameters": (params or {}).get(spec.label),
+            "decode_images_per_s": (speed or {}).get(spec.label),
         }
         if spec is specs[0]:
             continue
@@ -373,12 +401,12 @@ def format_report(result: dict[str, Any]) -> str:
     level = round(100 * result["config"]["confidence"])
     lines = []
     for s in result["sets"]:
-        enc = (
-            f", encoded here from images ({s['skipped_inputs']} inputs skipped)" if s["encoded_here"] else ""
-        )
+        base = next(iter(s["models"].values()))
+        enc = f", encoded here from images ({s['skipped_inputs']} inputs skipped)" if s["encoded_here"] else ""
         z = "z = mean" if s["latent"] == "mode" else "z = mean + std·eps (seeded per sample)"
         lines += [f"### {s['name']} — {s['samples']} samples, {z}{enc}", ""]
-        cols = ["model", "PSNR dB", "SSIM", "LPIPS", "rFID", "colour shift (8-bit levels)"]
+        cols = ["model", "PSNR dB", "SSIM", "LPIPS", "rFID", "colour shift (8-bit levels)", "decoder params",
+                "decode img/s"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for i, (label, m) in enumerate(s["models"].items()):
             d = s["deltas"].get(label, {})
@@ -395,12 +423,24 @@ def format_report(result: dict[str, Any]) -> str:
             shift = " ".join(f"{c} {_fmt(v, 1, True)}" for c, v in m["colour_shift"].items())
             name = f"{label} (baseline)" if i == 0 else label
             lines.append(f"| {name} | {cell('psnr', 2)} | {cell('ssim', 4)} | {cell('lpips', 4)} | "
-                         f"{_fmt(m['fid'], 2)} | {shift} |")
+                         f"{_fmt(m['fid'], 2)} | {shift} | {_size_cells(m, base)} |")
         lines.append("")
     lines.append(f"(Δ [{level}% CI]) against the baseline, per image on the same latents; ✓ / ✗: the paired "
                  "bootstrap interval excludes 0 on the better / worse side. " + result["notes"]["lpips"] + " "
-                 + result["notes"]["fid"])
+                 + result["notes"]["fid"] + " " + result["notes"].get("speed", ""))
     return "\n".join(lines) + "\n"
+
+
+def _size_cells(m: dict[str, Any], base: dict[str, Any]) -> str:
+    """'decoder params | decode img/s' cells, each with its ratio to the baseline's (how much smaller, faster)."""
+    cells = []
+    for key, digits in (("decoder_parameters", 0), ("decode_images_per_s", 1)):
+        v, b = m.get(key), base.get(key)
+        text = "–" if v is None else f"{v:,.{digits}f}"
+        if v is not None and b and m is not base:
+            text += f" (×{v / b:.2f})"
+        cells.append(text)
+    return " | ".join(cells)
 
 
 def write_per_image_csv(path: Path, sets: list[EvalSet], scores: dict[str, dict[str, ModelScores]]) -> None:
@@ -496,7 +536,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     models = {}
     for spec in specs:
         vae = load_model(spec)
-        fingerprint = family_for(vae).fingerprint(vae)
+        fingerprint = latent_space_fingerprint(vae)  # a preview model: the base encoder it was trained for
         for s in sets:
             if fingerprint != s.encoder_sha256:
                 raise EvalError(
@@ -522,15 +562,21 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         else "rFID not computed (--fid-weights)."
     )
 
-    # 3. every model on every set; each set gets its own FID object, whose real statistics the first model
-    #    fills
+    # 3. every model on every set; each set gets its own FID object, whose real statistics the first model fills;
+    # decode speed side by side on the set's first batch
     scores: dict[str, dict[str, ModelScores]] = {}
+    speeds: dict[str, dict[str, float]] = {}
     for s in sets:
         fid = load_fid(cfg.fid_weights, device, cfg.fid_features) if cfg.fid_weights else None
-        scores[s.name] = {
-            spec.label: score_model(models[spec.label], s, cfg, device, lpips_model, fid, spec.label)
-            for spec in specs
-        }
+        scores[s.name] = {spec.label: score_model(models[spec.label], s, cfg, device, lpips_model, fid, spec.label)
+                          for spec in specs}
+        if cfg.speed_rounds:
+            z = eval_latents(next(iter_batches(s, cfg.batch_size)), cfg.latent_sample, cfg.seed)
+            speeds[s.name] = decode_speed(models, z, device, cfg.speed_rounds)
+    notes["speed"] = (f"decode images/s: {cfg.speed_rounds} timed decodes of the set's first batch (batch size "
+                      f"{cfg.batch_size}) per model on {device}, models interleaved, after one warm-up; the median."
+                      if cfg.speed_rounds else "decode speed not measured (--speed-rounds 0).")
+    params = {spec.label: decoder_parameters(models[spec.label]) for spec in specs}
 
     # 4. summaries and files
     result = {
@@ -540,7 +586,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                     "checkpoint": str(sp.ckpt.resolve()) if sp.ckpt else None, "ema": sp.use_ema if sp.run else None}
                    for sp in specs],
         "baseline": specs[0].label,
-        "sets": [summarize_set(s, specs, scores[s.name], cfg) for s in sets],
+        "sets": [summarize_set(s, specs, scores[s.name], cfg, params, speeds.get(s.name, {})) for s in sets],
         "notes": notes,
     }
     report = format_report(result)

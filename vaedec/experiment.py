@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -188,18 +189,24 @@ def run_minutes(run: Path, max_steps: int) -> float:
     return (last - first).total_seconds() / 60
 
 
+# The section of docs/quality.md that `make preview` (vaedec/preview_experiment.py) writes; kept when this rewrites
+# the rest.
+PREVIEW_START, PREVIEW_END = "<!-- preview:start -->", "<!-- preview:end -->"
+
+
+def kept_preview_section(path: Path) -> str:
+    """The preview section of an existing docs/quality.md, or ''."""
+    found = re.search(re.escape(PREVIEW_START) + ".*?" + re.escape(PREVIEW_END) + "\n?",
+                      path.read_text() if path.is_file() else "", re.DOTALL)
+    return "\n" + found.group(0) if found else ""
+
+
 def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str],
                       minutes: dict[str, float]) -> None:
-    """docs/quality.md: what was run, the eval tables, the grids, how to rerun."""
-    variants = "\n".join(
-        f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS
-    )
-    images = "\n\n".join(
-        f"**{title}** — original | original decoder | "
-        + " | ".join(f"{v.name} current | {v.name} EMA" for v in VARIANTS)
-        + f"\n\n![{title}]({name})"
-        for title, name in grids.items()
-    )
+    """docs/quality.md: what was run, the eval tables, the grids, how to rerun (and `make preview`'s section)."""
+    variants = "\n".join(f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS)
+    images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
+        f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
     text = f"""# Quality: a pretrained decoder fine-tuned on a new domain
 
 `make experiment` ({facts["wall"]} of training on {facts["machine"]}; {facts["date"]}; written at commit
@@ -235,7 +242,7 @@ make experiment            # python -m vaedec.experiment --out experiment --docs
 Every step resumes or finds its output complete; `experiment/eval/` holds eval.json, per_image.csv and all
 grids.
 """
-    atomic_write_bytes(path, (text + family_section(path)).encode())
+    atomic_write_bytes(path, (text + family_section(path) + kept_preview_section(path)).encode())
 
 
 def family_section(path: Path) -> str:
@@ -268,18 +275,11 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     lpips_ok = lpips_available()
     shards = prepare_data(out, sizes)
     runs = [train_variant(v, shards, out, sizes, lpips_ok) for v in VARIANTS]
-    vaes = [f"original={SOURCE_VAE}"] + [
-        f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")
-    ]
-    result = evaluate(
-        EvalConfig(
-            data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),
-            vaes=tuple(vaes),
-            out=str(out / "eval"),
-            batch_size=32,
-            grid_samples=6,
-        )
-    )
+    vaes = [f"original={SOURCE_VAE}"] + [f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")]
+    # speed_rounds=0: every variant has the source's architecture, so decode speed says nothing (and a rerun's
+    # table stays the same)
+    result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
+                                 out=str(out / "eval"), batch_size=32, grid_samples=6, speed_rounds=0))
     encoders = check_encoders(runs)
     if docs is not None:
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
@@ -329,7 +329,7 @@ def run_family_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) 
     runs = [train_variant(v, shards, out, sizes, lpips_ok, "runs-qwenimage") for v in FAMILY_VARIANTS]
     vaes = [f"original={QWENIMAGE_VAE}"] + [f"{r.name}:{k}={r}:{k}" for r in runs for k in ("raw", "ema")]
     result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
-                                 out=str(out / "eval-qwenimage"), batch_size=32, grid_samples=6))
+                                 out=str(out / "eval-qwenimage"), batch_size=32, grid_samples=6, speed_rounds=0))
     encoders = check_encoders(runs, QWENIMAGE_VAE)
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)

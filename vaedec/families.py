@@ -54,6 +54,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -286,6 +287,9 @@ class Family:
         ""  # single-file load: "" none, "ldm" (vaedec's convert.py), "diffusers" (from_single_file + config)
     )
     not_trained = ""  # README: parts of the model this decoder-only fine-tune leaves as they were
+    # Config keys that shape the decoder half alone (diffusers 0.42.1's __init__): what model.decoder_config may
+    # change while the encoder, and so the latent space, stays bit-identical (vaedec/decoders.py).
+    decoder_keys: tuple[str, ...] = ()
 
     # -- loading ---------------------------------------------------------------------------------------------
     @property
@@ -567,6 +571,7 @@ class Flux2Family(Family):
     class_name = "AutoencoderKLFlux2"
     used_by = "FLUX.2 [dev], FLUX.2 [klein]"
     encoder_modules = ("encoder", "quant_conv", "bn")
+    decoder_keys = ("decoder_block_out_channels",)  # BFL's small decoder: 96/192/384/384
 
     def normalisation(self, vae: nn.Module) -> Normalisation:
         bn = vae.bn
@@ -698,6 +703,7 @@ class WanFamily(_Causal3DFamily):
     class_name = "AutoencoderKLWan"
     used_by = "Wan 2.1, Wan 2.2 and models built on them"
     single_file = "diffusers"
+    decoder_keys = ("decoder_base_dim",)
 
     def _encoder_input(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.autoencoder_kl_wan import patchify as wan_patchify
@@ -756,6 +762,9 @@ class DCFamily(Family):
     decoder_modules = ("decoder",)
     eval_types = (nn.modules.batchnorm._BatchNorm,)
     single_file = "diffusers"
+    decoder_keys = ("decoder_block_types", "decoder_block_out_channels", "decoder_layers_per_block",
+                    "decoder_qkv_multiscales", "decoder_norm_types", "decoder_act_fns", "decoder_in_shortcut",
+                    "decoder_conv_act_fn", "upsample_block_type")  # DC-AE-Lite: a lighter decoder
 
     def downsample_factor(self, vae: nn.Module) -> int:
         return int(vae.spatial_compression_ratio)
@@ -810,6 +819,7 @@ class HunyuanImageFamily(Family):
     used_by = "HunyuanImage 2.1"
     encoder_modules = ("encoder",)
     decoder_modules = ("decoder",)
+    decoder_keys = ("upsample_match_channel",)
 
     def downsample_factor(self, vae: nn.Module) -> int:
         from diffusers.models.autoencoders.autoencoder_kl_hunyuanimage import HunyuanImageDownsample
@@ -840,6 +850,7 @@ class TinyFamily(Family):
     store = "latent"
     encoder_modules = ("encoder",)
     decoder_modules = ("decoder",)
+    decoder_keys = ("decoder_block_out_channels", "num_decoder_blocks", "upsampling_scaling_factor", "upsample_fn")
 
     def downsample_factor(self, vae: nn.Module) -> int:
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
@@ -1049,12 +1060,20 @@ def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
     reaches the device."""
     family, vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder,
                                     cfg.data.shards)
+    return decoder_of(cfg, family, vae)
+
+
+def decoder_of(
+    cfg: TrainConfig, family: Family, vae: nn.Module, build: Callable[[nn.Module], nn.Module] | None = None
+) -> nn.Module:
+    """The trainable half of `vae` (`build(vae)`, default the family's) with the run's model settings:
+    gradient checkpointing, frozen parts, channels_last."""
     if cfg.model.gradient_checkpointing:
         try:
             family.gradient_checkpointing(vae)  # diffusers' own (AutoencoderKL: mid and up blocks, non-reentrant)
         except FamilyError as e:
             raise TrainError(str(e)) from None
-    decoder = family.trainable_decoder(vae)
+    decoder = (build or family.trainable_decoder)(vae)
     del vae
     if getattr(decoder, "post_quant_conv", None) is not None and not cfg.model.train_post_quant_conv:
         freeze(decoder.post_quant_conv)

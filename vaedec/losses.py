@@ -16,6 +16,13 @@ D: PatchGAN; W = decoder.conv_out.weight (LDM's `last_layer`); t: optimizer step
           hinge   = 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x̂)))
           vanilla = 0.5 (mean softplus(-D(x)) + mean softplus(D(x̂)))
 
+New decoders (vaedec/decoders.py) add, outside nll, so λ still balances the GAN against the image alone:
+    T   = teacher_weight * Σ(|x̂ - x_t| + perceptual_weight * LPIPS(x_t, x̂)) / B      (`teacher_loss`)
+          x_t: the original decoder's output on the same z, frozen (a constant here)
+    E   = mean((E_tiny(x) - ẑ)^2)   a preview model's tiny encoder against the stored latent ẑ in the diffusion
+          model's units (`latent_regression_loss`); it shares no parameter with the decoder
+    L_G = nll + λ f_t g + T   (+ E for the tiny encoder)
+
 LDM's L_G also has kl_weight * KL(q(z|x)); the encoder is frozen here, so the KL term is a constant whose
 gradient with respect to the decoder is zero, and it is dropped.
 
@@ -310,7 +317,23 @@ def add_anchor_grad(
     return float(weight / 2 * sum(float(d.float().square().sum()) for d in diffs))
 
 
-# ------------------------------------------------------------------------------------------------------------
+def teacher_loss(x_rec: Tensor, x_teacher: Tensor, lpips_model: nn.Module | None, perceptual_weight: float) -> Tensor:
+    """Σ(|x̂ - x_t| + perceptual_weight·LPIPS(x_t, x̂)) / B towards the original decoder's output x_t (a
+    constant: detached), in the units of nll's rec, a scalar; the caller multiplies by loss.teacher_weight."""
+    x_t = x_teacher.detach().to(x_rec.dtype)
+    rec = (x_rec - x_t).abs()  # (B, C, H, W)
+    if perceptual_weight > 0 and lpips_model is not None:
+        rec = rec + perceptual_weight * perceptual_distance(lpips_model, x_t, x_rec)  # (B, 1, 1, 1) broadcasts
+    return rec.sum() / x_rec.shape[0]
+
+
+def latent_regression_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """mean((ẑ_pred - ẑ)^2) of a tiny encoder's latent against the stored one, both in the diffusion model's units
+    (B, C, h, w); TAESD's encoder is trained to regress the big encoder's latents this way."""
+    return torch.mean((pred.float() - target.detach().float()) ** 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # generator (decoder) side
 
 
@@ -372,9 +395,11 @@ def generator_grads(
     step: int,
     loss_scale: float = 1.0,
     weight_grad: Callable[[Tensor, Tensor], Tensor] | None = None,
+    x_teacher: Tensor | None = None,
 ) -> GeneratorGrads:
-    """∇_x̂ of L_G = nll + λ f_t g with no double backward; x_rec must be conv_out(h), or `weight_grad(h, ∇_x̂)`
-    gives ∇ of conv_out's weight for decoders that do more after it (vaedec/families.py FamilyDecoder)."""
+    """∇_x̂ of L_G = nll + λ f_t g (+ T with `x_teacher`, the original decoder's output) with no double backward;
+    x_rec must be conv_out(h), or `weight_grad(h, ∇_x̂)` gives ∇ of conv_out's weight for decoders that do more
+    after it (vaedec/families.py FamilyDecoder)."""
     f = generator_gan_factor(cfg, step)
     # A leaf copy of x̂ cuts the graph at the decoder output: nothing here backprops into the decoder, which
     # is traversed once, by the caller's backward of grad_output. fp32 at least, so the losses are not fp16.
@@ -409,8 +434,15 @@ def generator_grads(
         else:
             g = lam = nll.new_zeros(())
             grad_output = nll_grad
-    total = nll.detach() + lam * f * g.detach()
+        teacher = nll.new_zeros(())
+        if x_teacher is not None and cfg.teacher_weight > 0:  # outside nll: λ is left as it was
+            teacher = cfg.teacher_weight * teacher_loss(x_hat, x_teacher, lpips_model, cfg.perceptual_weight)
+            (t_grad,) = torch.autograd.grad(teacher * loss_scale, [x_hat])
+            grad_output = grad_output + t_grad / loss_scale
+    total = nll.detach() + lam * f * g.detach() + teacher.detach()
     logs = _logs(total, nll, rec, pix, p, g, logvar, lam, f)
+    if x_teacher is not None:
+        logs["loss/teacher"] = float(teacher.detach())
     return GeneratorGrads(grad_output=grad_output, logvar_grad=logvar_grad, logs=logs)
 
 

@@ -3,7 +3,8 @@ phases:
 
  0. run folder, accelerator, logging
  1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is touched)
- 2. model: the VAE named in the manifest, fingerprint check, its family's trainable decoder, the encoder dropped
+ 2. model: the VAE named in the manifest, fingerprint check, its family's trainable decoder, the encoder dropped;
+    or a new decoder for its latent space (vaedec/decoders.py), and the original decoder (grids, loss.teacher_weight)
  3. loss modules: LPIPS (frozen), PatchGAN, scalar logvar
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
@@ -52,13 +53,14 @@ from vaedec.checkpoint import (
     save_train_state,
 )
 from vaedec.config import OptimConfig, TrainConfig, config_to_dict, default_run_dir, dump_config
+from vaedec.decoders import PreviewDecoder, check_settings, run_decoders
 from vaedec.device import keep_freed_heap
 from vaedec.discriminator import build_discriminator
 from vaedec.errors import TrainError
-from vaedec.families import check_run_settings, latent_noise_raw, trainable_decoder, zero_unreached_grads
+from vaedec.families import check_run_settings, latent_noise_raw, zero_unreached_grads
 from vaedec.images import batch_to_model
 from vaedec.io import atomic_write_bytes, atomic_write_json, setup_logging
-from vaedec.latents import add_latent_noise, sample_latent
+from vaedec.latents import add_latent_noise, batch_latent, sample_latent
 from vaedec.losses import (
     LPIPSWeightsMissing,
     add_anchor_grad,
@@ -133,14 +135,15 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     # 1. shards, and the checkpoint to continue: settled before anything in the run folder is rewritten ------
     manifest, sets = shard_sets(cfg)
     cfg = check_run_settings(cfg, manifest)  # what the shards' VAE family cannot take; its defaults filled in
+    check_settings(cfg, manifest)  # and a new decoder for it (model.decoder_config)
     encoder = manifest["settings"]["vae"]["encoder_sha256"]
     ckpt = checked_resume(run_dir, resume, config_to_dict(cfg), encoder, accelerator.num_processes)
     if is_main:
         atomic_write_bytes(run_dir / RUN_CONFIG, dump_config(cfg).encode())
         atomic_write_json(run_dir / RUN_MANIFEST, manifest)  # export needs the VAE source and fingerprint
 
-    # 2. model -----------------------------------------------------------------------------------------------
-    decoder = trainable_decoder(cfg, manifest)
+    # 2. model, and the original decoder (frozen, or None: the decoder starts as it) and loss.teacher_weight's ----
+    decoder, original, teacher = run_decoders(cfg, manifest, device)
 
     # 3. loss modules ----------------------------------------------------------------------------------------------
     lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.out_channels, device)
@@ -161,9 +164,10 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     decoder, disc, opt_g, opt_d = accelerator.prepare(decoder, disc, opt_g, opt_d)
     _log_sizes(decoder, disc, lrs)
 
-    # 5. fixed batches for grids and validation, and the original decoder's output on them -------------------
-    # accelerator.unwrap_model: the original decoder is evaluated outside the training step only.
-    evaluators = _evaluators(cfg, sets, accelerator.unwrap_model(decoder), val_lpips, device)
+    # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
+    # The original decoder, or the decoder before its first update (unwrapped: used outside the training step).
+    evaluators = _evaluators(cfg, sets, original or accelerator.unwrap_model(decoder), val_lpips, device)
+    del original  # `teacher` keeps it when it is one
 
     # 6. the state of the run, resumed; the data stream from its position ------------------------------------
     noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + accelerator.process_index)
@@ -194,7 +198,7 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         set_names = [st.name for st in sets]
 
         def step() -> dict[str, float]:
-            return train_step(state, batches, lpips_model, cfg, lrs, set_names, anchors, noise_raw)
+            return train_step(state, batches, lpips_model, cfg, lrs, set_names, anchors, noise_raw, teacher)
 
         saved_at, stopped_by = _loop(run_dir, cfg, state, step, evaluators, ema_decoder, stop)
 
@@ -275,12 +279,13 @@ def train_step(
     set_names: list[str] = (),
     anchors: list[torch.Tensor] | None = None,
     latent_noise_raw: float | torch.Tensor = 0.0,
+    teacher: nn.Module | None = None,
 ) -> dict[str, float]:
     """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
     then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed shard sets
-    (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`: see generator_step.
-    `latent_noise_raw`: std of the extra noise on z, in raw latent units (model.latent_noise_std / scaling_factor,
-    or a (C, h, w) map: families.latent_noise_raw)."""
+    (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`, `teacher`: see
+    generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units (model.latent_noise_std /
+    scaling_factor, or a (C, h, w) map: families.latent_noise_raw)."""
     state.decoder.train()
     state.disc.train()
     # The LR is a pure function of the optimizer step (no scheduler state to save or to desynchronise).
@@ -289,6 +294,8 @@ def train_step(
             group["lr"] = base * lr_at(state.step, cfg.optim, cfg.run.max_steps)
     device, k = state.accelerator.device, cfg.optim.grad_accum_steps
     micro_batches, sources, reports = [], [], []
+    # A preview model's tiny encoder regresses the stored latent (the moments' mean), not the sampled z.
+    targets = [] if isinstance(state.accelerator.unwrap_model(state.decoder), PreviewDecoder) else None
     for _ in range(k):
         batch = next(batches)
         reports += note_batch(batch, state.data)
@@ -301,20 +308,12 @@ def train_step(
             z = z.contiguous(memory_format=torch.channels_last)
         micro_batches.append((batch_to_model(batch, device), z))
         sources.append(batch.get("source"))
+        if targets is not None:
+            targets.append(batch_latent(batch, "mode").to(device))
     acc, args = state.accelerator, (cfg, state.step)
-    # BatchNorm statistics, put back on a bad step
-    disc_buffers = [b.detach().clone() for b in state.disc.buffers()]
-    stored, logs = generator_step(
-        acc,
-        state.decoder,
-        state.disc,
-        state.opt_g,
-        state.logvar,
-        lpips_model,
-        micro_batches,
-        *args,
-        anchors=anchors,
-    )
+    disc_buffers = [b.detach().clone() for b in state.disc.buffers()]  # BatchNorm statistics, put back on a bad step
+    stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches,
+                                  *args, anchors=anchors, teacher=teacher, targets=targets)
     if len(set_names) > 1:  # the forgetting curve next to the gain, while it happens
         logs.update(pixel_loss_by_set(stored, sources, set_names, cfg.loss.pixel_loss))
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
@@ -408,10 +407,13 @@ def generator_step(
     cfg: TrainConfig,
     step: int,
     anchors: list[torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    targets: list[torch.Tensor] | None = None,
 ) -> tuple[list[MicroBatch], dict[str, float]]:
-    """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when
-    learned). `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None =
-    off).
+    """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when learned).
+    `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None = off).
+    `teacher`: the original decoder, frozen, for loss.teacher_weight (None = off). `targets`: a preview model's
+    raw stored latent per micro-batch, which its tiny encoder regresses in the same forward and backward.
 
     The discriminator is only evaluated (its gradients are never asked for), so it runs under no_sync and its
     .grad stays untouched. Returns (x, x̂ detached) per micro-batch for the discriminator phase, and the logs
@@ -426,17 +428,23 @@ def generator_step(
     for i, (x, z) in enumerate(micro_batches):
         sync = contextlib.nullcontext() if i == k - 1 else accelerator.no_sync(decoder)
         with sync, accelerator.autocast():
-            x_rec, h = decoder(z)
+            x_rec, h, *regression = decoder(z) if targets is None else decoder(z, x, targets[i])
+            x_teacher = None
+            if teacher is not None:
+                with torch.no_grad():
+                    x_teacher, _ = teacher(z)  # frozen: no graph, no .grad
             with accelerator.no_sync(disc):
                 grads = generator_grads(
                     x, x_rec, h, conv_out, lpips_model, disc, logvar, cfg.loss, step,
                     loss_scale=scaler.get_scale() if scaler is not None else 1.0, weight_grad=weight_grad,
+                    x_teacher=x_teacher,
                 )
-            # One backward through the decoder with dL_G/dx̂ (no double backward for λ); accelerate applies
-            # the grad scaler, and the 1/k of accumulation is ours since accumulation is done by hand here.
-            accelerator.backward(surrogate_loss(x_rec, grads, logvar) / k)
+            # One backward through the decoder with dL_G/dx̂ (no double backward for λ); accelerate applies the
+            # grad scaler, and the 1/k of accumulation is ours since accumulation is done by hand here.
+            loss = surrogate_loss(x_rec, grads, logvar) + sum(regression)
+            accelerator.backward(loss / k)
         stored.append((x, x_rec.detach()))
-        _accumulate(logs, grads.logs, k)
+        _accumulate(logs, grads.logs | ({"loss/encoder": float(regression[0].detach())} if regression else {}), k)
     if cfg.loss.learn_logvar and accelerator.num_processes > 1:
         # logvar lives outside the DDP-wrapped decoder, so its gradient is averaged across ranks by hand.
         logvar.grad = accelerator.reduce(logvar.grad, reduction="mean")
@@ -444,11 +452,14 @@ def generator_step(
         logs["loss/anchor"] = add_anchor_grad(trainable_parameters(decoder), anchors, cfg.loss.anchor_weight,
                                               scaler.get_scale() if scaler is not None else 1.0)
     zero_unreached_grads(raw)  # causal 3-D kernels: what one frame never reaches stays as it was
-    if cfg.optim.grad_clip_norm:
-        params = [p for group in opt_g.param_groups for p in group["params"]]
+    if cfg.optim.grad_clip_norm:  # a preview model's tiny encoder is clipped on its own
+        encoder = {id(p) for p in getattr(raw, "encoder_parameters", list)()}
+        params = [p for group in opt_g.param_groups for p in group["params"] if id(p) not in encoder]
         logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
-    # a non-finite step: weights untouched
-    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))
+        if encoder:
+            logs["grad_norm/encoder"] = float(accelerator.clip_grad_norm_(raw.encoder_parameters(),
+                                                                          cfg.optim.grad_clip_norm))
+    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))  # a non-finite step: weights untouched
     opt_g.zero_grad(set_to_none=True)
     return stored, logs
 
