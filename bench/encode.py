@@ -117,9 +117,17 @@ class EncodeResult:
     load_average: float
 
 
-def measure(resolution: int | None = None, images: int | None = None, batch_size: int | None = None,
-            source_size: int | None = None, num_workers: int = 2, dtype: str = "fp32", device: str | None = None,
-            repeats: int = 3, vae_config: dict | None = None) -> EncodeResult:
+def measure(
+    resolution: int | None = None,
+    images: int | None = None,
+    batch_size: int | None = None,
+    source_size: int | None = None,
+    num_workers: int = 2,
+    dtype: str = "fp32",
+    device: str | None = None,
+    repeats: int = 3,
+    vae_config: dict | None = None,
+) -> EncodeResult:
     """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture (or `vae_config`: bench/gpu.py's
     CPU smoke run); None = the device's default."""
     from diffusers import AutoencoderKL
@@ -137,8 +145,14 @@ def measure(resolution: int | None = None, images: int | None = None, batch_size
         AutoencoderKL(**(vae_config or SD_VAE)).save_pretrained(vae_dir)
         sources = make_sources(tmp / "images", images, (long_side, long_side * 3 // 4))
         cfg = EncodeConfig(
-            src=str(tmp / "images"), out=str(tmp / "shards"), vae=str(vae_dir), resolution=resolution,
-            batch_size=batch_size, num_workers=num_workers, dtype=dtype, device=str(dev),
+            src=str(tmp / "images"),
+            out=str(tmp / "shards"),
+            vae=str(vae_dir),
+            resolution=resolution,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            dtype=dtype,
+            device=str(dev),
         )
 
         load_before = os.getloadavg()[0]
@@ -155,8 +169,10 @@ def measure(resolution: int | None = None, images: int | None = None, batch_size
         freeze(load_vae(str(vae_dir)))
         t_load = time.perf_counter() - t0
 
-    setup = (f"{images} images {long_side}x{long_side * 3 // 4} JPEG -> {resolution}x{resolution}, "
-             f"batch size {batch_size}, dtype {dtype}, {num_workers} decode workers")
+    setup = (
+        f"{images} images {long_side}x{long_side * 3 // 4} JPEG -> {resolution}x{resolution}, "
+        f"batch size {batch_size}, dtype {dtype}, {num_workers} decode workers"
+    )
     return EncodeResult(
         images / t_pipeline,
         images / t_forward,
@@ -174,8 +190,14 @@ def rows(r: EncodeResult) -> list[Row]:
     """The encode section of bench/all.py's table; the reference is the encoder forward alone."""
     return [
         Row("encode", "encoder forward only (tensors preloaded)", r.forward, "images/s", 1.0),
-        Row("encode", "`encode` end to end (decode, forward, PNG + npy, tar, fsync)", r.pipeline, "images/s",
-            r.pipeline / r.forward, "of forward"),
+        Row(
+            "encode",
+            "`encode` end to end (decode, forward, PNG + npy, tar, fsync)",
+            r.pipeline,
+            "images/s",
+            r.pipeline / r.forward,
+            "of forward",
+        ),
     ]
 
 
@@ -213,8 +235,16 @@ def rows(r: EncodeResult) -> list[Row]:
     default=3,
     help="Interleaved (b), (a) rounds; the fastest of each counts.",
 )
-def main(resolution: int | None, images: int | None, batch_size: int | None, source_size: int | None,
-         num_workers: int, dtype: str, device: str | None, repeats: int) -> None:
+def main(
+    resolution: int | None,
+    images: int | None,
+    batch_size: int | None,
+    source_size: int | None,
+    num_workers: int,
+    dtype: str,
+    device: str | None,
+    repeats: int,
+) -> None:
     """Encode pipeline vs encoder forward, images/s, on the SD 1.x VAE architecture with random weights.
 
     The CPU defaults finish in 1-2 minutes on 2 cores; the CUDA defaults are a realistic workload.
@@ -224,10 +254,14 @@ def main(resolution: int | None, images: int | None, batch_size: int | None, sou
     print(f"torch           {torch.__version__}")
     print(f"model           {MODEL}")
     print(f"setup           {r.setup}")
-    print(f"timing          fastest of {r.repeats} interleaved rounds; "
-          f"load average {r.load_average:.2f} at the start")
-    print(f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, "
-          f"incl. ~{r.t_load:.2f} s model load)")
+    print(
+        f"timing          fastest of {r.repeats} interleaved rounds; "
+        f"load average {r.load_average:.2f} at the start"
+    )
+    print(
+        f"(a) pipeline    {r.pipeline:8.2f} img/s  ({r.t_pipeline:.2f} s end to end, "
+        f"incl. ~{r.t_load:.2f} s model load)"
+    )
     print(f"(b) forward     {r.forward:8.2f} img/s  ({r.t_forward:.2f} s, encoder only, tensors preloaded)")
     print(
         f"ratio (b)/(a)   {r.forward / r.pipeline:8.2f}x  (pipeline time / forward time; 1.00 = no overhead)"

@@ -10,11 +10,12 @@ in one run, on the same model, batch size, resolution and device, images per sec
   (c) LDM's naive λ: `ldm_generator_loss` (autograd.grad of nll and g w.r.t. conv_out.weight on the graph,
       retain_graph, then the full backward), then the same PatchGAN step;
   (d) the limit: decoder forward, L1 loss, backward, Adam step (no LPIPS, no GAN);
-  (e) (a) with a teacher (loss.teacher_weight=1): the original decoder, frozen, decodes the same z under no_grad
-      and L1 + LPIPS towards its output join the loss (vaedec/decoders.py's new decoders, preview models).
-(a)-(c) and (e) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so a busy
-machine slows them alike, and images/s is batch size / the median step time. Reading and decoding shards is
-not timed (DataLoader workers overlap it with the step).
+  (e) (a) with a teacher (loss.teacher_weight=1): the original decoder, frozen, decodes the same z under
+      no_grad and L1 + LPIPS towards its output join the loss (vaedec/decoders.py's new decoders, preview
+      models).
+(a)-(c) and (e) have the GAN term on (step >= disc_start_step). The variants are interleaved step by step, so
+a busy machine slows them alike, and images/s is batch size / the median step time. Reading and decoding
+shards is not timed (DataLoader workers overlap it with the step).
 """
 
 from __future__ import annotations
@@ -108,10 +109,10 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class StepBench:
     """One VAE (decoder trainable, encoder frozen), LPIPS, PatchGAN and their optimizers on a device, and the
-    variants' step functions on one batch as the shards hold it (`fns`, keys of VARIANTS). bench/gpu.py reuses it
-    with another batch size (`set_batch`), fp16 (a GradScaler, as accelerate's), gradient checkpointing, or a
-    small VAE (`vae_config`), no LPIPS (`lpips=False`; its VGG16 in bf16/fp16 takes seconds a step on a CPU) and a
-    narrow PatchGAN (`disc_ndf`) for its CPU smoke run."""
+    variants' step functions on one batch as the shards hold it (`fns`, keys of VARIANTS). bench/gpu.py
+    reuses it with another batch size (`set_batch`), fp16 (a GradScaler, as accelerate's), gradient
+    checkpointing, or a small VAE (`vae_config`), no LPIPS (`lpips=False`; its VGG16 in bf16/fp16 takes
+    seconds a step on a CPU) and a narrow PatchGAN (`disc_ndf`) for its CPU smoke run."""
 
     def __init__(
         self,
@@ -145,8 +146,12 @@ class StepBench:
         self.decoder = TrainableDecoder(vae).to(dev).train()
         self.teacher = freeze(copy.deepcopy(self.decoder))  # (e): the original decoder, no gradients, no optimizer
         # LDM loss, GAN term on from step 0
-        self.cfg = LossConfig(disc_start_step=0, lpips_random_backbone=True, perceptual_weight=1.0 if lpips else 0.0,
-                              disc_ndf=disc_ndf)
+        self.cfg = LossConfig(
+            disc_start_step=0,
+            lpips_random_backbone=True,
+            perceptual_weight=1.0 if lpips else 0.0,
+            disc_ndf=disc_ndf,
+        )
         self.lpips_model = None
         if lpips:
             with warnings.catch_warnings():
@@ -162,7 +167,11 @@ class StepBench:
         self.seen: dict[str, float] = {}  # λ · f_t of each variant's last step (the GAN term was on)
         self.skipped = 0  # fp16: optimizer steps the scaler skipped (inf/nan gradients)
         self.fns: dict[str, Callable[[], None]] = {
-            "a": self.step_a, "b": self.step_b, "c": self.step_c, "d": self.step_d, "e": self.step_e
+            "a": self.step_a,
+            "b": self.step_b,
+            "c": self.step_c,
+            "d": self.step_d,
+            "e": self.step_e,
         }
         self.set_batch(batch_size)
 
@@ -170,7 +179,9 @@ class StepBench:
         """A new batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py encode`)."""
         self.batch_size = batch_size
         self.batch = {"pixels": smooth_pixels(batch_size, self.resolution)}
-        with torch.no_grad():  # 8 images an encoder forward: a large batch must not fail here rather than in training
+        with (
+            torch.no_grad()
+        ):  # 8 images an encoder forward: a large batch must not fail here rather than in training
             x = batch_to_model(self.batch, self.device)
             moments = [encode_moments(self.vae, chunk).half().cpu() for chunk in x.split(8)]
             self.batch["moments"] = torch.cat(moments)  # (B, 2C, R/f, R/f)
@@ -189,7 +200,9 @@ class StepBench:
         opt.zero_grad(set_to_none=True)
 
     def _disc_step(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
-        self.opt_d.zero_grad(set_to_none=True)  # (c) filled the PatchGAN's .grad too, as LDM's toggling clears it
+        self.opt_d.zero_grad(
+            set_to_none=True
+        )  # (c) filled the PatchGAN's .grad too, as LDM's toggling clears it
         with self.autocast:
             d_loss, _ = discriminator_loss(self.disc, x, x_rec, self.cfg, self.step_index)
         self._update(d_loss, self.opt_d)
@@ -202,9 +215,19 @@ class StepBench:
             if with_teacher:
                 with torch.no_grad():
                     x_t, _ = self.teacher(z)
-            grads = generator_grads(x, x_rec, h, self.decoder.conv_out, self.lpips_model, self.disc, self.logvar,
-                                    self.cfg_teacher if with_teacher else self.cfg, self.step_index,
-                                    loss_scale=scale, x_teacher=x_t)
+            grads = generator_grads(
+                x,
+                x_rec,
+                h,
+                self.decoder.conv_out,
+                self.lpips_model,
+                self.disc,
+                self.logvar,
+                self.cfg_teacher if with_teacher else self.cfg,
+                self.step_index,
+                loss_scale=scale,
+                x_teacher=x_t,
+            )
         self._update(surrogate_loss(x_rec, grads, self.logvar), self.opt_g)
         self._disc_step(x, x_rec.detach())
         self.seen[key] = grads.logs["loss/d_weight"] * grads.logs["loss/disc_factor"]
@@ -230,8 +253,16 @@ class StepBench:
         x, z = self._inputs()
         with self.autocast:
             x_rec, _ = self.decoder(z)
-            loss, logs = ldm_generator_loss(x, x_rec, self.decoder.conv_out.weight, self.lpips_model, self.disc,
-                                            self.logvar, self.cfg, self.step_index)
+            loss, logs = ldm_generator_loss(
+                x,
+                x_rec,
+                self.decoder.conv_out.weight,
+                self.lpips_model,
+                self.disc,
+                self.logvar,
+                self.cfg,
+                self.step_index,
+            )
         self._update(loss, self.opt_g)
         self._disc_step(x, x_rec.detach())
         self.seen["c"] = logs["loss/d_weight"] * logs["loss/disc_factor"]

@@ -52,8 +52,14 @@ def test_gpu_bench_runs_in_its_cpu_quick_mode(tmp_path) -> None:
     """`make bench-gpu` cannot rot: its toy CPU run goes through every section and writes its document."""
     doc = tmp_path / "benchmarks-gpu.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--write",
-                        str(doc)], check=False, capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--write", str(doc)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     text = doc.read_text()
     assert "**Not GPU figures**" in text and "`--quick`: toy sizes" in text
@@ -61,7 +67,9 @@ def test_gpu_bench_runs_in_its_cpu_quick_mode(tmp_path) -> None:
     sections = [row.split(" | ")[0][2:] for row in rows]
     assert sections == ["train step bf16 32 px"] * 4 + ["fp16 32 px"] * 4 + ["encode"] * 2 + ["max batch"] * 4
     assert "weights and scale all finite: yes" in text
-    assert sum("model FLOP utilisation" in row and "peak unknown" in row for row in rows) == 3  # a CPU: no peak
+    assert (
+        sum("model FLOP utilisation" in row and "peak unknown" in row for row in rows) == 3
+    )  # a CPU: no peak
     assert all("the cap 2 fits" in row for row in rows[-4:])  # the toy cap, never a CPU out-of-memory
     assert text.split("| section |")[1].split("\n\n")[0] in r.stdout  # printed as written
 
@@ -74,5 +82,7 @@ def test_gpu_bench_search_and_peak_table() -> None:
     assert gpu.largest_batch(lambda b: False, 16, far) == (0, "out of memory")
     assert gpu.largest_batch(lambda b: True, 16, time.monotonic() - 1) == (0, "time")
     assert gpu.peak_tflops("NVIDIA H200") == 989 and gpu.peak_tflops("NVIDIA H100 PCIe") == 756
-    assert gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and gpu.peak_tflops("NVIDIA GeForce RTX 4090") is None
+    assert (
+        gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and gpu.peak_tflops("NVIDIA GeForce RTX 4090") is None
+    )
     assert gpu.peak_tflops(None) is None

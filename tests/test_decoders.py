@@ -1,8 +1,8 @@
 """New decoders for a frozen latent space (vaedec/decoders.py, issue 17), on tiny random models at 32 px:
 
-- a decoder from scratch: a smaller FLUX.2 decoder (decoder_block_out_channels) trains with a teacher, exports as
-  AutoencoderKLFlux2 with the new config, loads with from_pretrained, its encoder and bn bit-identical; what a
-  class cannot express is a message;
+- a decoder from scratch: a smaller FLUX.2 decoder (decoder_block_out_channels) trains with a teacher,
+  exports as AutoencoderKLFlux2 with the new config, loads with from_pretrained, its encoder and bn
+  bit-identical; what a class cannot express is a message;
 - a preview model (AutoencoderTiny) for an SD-shaped and a FLUX.2-shaped VAE: decoder and tiny encoder train
   (GAN, EMA, a crash and a resume equal to an uninterrupted run bit for bit), export, load as AutoencoderTiny
   with the latent space named in its config, and `eval` scores it next to the original on the normalised
@@ -42,7 +42,7 @@ PREVIEW = ["model.decoder_init=scratch", "model.decoder_class=AutoencoderTiny", 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the teacher term
 
 
@@ -70,12 +70,19 @@ def test_teacher_gradient_matches_a_plain_reference() -> None:
         without = generator_grads(x, x_rec, h, conv_out, lpips, disc, logvar, cfg, 5)
         # The plain reference: autograd of T = w Σ(|x̂ - x_t| + pw LPIPS(x_t, x̂)) / B written out by hand.
         leaf = x_rec.clone().requires_grad_(True)
-        plain = 0.3 * ((leaf - x_t).abs() + 0.7 * ((x_t - leaf) ** 2 * lpips.w).mean(dim=(1, 2, 3), keepdim=True)
-                       ).sum() / 2
+        plain = (
+            0.3
+            * (
+                (leaf - x_t).abs() + 0.7 * ((x_t - leaf) ** 2 * lpips.w).mean(dim=(1, 2, 3), keepdim=True)
+            ).sum()
+            / 2
+        )
         (ref,) = torch.autograd.grad(plain, [leaf])
         torch.testing.assert_close(with_t.grad_output - without.grad_output, ref, rtol=1e-12, atol=1e-12)
         assert with_t.logs["loss/teacher"] == pytest.approx(float(plain.detach()), rel=1e-12)
-        assert with_t.logs["loss/d_weight"] == without.logs["loss/d_weight"]  # λ balances the GAN against nll only
+        assert (
+            with_t.logs["loss/d_weight"] == without.logs["loss/d_weight"]
+        )  # λ balances the GAN against nll only
         assert (with_t.logs["loss/d_weight"] > 0) == gan_on
         # The pure function is the same formula, and the teacher's output is a constant (no gradient to it).
         xt_leaf = x_t.clone().requires_grad_(True)
@@ -113,14 +120,16 @@ def test_the_teacher_is_frozen_and_held_nowhere(data) -> None:
     batch = collate(list(read_samples(shard_paths(data["sd"], read_manifest(data["sd"])), 2)))
     micro = [(batch_to_model(batch, torch.device("cpu")), batch_latent(batch, "mode"))]
     accelerator = Accelerator(cpu=True)
-    logs = [generator_step(accelerator, decoder, disc, opt_g, logvar, None, micro, cfg, s, teacher=teacher)[1]
-            for s in range(2)]
+    logs = [
+        generator_step(accelerator, decoder, disc, opt_g, logvar, None, micro, cfg, s, teacher=teacher)[1]
+        for s in range(2)
+    ]
     assert logs[0]["loss/teacher"] == 0.0 and logs[1]["loss/teacher"] > 0
     assert all(p.grad is None for p in teacher.parameters())
     assert_same_tensors(teacher.state_dict(), before, "the teacher")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # shared data: tiny SD-shaped and FLUX.2-shaped VAEs, their shards
 
 
@@ -129,30 +138,55 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("decoders")
     make_images(root / "images", 8)
     save_tiny_vae(root / "vae-sd")
-    flux2 = build_tiny("AutoencoderKLFlux2", decoder_block_out_channels=None)  # as released: decoder = encoder
+    flux2 = build_tiny(
+        "AutoencoderKLFlux2", decoder_block_out_channels=None
+    )  # as released: decoder = encoder
     with torch.no_grad():  # whitening statistics as a trained FLUX.2 VAE has them
         flux2.bn.running_mean.copy_(torch.linspace(-1, 1, flux2.bn.num_features))
         flux2.bn.running_var.copy_(torch.linspace(0.5, 3, flux2.bn.num_features))
     flux2.save_pretrained(root / "vae-flux2")
     for name in ("sd", "flux2"):
-        cli("encode", root / "images", root / f"shards-{name}", "--vae", root / f"vae-{name}", "--resolution", RES,
-            "--num-workers", 0, "--shard-size-mb", 0.01)
-    return {"root": root, **{f"vae-{n}": root / f"vae-{n}" for n in ("sd", "flux2")},
-            **{n: root / f"shards-{n}" for n in ("sd", "flux2")}}
+        cli(
+            "encode",
+            root / "images",
+            root / f"shards-{name}",
+            "--vae",
+            root / f"vae-{name}",
+            "--resolution",
+            RES,
+            "--num-workers",
+            0,
+            "--shard-size-mb",
+            0.01,
+        )
+    return {
+        "root": root,
+        **{f"vae-{n}": root / f"vae-{n}" for n in ("sd", "flux2")},
+        **{n: root / f"shards-{n}" for n in ("sd", "flux2")},
+    }
 
 
 def state_of(vae: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vae.state_dict().items() if k.startswith(prefixes)}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a decoder from scratch
 
 
 def test_scratch_smaller_flux2_decoder_trains_exports_and_loads_with_its_class(tmp_path, data) -> None:
     run = tmp_path / "run"
-    out = cli("train", data["flux2"], "--output", run, *RUN, "run.max_steps=3", "model.decoder_init=scratch",
-              "model.decoder_config={decoder_block_out_channels: [4, 8]}", "loss.teacher_weight=1.0")
+    out = cli(
+        "train",
+        data["flux2"],
+        "--output",
+        run,
+        *RUN,
+        "run.max_steps=3",
+        "model.decoder_init=scratch",
+        "model.decoder_config={decoder_block_out_channels: [4, 8]}",
+        "loss.teacher_weight=1.0",
+    )
     lines = train_lines(run)
     assert [m["step"] for m in lines] == [1, 2, 3] and all(m["loss/teacher"] > 0 for m in lines), out.output
     assert all(m["loss/d_weight"] > 0 for m in lines)  # the GAN and λ run as for any decoder
@@ -175,13 +209,23 @@ def test_scratch_smaller_flux2_decoder_trains_exports_and_loads_with_its_class(t
 
 def test_what_a_class_cannot_express_is_a_message(tmp_path, data) -> None:
     base = ["train", data["sd"], "--output", tmp_path / "run", *RUN, "run.max_steps=1"]
-    refused = cli(*base, "model.decoder_init=scratch", "model.decoder_config={block_out_channels: [4, 8]}",
-                  code=1)
+    refused = cli(
+        *base, "model.decoder_init=scratch", "model.decoder_config={block_out_channels: [4, 8]}", code=1
+    )
     assert "AutoencoderKL has no config key that shapes its decoder alone" in refused.output
     assert "model.decoder_class=AutoencoderTiny" in refused.output
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run folder is written
-    refused = cli("train", data["flux2"], "--output", tmp_path / "run", *RUN, "run.max_steps=1",
-                  "model.decoder_init=scratch", "model.decoder_config={layers_per_block: 1}", code=1)
+    refused = cli(
+        "train",
+        data["flux2"],
+        "--output",
+        tmp_path / "run",
+        *RUN,
+        "run.max_steps=1",
+        "model.decoder_init=scratch",
+        "model.decoder_config={layers_per_block: 1}",
+        code=1,
+    )
     assert "decoder-only keys are decoder_block_out_channels" in refused.output
     refused = cli(*base, "model.decoder_config={decoder_block_out_channels: [4, 8]}", code=1)
     assert "set model.decoder_init=scratch" in refused.output
@@ -189,15 +233,23 @@ def test_what_a_class_cannot_express_is_a_message(tmp_path, data) -> None:
     assert "set model.decoder_init=scratch" in refused.output
     refused = cli(*base, "model.decoder_init=scratch", "loss.anchor_weight=1", code=1)
     assert "loss.teacher_weight instead" in refused.output
-    refused = cli("train", data["flux2"], "--output", tmp_path / "run2", *RUN, "run.max_steps=1",
-                  "model.decoder_init=scratch", "model.decoder_config={decoder_block_out_channels: [4, 8, 8]}",
-                  code=1)
+    refused = cli(
+        "train",
+        data["flux2"],
+        "--output",
+        tmp_path / "run2",
+        *RUN,
+        "run.max_steps=1",
+        "model.decoder_init=scratch",
+        "model.decoder_config={decoder_block_out_channels: [4, 8, 8]}",
+        code=1,
+    )
     assert "keep the number of decoder levels" in refused.output
     # The same architecture from scratch is fine for any class: a new random decoder, the encoder kept.
     cli(*base[:3], tmp_path / "same", *RUN, "run.max_steps=1", "model.decoder_init=scratch")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a preview model
 
 
@@ -229,7 +281,8 @@ def test_preview_model_trains_exports_loads_and_is_scored(tmp_path, data, monkey
     assert [m["step"] for m in got] == [1, 2, 3, 4]
     for m, r in zip(got, ref):
         assert {k: v for k, v in m.items() if k not in NOT_LOGGED_EXACTLY} == {
-            k: v for k, v in r.items() if k not in NOT_LOGGED_EXACTLY}
+            k: v for k, v in r.items() if k not in NOT_LOGGED_EXACTLY
+        }
     assert all(m["loss/encoder"] > 0 and m["loss/teacher"] > 0 and m["loss/d_weight"] > 0 for m in ref)
     final_a, final_b = (checkpoint_tensors(r / "checkpoints/step-00000004") for r in (a, b))
     for stem in final_a:
@@ -244,8 +297,16 @@ def test_preview_model_trains_exports_loads_and_is_scored(tmp_path, data, monkey
     assert record["encoder_sha256"] == manifest["encoder_sha256"]
     assert record["normalisation"] == manifest_normalisation(manifest).as_dict()
     assert (preview.config.scaling_factor, preview.config.shift_factor) == (1.0, 0.0)
-    init = preview_vae(manifest, {"encoder_block_out_channels": [8, 8], "decoder_block_out_channels": [8, 8],
-                                  "num_encoder_blocks": [1, 1], "num_decoder_blocks": [1, 1]}, seed=0)
+    init = preview_vae(
+        manifest,
+        {
+            "encoder_block_out_channels": [8, 8],
+            "decoder_block_out_channels": [8, 8],
+            "num_encoder_blocks": [1, 1],
+            "num_decoder_blocks": [1, 1],
+        },
+        seed=0,
+    )
     for half in ("encoder.", "decoder."):
         after, before = state_of(preview, (half,)), state_of(init, (half,))
         assert all(not torch.equal(after[k], before[k]) for k in after if k.endswith("weight")), half
@@ -253,8 +314,22 @@ def test_preview_model_trains_exports_loads_and_is_scored(tmp_path, data, monkey
     assert "no single-file layout" in refused.output
 
     # --- eval: next to the original decoder, on the same latents; the preview model decodes them normalised
-    report = cli("eval", shards, "--vae", f"original={vae}", "--vae", f"preview={tmp_path / 'export'}",
-                 "--vae", f"run={b}", "--out", tmp_path / "eval", "--batch-size", 4, "--speed-rounds", 2).output
+    report = cli(
+        "eval",
+        shards,
+        "--vae",
+        f"original={vae}",
+        "--vae",
+        f"preview={tmp_path / 'export'}",
+        "--vae",
+        f"run={b}",
+        "--out",
+        tmp_path / "eval",
+        "--batch-size",
+        4,
+        "--speed-rounds",
+        2,
+    ).output
     assert "decoder params" in report and "decode img/s" in report
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     models = result["sets"][0]["models"]
@@ -279,12 +354,17 @@ def test_preview_config_follows_the_latent_space(data) -> None:
 
     manifest = read_manifest(data["flux2"])["settings"]["vae"]
     vae = preview_vae(manifest, {}, seed=0)
-    assert vae.config.encoder_block_out_channels == (64, 64) and tuple(vae.config.num_decoder_blocks) == (3, 1)
+    assert vae.config.encoder_block_out_channels == (64, 64) and tuple(vae.config.num_decoder_blocks) == (
+        3,
+        1,
+    )
     assert vae.config.latent_channels == FAMILIES["AutoencoderKLFlux2"].tiny_config()["latent_channels"]
     with pytest.raises(TrainError, match="follow from the latent space"):
         preview_vae(manifest, {"latent_channels": 4}, seed=0)
     with pytest.raises(TrainError, match="as many encoder and decoder levels"):
-        preview_vae(manifest, {"encoder_block_out_channels": [8, 8, 8], "num_encoder_blocks": [1, 1, 1]}, seed=0)
+        preview_vae(
+            manifest, {"encoder_block_out_channels": [8, 8, 8], "num_encoder_blocks": [1, 1, 1]}, seed=0
+        )
 
 
 def test_make_experiment_keeps_the_preview_section_and_make_preview_replaces_it(tmp_path) -> None:

@@ -33,7 +33,7 @@ def test_demo_ends_on_domain_only_and_replay_side_by_side(tmp_path, monkeypatch)
     assert "loss/pixel/photos-train" not in (out / "run" / "metrics.jsonl").read_text()
 
     # The output ends on the two recipes side by side, with eval.json's figures.
-    tail = r.output[r.output.index("The problem and the fix"):]
+    tail = r.output[r.output.index("The problem and the fix") :]
     sets = {s["name"]: s for s in result["sets"]}
     for label, row in ((DOMAIN_ONLY, "fine-tuned on text only"), (WITH_REPLAY, "20% photographs replayed")):
         line = next(ln for ln in tail.splitlines() if row in ln)
@@ -45,7 +45,9 @@ def test_demo_ends_on_domain_only_and_replay_side_by_side(tmp_path, monkeypatch)
     # Grids: labelled columns (original | the three decoders), 64 px crops scaled up to be read.
     grid = np.asarray(Image.open(out / "eval" / "grids" / "photos-heldout-sample.png").convert("RGB"))
     tile = 64 * -(-GRID_MIN_TILE // 64)
-    assert grid.shape[1] == 4 * (tile + 2) + 2 and (grid.shape[0] - 2) % (tile + 2) > 10  # a label band on top
+    assert (
+        grid.shape[1] == 4 * (tile + 2) + 2 and (grid.shape[0] - 2) % (tile + 2) > 10
+    )  # a label band on top
 
     # Each export's model card carries the eval, naming its own row.
     for run, label in (("run", DOMAIN_ONLY), ("run-replay", WITH_REPLAY)):

@@ -221,8 +221,10 @@ def random_inception_net():
     from torch_fidelity import feature_extractor_inceptionv3 as fe
 
     torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", return_value=None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", return_value=None),
+        mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None),
+    ):
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
@@ -246,8 +248,22 @@ def test_rfid_with_random_inception_weights(tmp_path, data) -> None:
     weights = tmp_path / "inception.pth"
     torch.save(random_inception_net().state_dict(), weights)
     out = tmp_path / "e"
-    res = cli("eval", data["heldout"], "--vae", f"a={data['vae']}", "--vae", f"b={data['vae']}",
-              "--vae", data["run"], "--fid-weights", weights, "--fid-features", 64, "--out", out)
+    res = cli(
+        "eval",
+        data["heldout"],
+        "--vae",
+        f"a={data['vae']}",
+        "--vae",
+        f"b={data['vae']}",
+        "--vae",
+        data["run"],
+        "--fid-weights",
+        weights,
+        "--fid-features",
+        64,
+        "--out",
+        out,
+    )
     models = json.loads((out / "eval.json").read_text())["sets"][0]["models"]
     fids = {k: v["fid"] for k, v in models.items()}
     assert "rFID: torchmetrics FID on torch-fidelity's InceptionV3 (64 features)" in res.output
@@ -300,8 +316,19 @@ def test_sample_uses_the_same_seeded_z_for_every_model_and_batch_size(tmp_path, 
     runs = {}
     for bs in (1, 4):
         out = tmp_path / f"bs{bs}"
-        cli("eval", data["heldout"], "--vae", f"a={data['vae']}", "--vae", f"b={data['vae']}", "--sample",
-            "--batch-size", bs, "--out", out)
+        cli(
+            "eval",
+            data["heldout"],
+            "--vae",
+            f"a={data['vae']}",
+            "--vae",
+            f"b={data['vae']}",
+            "--sample",
+            "--batch-size",
+            bs,
+            "--out",
+            out,
+        )
         runs[bs] = by_model(read_csv(out / "per_image.csv"), "psnr")
     np.testing.assert_array_equal(runs[1]["a"], runs[1]["b"])  # same z for every model
     np.testing.assert_allclose(runs[1]["a"], runs[4]["a"], atol=1e-3)  # z does not depend on batching
@@ -312,8 +339,21 @@ def test_sample_uses_the_same_seeded_z_for_every_model_and_batch_size(tmp_path, 
 
 def test_several_data_sets_and_val_shards(tmp_path, data) -> None:
     out = tmp_path / "e"
-    cli("eval", data["heldout"], data["train"], "--vae", data["vae"], "--vae", data["run"], "--val-shards", 1,
-        "--max-samples", 2, "--out", out)
+    cli(
+        "eval",
+        data["heldout"],
+        data["train"],
+        "--vae",
+        data["vae"],
+        "--vae",
+        data["run"],
+        "--val-shards",
+        1,
+        "--max-samples",
+        2,
+        "--out",
+        out,
+    )
     sets = json.loads((out / "eval.json").read_text())["sets"]
     assert [s["name"] for s in sets] == ["heldout", "train"]
     rows = read_csv(out / "per_image.csv")
@@ -327,8 +367,19 @@ def test_image_folder_is_encoded_with_the_first_models_encoder(tmp_path, data) -
     make_images(images, 5, size=(40, 40))
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "e"
-    res = cli("eval", images, "--vae", data["run"], "--vae", data["export"], "--resolution", RES, "--out",
-              out, code=3)  # finished, but an input was skipped
+    res = cli(
+        "eval",
+        images,
+        "--vae",
+        data["run"],
+        "--vae",
+        data["export"],
+        "--resolution",
+        RES,
+        "--out",
+        out,
+        code=3,
+    )  # finished, but an input was skipped
     assert "1 inputs skipped" in res.output
     s = json.loads((out / "eval.json").read_text())["sets"][0]
     assert s["samples"] == 5 and s["encoded_here"]

@@ -47,7 +47,9 @@ def test_quick_second_family_writes_its_section_and_keeps_the_first(tmp_path) ->
         "_class_name"] == json.loads((QWENIMAGE_VAE / "config.json").read_text())["_class_name"]
     quality = (docs / "quality.md").read_text()
     assert quality.startswith("# Quality\n\nthe first family's tables\n") and report in quality
-    assert quality.count(FAMILY_BEGIN) == 1 and quality.count("encoder tensors bit-identical") == len(FAMILY_VARIANTS)
+    assert quality.count(FAMILY_BEGIN) == 1 and quality.count("encoder tensors bit-identical") == len(
+        FAMILY_VARIANTS
+    )
     # Rerun: the section is replaced, not appended again.
     run_family_experiment(out, docs, QUICK)
     assert (docs / "quality.md").read_text().count(FAMILY_BEGIN) == 1

@@ -127,7 +127,8 @@ def test_flux_ae_safetensors_in_bfl_layout_is_read_directly(tmp_path, images) ->
         ma, mb = (np.load(io.BytesIO(f["moments.npy"])).astype(np.float32) for f in (fa, fb))
         assert ma.shape == (32, RES // 2, RES // 2)
         np.testing.assert_allclose(ma, mb, rtol=1e-3, atol=1e-3)  # float16 storage of the same encoder
-    # the file does not hold shift_factor: --shift-factor gives it, the manifest records it, the export keeps it
+    # the file does not hold shift_factor: --shift-factor gives it, the manifest records it, the export keeps
+    # it
     assert info_a["shift_factor"] == shift == info_b["shift_factor"]
 
     run = tmp_path / "run"

@@ -105,7 +105,10 @@ def test_bad_samples_are_skipped_counted_logged_and_resumed_exactly(tmp_path, sh
     # Each bad sample is logged once per run, though every epoch meets it again and counts it again.
     logged = [line.split("bad sample skipped: ")[1].split(":")[0] for line in log.splitlines()
               if "bad sample skipped" in line]
-    assert len(logged) == len(set(logged)) and lines[-1]["data/bad_samples"] > len(logged), (logged, lines[-1])
+    assert len(logged) == len(set(logged)) and lines[-1]["data/bad_samples"] > len(logged), (
+        logged,
+        lines[-1],
+    )
     assert [m["step"] for m in lines] == list(range(1, 9))  # training went on
     assert all(math.isfinite(m["loss/total"]) for m in lines) and lines[-1]["train/bad_steps"] == 0
 
@@ -119,7 +122,8 @@ def test_bad_samples_are_skipped_counted_logged_and_resumed_exactly(tmp_path, sh
     assert_same_tensors(a, b, "decoder after resuming past bad samples")
     drop = {"images_per_s", "peak_memory_mb"}
     assert [{k: v for k, v in m.items() if k not in drop} for m in train_lines(run_b)] == [
-        {k: v for k, v in m.items() if k not in drop} for m in lines]
+        {k: v for k, v in m.items() if k not in drop} for m in lines
+    ]
 
 
 def test_on_bad_sample_error_stops_with_the_shard_and_key(tmp_path, shards) -> None:
@@ -174,8 +178,13 @@ def test_bad_validation_samples_are_left_out_with_a_warning(tmp_path, shards) ->
     bad = tmp_path / "shards"
     shutil.copytree(shards, bad)
     last = sorted(bad.glob("shard-*.tar"))[-2]  # data.val_shards=2: grids and validation read it
-    key = rewrite_tar(last, lambda m: {n: (b"not an npy" if n.endswith("moments.npy") and i < 3 else v)
-                                       for i, (n, v) in enumerate(m.items())})
+    key = rewrite_tar(
+        last,
+        lambda m: {
+            n: (b"not an npy" if n.endswith("moments.npy") and i < 3 else v)
+            for i, (n, v) in enumerate(m.items())
+        },
+    )
     with pytest.raises(ShardError, match=f"sample {key}: cannot decode"):
         list(shards_mod.read_samples([str(last)]))
     run = tmp_path / "run"
@@ -293,8 +302,21 @@ def enospc(*_a, **_k):
 def test_a_full_disk_while_encoding_keeps_every_complete_shard(tmp_path, vae_dir, monkeypatch) -> None:
     make_images(tmp_path / "images", 8)
     out = tmp_path / "shards"
-    args = ["encode", tmp_path / "images", out, "--vae", vae_dir, "--resolution", 32, "--shard-size-mb", 0.02,
-            "--num-workers", 0, "--batch-size", 2]
+    args = [
+        "encode",
+        tmp_path / "images",
+        out,
+        "--vae",
+        vae_dir,
+        "--resolution",
+        32,
+        "--shard-size-mb",
+        0.02,
+        "--num-workers",
+        0,
+        "--batch-size",
+        2,
+    ]
     real, written = shards_mod.ShardWriter.write, {"n": 0}
 
     def write_then_full(self, members):

@@ -383,7 +383,10 @@ def test_export_ldm_file_loads_in_diffusers_from_single_file(tmp_path, vae_dir, 
     cli("export", rgb_run, tmp_path / "diffusers")
     cli("export", rgb_run, tmp_path / "ldm", "--format", "ldm")
     assert sorted(p.name for p in (tmp_path / "ldm").iterdir()) == [
-        "README.md", "decoder.safetensors", "vae.safetensors", "vaedec_export.json"  # README.md: the model card
+        "README.md",
+        "decoder.safetensors",
+        "vae.safetensors",
+        "vaedec_export.json",  # README.md: the model card
     ]
     reference = AutoencoderKL.from_pretrained(tmp_path / "diffusers").state_dict()
     source = AutoencoderKL.from_pretrained(vae_dir).state_dict()
@@ -395,15 +398,20 @@ def test_export_ldm_file_loads_in_diffusers_from_single_file(tmp_path, vae_dir, 
     )
     # from_single_file leaves missing keys uninitialised and only warns: compare every tensor.
     assert_same_tensors(judged.state_dict(), reference, "from_single_file(export --format ldm)")
-    assert_same_tensors(trained_part(load_file(str(tmp_path / "ldm" / "decoder.safetensors"))),
-                        trained_part(reference), "decoder.safetensors")
+    assert_same_tensors(
+        trained_part(load_file(str(tmp_path / "ldm" / "decoder.safetensors"))),
+        trained_part(reference),
+        "decoder.safetensors",
+    )
 
     cli("export", rgb_run, tmp_path / "both", "--format", "both")
     assert_same_tensors(
         AutoencoderKL.from_pretrained(tmp_path / "both").state_dict(), reference, "--format both"
     )
-    assert load_file(str(tmp_path / "both" / "vae.safetensors")).keys() == load_file(
-        str(tmp_path / "ldm" / "vae.safetensors")).keys()
+    assert (
+        load_file(str(tmp_path / "both" / "vae.safetensors")).keys()
+        == load_file(str(tmp_path / "ldm" / "vae.safetensors")).keys()
+    )
 
 
 def test_export_into_full_sd_checkpoint(tmp_path, vae_dir, rgb_run) -> None:
@@ -429,8 +437,9 @@ def test_export_into_full_sd_checkpoint(tmp_path, vae_dir, rgb_run) -> None:
         if k.startswith("first_stage_model."):
             assert torch.equal(v, want[k.removeprefix("first_stage_model.")]), k
     changed = [k for k in vae_part if not torch.equal(written[k], vae_part[k])]
-    assert changed and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
-                           for k in changed), changed
+    assert changed and all(
+        k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv.")) for k in changed
+    ), changed
     # diffusers itself reads the VAE back out of the full checkpoint as the fine-tuned one.
     judged = AutoencoderKL.from_single_file(
         str(out / "sd-model.safetensors"), config=str(vae_dir), local_files_only=True
@@ -456,8 +465,12 @@ def test_shipped_ldm_yaml_dry_run_maps_and_warns(tmp_path) -> None:
         "-> optim.ema_decay = 0.0",
     ):
         assert line in log, f"{line!r} not in:\n{log}"
-    for ignored in ("model.params.lossconfig.params.kl_weight", "model.params.ddconfig.ch_mult",
-                    "model.params.ddconfig.in_channels", "model.params.embed_dim"):
+    for ignored in (
+        "model.params.lossconfig.params.kl_weight",
+        "model.params.ddconfig.ch_mult",
+        "model.params.ddconfig.in_channels",
+        "model.params.embed_dim",
+    ):
         assert f"LDM key {ignored} ignored:" in log, f"no warning for {ignored}:\n{log}"
     assert "KL term" in log  # says why kl_weight does not matter
     assert not (tmp_path / "shards").exists()  # a dry run reads no shards (none exist) and writes nothing
@@ -504,12 +517,19 @@ def test_ldm_yaml_loss_params_map_and_unknown_ones_warn(tmp_path) -> None:
     r = cli("train", tmp_path / "shards", "--config", path, "--dry-run", "optim.lr=2e-5")
     cfg = yaml.safe_load(r.stdout)["loss"]
     assert (cfg["disc_start_step"], cfg["disc_weight"], cfg["perceptual_weight"], cfg["disc_loss"]) == (
-        7, 0.25, 0.0, "vanilla")
+        7,
+        0.25,
+        0.0,
+        "vanilla",
+    )
     assert (cfg["disc_factor"], cfg["disc_num_layers"], cfg["logvar_init"]) == (0.5, 2, 0.1)
     assert yaml.safe_load(r.stdout)["optim"]["lr"] == 2e-5  # a KEY=VALUE override wins over the file
     log = r.stderr
-    for name in ("disc_weight -> loss.disc_weight", "perceptual_weight -> loss.perceptual_weight",
-                 "disc_loss -> loss.disc_loss = 'vanilla'"):
+    for name in (
+        "disc_weight -> loss.disc_weight",
+        "perceptual_weight -> loss.perceptual_weight",
+        "disc_loss -> loss.disc_loss = 'vanilla'",
+    ):
         assert name in log, f"{name!r} not in:\n{log}"
     assert "LDM key model.params.lossconfig.params.my_new_knob ignored: no vaedec equivalent" in log
     assert "LDM key model.params.lossconfig.params.disc_in_channels ignored: taken from the VAE" in log

@@ -1,11 +1,12 @@
 """run.mixed_precision=fp16 on the CPU: fp16 autocast, accelerate's grad scaler and the skip of a non-finite step.
 
-accelerate runs fp16 as plain fp32 on a CPU (no autocast, no scaler: `Accelerator.scaler is None` there), so on its
-own the fp16 path of train.py (the scaler's scale handed to `generator_grads`, `accelerator.backward` scaling the
-surrogate loss, unscale before clipping, a skipped step counted, `grad_scale` logged, the scaler in checkpoints)
-would only ever run on a GPU. torch (>= 2.3) has fp16 autocast and `torch.amp.GradScaler("cpu")` on the CPU; the
-fixture below gives the Accelerator those two, as accelerate does on CUDA, and the run below is then vaedec's own
-fp16 path end to end. What this cannot show is listed in the README ("fp16").
+accelerate runs fp16 as plain fp32 on a CPU (no autocast, no scaler: `Accelerator.scaler is None` there), so
+on its own the fp16 path of train.py (the scaler's scale handed to `generator_grads`, `accelerator.backward`
+scaling the surrogate loss, unscale before clipping, a skipped step counted, `grad_scale` logged, the scaler
+in checkpoints) would only ever run on a GPU. torch (>= 2.3) has fp16 autocast and
+`torch.amp.GradScaler("cpu")` on the CPU; the fixture below gives the Accelerator those two, as accelerate
+does on CUDA, and the run below is then vaedec's own fp16 path end to end. What this cannot show is listed in
+the README ("fp16").
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ def fp16_on_cpu(monkeypatch):
     def init(self, *args, **kwargs) -> None:
         original(self, *args, **kwargs)
         if self.state.mixed_precision == "fp16" and self.device.type == "cpu" and self.scaler is None:
-            self.native_amp = True  # accelerate's autocast() and prepare() now use torch.autocast("cpu", fp16)
+            self.native_amp = True
             self.scaler = torch.amp.GradScaler("cpu")  # accelerate's defaults: scale 65536, halved on inf/nan
 
     monkeypatch.setattr(Accelerator, "__init__", init)
 
 
 @pytest.mark.slow
-def test_fp16_trains_skips_an_injected_inf_step_and_lowers_the_scale(tmp_path, shards, fp16_on_cpu, monkeypatch):
+def test_fp16_trains_skips_an_injected_inf_step_and_lowers_the_scale(
+    tmp_path, shards, fp16_on_cpu, monkeypatch
+):
     import vaedec.train
 
     real = vaedec.train.generator_grads
@@ -69,23 +72,36 @@ def test_fp16_trains_skips_an_injected_inf_step_and_lowers_the_scale(tmp_path, s
     hook = torch.nn.modules.module.register_module_forward_hook(conv_dtype)
     run = tmp_path / "run"
     try:
-        cli("train", shards, "--output", run, *FAST_TRAIN, f"run.max_steps={STEPS}", "run.mixed_precision=fp16",
-            "run.checkpoint_every_steps=1", "run.keep_checkpoints=0")
+        cli(
+            "train",
+            shards,
+            "--output",
+            run,
+            *FAST_TRAIN,
+            f"run.max_steps={STEPS}",
+            "run.mixed_precision=fp16",
+            "run.checkpoint_every_steps=1",
+            "run.keep_checkpoints=0",
+        )
     finally:
         hook.remove()
 
     assert autocast == {(True, torch.float16)}  # the generator phase ran under fp16 autocast on the CPU
     assert conv_dtypes == {torch.float16}  # and every training convolution computed in fp16
-    lines = {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-             if "loss/total" in m}
+    lines = {
+        m["step"]: m
+        for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "loss/total" in m
+    }
     assert sorted(lines) == list(range(1, STEPS + 1))  # the line of step s is logged after s optimizer steps
     skipped = [s for s, m in lines.items() if m["train/skipped_generator"]]
-    # First the scaler finds its scale: LDM's nll is summed over pixels, so at accelerate's initial 65536 the fp16
-    # backward overflows, and each overflowing step is skipped and halves the scale (9 steps at 32 px here).
+    # First the scaler finds its scale: LDM's nll is summed over pixels, so at accelerate's initial 65536 the
+    # fp16 backward overflows, and each overflowing step is skipped and halves the scale (9 steps at 32 px
+    # here).
     finding = [s for s in skipped if s <= INJECT_AT]
     assert finding == list(range(1, len(finding) + 1)) and len(finding) < INJECT_AT - 1, skipped
     for s in finding:
-        assert lines[s]["grad_scale"] == 65536 / 2 ** s
+        assert lines[s]["grad_scale"] == 65536 / 2**s
     settled = lines[len(finding) + 1]["grad_scale"]
     assert all(lines[s]["grad_scale"] == settled for s in range(len(finding) + 1, INJECT_AT + 1))
     # Then the injected inf step, and only it, is skipped, and the scaler backs off once more.
@@ -100,7 +116,8 @@ def test_fp16_trains_skips_an_injected_inf_step_and_lowers_the_scale(tmp_path, s
     def weights(step: int, stem: str) -> dict[str, torch.Tensor]:
         return load_file(str(run / "checkpoints" / f"step-{step:08d}" / f"{stem}.safetensors"))
 
-    # The skipped step left decoder and EMA as they were (no optimizer step, no EMA update); the others moved them.
+    # The skipped step left decoder and EMA as they were (no optimizer step, no EMA update); the others moved
+    # them.
     for stem in ("decoder", "ema"):
         before, after = weights(INJECT_AT, stem), weights(INJECT_AT + 1, stem)
         assert all(torch.equal(before[k], after[k]) for k in before), f"{stem} changed on the skipped step"

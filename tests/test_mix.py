@@ -186,14 +186,33 @@ def test_a_mixed_set_too_small_for_val_shards_trains_whole_and_says_how_to_hold_
     n_main = len(json.loads((shards / "manifest.json").read_text())["shards"])
     assert n_general < n_main  # data.shards can hold out what the mixed set cannot
     run = tmp_path / "run"
-    cli("train", shards, "--mix", f"{general}:0.4", "--output", run, *FAST_TRAIN, f"data.val_shards={n_general}",
-        "run.max_steps=2", "run.val_every_steps=2", "--no-export")
+    cli(
+        "train",
+        shards,
+        "--mix",
+        f"{general}:0.4",
+        "--output",
+        run,
+        *FAST_TRAIN,
+        f"data.val_shards={n_general}",
+        "run.max_steps=2",
+        "run.val_every_steps=2",
+        "--no-export",
+    )
     log = (run / "log.txt").read_text()
     assert f"has {n_general} shard(s), not more than data.val_shards={n_general}" in log
     assert "smaller --shard-size-mb" in log
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 2 and any("val/psnr" in x for x in lines)  # trained, data.shards validated
     # data.shards itself still refuses a hold-out that leaves it nothing, with the same advice.
-    res = cli("train", shards, "--output", tmp_path / "r2", *FAST_TRAIN, f"data.val_shards={n_main}",
-              "run.max_steps=1", code=1)
+    res = cli(
+        "train",
+        shards,
+        "--output",
+        tmp_path / "r2",
+        *FAST_TRAIN,
+        f"data.val_shards={n_main}",
+        "run.max_steps=1",
+        code=1,
+    )
     assert "leaves no training shards" in res.output

@@ -26,14 +26,45 @@ def card_run(tmp_path_factory) -> dict[str, Path]:
     (vae / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny-vae\n")
     for name, n, size in (("text", 8, (40, 36)), ("photos", 6, (50, 40))):
         make_images(root / "images" / name, n, size)
-        cli("encode", root / "images" / name, root / name, "--vae", vae, "--resolution", 32, "--shard-size-mb",
-            0.02, "--num-workers", 0)
+        cli(
+            "encode",
+            root / "images" / name,
+            root / name,
+            "--vae",
+            vae,
+            "--resolution",
+            32,
+            "--shard-size-mb",
+            0.02,
+            "--num-workers",
+            0,
+        )
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    cli("train", root / "text", "--output", root / "run", "--mix", f"{root / 'photos'}:0.3", *FAST_TRAIN,
-        "run.max_steps=3", "data.val_shards=1")
-    cli("eval", root / "text", root / "photos", "--vae", f"original={vae}", "--vae", root / "run", "--out",
-        root / "eval", "--grid-samples", 1)
+    cli(
+        "train",
+        root / "text",
+        "--output",
+        root / "run",
+        "--mix",
+        f"{root / 'photos'}:0.3",
+        *FAST_TRAIN,
+        "run.max_steps=3",
+        "data.val_shards=1",
+    )
+    cli(
+        "eval",
+        root / "text",
+        root / "photos",
+        "--vae",
+        f"original={vae}",
+        "--vae",
+        root / "run",
+        "--out",
+        root / "eval",
+        "--grid-samples",
+        1,
+    )
     return {"root": root, "vae": vae, "run": root / "run", "eval": root / "eval"}
 
 
@@ -54,9 +85,13 @@ def test_export_card_is_a_hub_card_with_base_training_data_and_the_eval_table(ca
     assert "EMA weights" in text and "decay 0.9" in text
     # Data: the target set minus its held-out shard, and the mixed set with its probability.
     text_counts = [e["samples"] for e in manifest["shards"]]
-    assert f"| `text` | target domain | 0.70 | {sum(text_counts) - text_counts[-1]} | {text_counts[-1]} |" in text
+    assert (
+        f"| `text` | target domain | 0.70 | {sum(text_counts) - text_counts[-1]} | {text_counts[-1]} |"
+        in text
+    )
     assert "| `photos` | mixed in (replay) | 0.30 |" in text
-    # The eval table's figures: every model's mean PSNR and SSIM on every set, and the deltas with their intervals.
+    # The eval table's figures: every model's mean PSNR and SSIM on every set, and the deltas with their
+    # intervals.
     result = json.loads((card_run["eval"] / "eval.json").read_text())
     for s in result["sets"]:
         for label, m in s["models"].items():
@@ -79,8 +114,18 @@ def test_card_of_a_run_without_eval_says_how_to_add_one(card_run) -> None:
 
 
 def test_card_of_a_local_vae_has_no_base_model_and_the_base_licence_in_words(tmp_path, shards) -> None:
-    cli("train", shards, "--output", tmp_path / "run", *FAST_TRAIN, "run.max_steps=1", "loss.disc_factor=0",
-        "model.trainable=decoder.conv_out.*", "optim.ema_decay=0", "--no-export")
+    cli(
+        "train",
+        shards,
+        "--output",
+        tmp_path / "run",
+        *FAST_TRAIN,
+        "run.max_steps=1",
+        "loss.disc_factor=0",
+        "model.trainable=decoder.conv_out.*",
+        "optim.ema_decay=0",
+        "--no-export",
+    )
     cli("export", tmp_path / "run", tmp_path / "out")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     meta = card.data.to_dict()
@@ -96,8 +141,16 @@ def test_export_refuses_an_eval_of_another_run_and_keeps_the_earlier_export(card
     cli("export", card_run["run"], out)
     before = (out / "README.md").read_bytes()
     other = tmp_path / "eval-original-only"
-    cli("eval", card_run["root"] / "text", "--vae", f"original={card_run['vae']}", "--out", other,
-        "--grid-samples", 1)
+    cli(
+        "eval",
+        card_run["root"] / "text",
+        "--vae",
+        f"original={card_run['vae']}",
+        "--out",
+        other,
+        "--grid-samples",
+        1,
+    )
     r = cli("export", card_run["run"], out, "--eval", other, code=1)
     assert "did not score this run" in r.output and "original" in r.output
     assert (out / "README.md").read_bytes() == before
@@ -125,8 +178,10 @@ def test_hub_id_of_a_vae_source(tmp_path, monkeypatch) -> None:
     from vaedec.model_card import hub_id
 
     assert hub_id("stabilityai/sd-vae-ft-ema") == "stabilityai/sd-vae-ft-ema"
-    assert hub_id("/root/.cache/huggingface/hub/models--stabilityai--sdxl-vae/snapshots/abc123/vae") == \
-        "stabilityai/sdxl-vae"
+    assert (
+        hub_id("/root/.cache/huggingface/hub/models--stabilityai--sdxl-vae/snapshots/abc123/vae")
+        == "stabilityai/sdxl-vae"
+    )
     local = tmp_path / "org" / "vae"
     local.mkdir(parents=True)
     monkeypatch.chdir(tmp_path)

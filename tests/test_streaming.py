@@ -258,4 +258,6 @@ def test_a_pipe_command_started_with_stop_signals_blocked_does_not_inherit_the_b
         assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the caller's block is kept
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
-    assert blocked & (1 << (signal.SIGTERM - 1)) == 0 and blocked & (1 << (signal.SIGUSR1 - 1)) == 0, hex(blocked)
+    assert blocked & (1 << (signal.SIGTERM - 1)) == 0 and blocked & (1 << (signal.SIGUSR1 - 1)) == 0, hex(
+        blocked
+    )

@@ -5,8 +5,9 @@ A run folder RUN/ holds the files named by the RUN_* constants below: config.yam
 log.txt, metrics.jsonl, TensorBoard events, images/, checkpoints/ and export/.
 
 A checkpoint is `RUN/checkpoints/step-%08d/`, the state_dict() of a `TrainState`:
-    decoder.safetensors   the post_quant_conv + decoder parameters that train (the VAE's own names); frozen ones
-                          (model.trainable, model.train_post_quant_conv) are the original VAE's and not stored
+    decoder.safetensors   the post_quant_conv + decoder parameters that train (the VAE's own names); frozen
+                          ones (model.trainable, model.train_post_quant_conv) are the original VAE's and not
+                          stored
     ema.safetensors       EMA of the same parameters (when EMA is on)
     disc.safetensors      the PatchGAN, BatchNorm buffers included
     extra.safetensors     logvar and the latent-noise generator state
@@ -452,9 +453,9 @@ def export_run(
     eval_dir: str | Path | None = None,
 ) -> Path:
     """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, the model card README.md
-    (vaedec/model_card.py; with `eval_dir`, the table of that `vaedec eval` of this run), and with `into` a copy
-    of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier export, or
-    `overwrite`. use_ema None = `default_use_ema`."""
+    (vaedec/model_card.py; with `eval_dir`, the table of that `vaedec eval` of this run), and with `into` a
+    copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier
+    export, or `overwrite`. use_ema None = `default_use_ema`."""
     from vaedec.model_card import CARD, attach_eval, model_card, write_model_card
 
     out = Path(out).resolve()  # "." has no name to put a temp folder next to
@@ -465,10 +466,14 @@ def export_run(
     model = checkpoint_config(ckpt)["model"]
     single_file = run_family(model, run_manifest(run_dir)["settings"]["vae"]).single_file == "ldm"
     if (fmt in ("ldm", "both") or into is not None) and not single_file:
-        raise FamilyError(f"--format {fmt}{' --into' if into else ''}: the run's VAE class has no single-file "
-                          "layout vaedec can write; export the diffusers folder (--format diffusers), which its "
-                          "pipelines load with from_pretrained")
-    evaluation = attach_eval(eval_dir, run_dir, ckpt, use_ema) if eval_dir is not None else None  # before writing
+        raise FamilyError(
+            f"--format {fmt}{' --into' if into else ''}: the run's VAE class has no single-file "
+            "layout vaedec can write; export the diffusers folder (--format diffusers), which its "
+            "pipelines load with from_pretrained"
+        )
+    evaluation = (
+        attach_eval(eval_dir, run_dir, ckpt, use_ema) if eval_dir is not None else None
+    )  # before writing
     vae = finetuned_vae(run_dir, use_ema, ckpt)
     family = family_for(vae)  # model.vae may be another class with the same latents (Qwen-Image on Wan 2.1's)
     card = model_card(vae, run_dir, ckpt, use_ema, fmt, evaluation)
@@ -482,7 +487,12 @@ def export_run(
         trained = {k: v for k, v in vae.state_dict().items() if k.startswith(family.decoder_prefixes)}
         save_file({k: v.contiguous() for k, v in trained.items()}, str(tmp / "decoder.safetensors"))
         write_model_card(tmp / CARD, card)
-        record = {"run": str(Path(run_dir).resolve()), "step": checkpoint_state(ckpt)["step"], "ema": use_ema,
-                  "format": fmt, "into": str(into) if into else None}
+        record = {
+            "run": str(Path(run_dir).resolve()),
+            "step": checkpoint_state(ckpt)["step"],
+            "ema": use_ema,
+            "format": fmt,
+            "into": str(into) if into else None,
+        }
         atomic_write_json(tmp / "vaedec_export.json", record)
     return out

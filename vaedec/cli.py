@@ -70,35 +70,89 @@ def main() -> None:
 @main.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option("--vae", required=True, help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file; its class (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderDC, AutoencoderKLHunyuanImage, AutoencoderTiny) is read from its config.json.")
-@click.option("--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'.")
-@click.option("--resolution", type=click.IntRange(8), default=256, help="Side of the encoded square, pixels (a multiple of the VAE's downsampling factor: 8 for SD VAEs).")
-@click.option("--resize", type=click.IntRange(8), default=None, help="Resize the shorter side to this before cropping [default: resolution].")
-@click.option("--crops-per-image", type=click.IntRange(0), default=0, help="0 = one center crop; N = N seeded random crops per image.")
+@click.option(
+    "--vae",
+    required=True,
+    help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file; its class (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderDC, AutoencoderKLHunyuanImage, AutoencoderTiny) is read from its config.json.",
+)
+@click.option(
+    "--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'."
+)
+@click.option(
+    "--resolution",
+    type=click.IntRange(8),
+    default=256,
+    help="Side of the encoded square, pixels (a multiple of the VAE's downsampling factor: 8 for SD VAEs).",
+)
+@click.option(
+    "--resize",
+    type=click.IntRange(8),
+    default=None,
+    help="Resize the shorter side to this before cropping [default: resolution].",
+)
+@click.option(
+    "--crops-per-image",
+    type=click.IntRange(0),
+    default=0,
+    help="0 = one center crop; N = N seeded random crops per image.",
+)
 @click.option("--flip/--no-flip", default=False, help="Also encode each mirrored crop as its own sample.")
 @click.option("--seed", type=int, default=0, help="Seed of the random crops.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, help="Images per encoder forward.")
-@click.option("--num-workers", type=click.IntRange(0), default=2, help="Image-decoding processes (0 = main process).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Encoder compute dtype; moments are stored as float16.")
-@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu; under accelerate launch: each process's own].")
-@click.option("--shard-size-mb", type=click.FloatRange(0.001), default=256.0, help="Close a shard once it holds this many MiB.")
-@click.option("--depth-dir", type=click.Path(path_type=str), default=None, help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.")
-@click.option("--scaling-factor", type=float, default=None,
-              help="The VAE's latent scaling_factor, recorded in the manifest and exports [default: the VAE's "
-                   "config; for a single LDM file, which does not store it, 0.18215 (SDXL: pass 0.13025)].")
-@click.option("--shift-factor", type=float, default=None,
-              help="The VAE's latent shift_factor, recorded like --scaling-factor [default: the VAE's config; a "
-                   "single LDM file does not store it: for BFL's FLUX.1 ae.safetensors pass 0.1159].")
-@click.option("--vae-config", default=None,
-              help="A single file of another VAE class than AutoencoderKL (Wan, DC-AE): the diffusers folder or "
-                   "hub id whose config.json gives its class and architecture.")
+@click.option(
+    "--num-workers", type=click.IntRange(0), default=2, help="Image-decoding processes (0 = main process)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    help="Encoder compute dtype; moments are stored as float16.",
+)
+@click.option(
+    "--device",
+    default=None,
+    help="torch device [default: cuda if available, else cpu; under accelerate launch: each process's own].",
+)
+@click.option(
+    "--shard-size-mb",
+    type=click.FloatRange(0.001),
+    default=256.0,
+    help="Close a shard once it holds this many MiB.",
+)
+@click.option(
+    "--depth-dir",
+    type=click.Path(path_type=str),
+    default=None,
+    help="RGB+depth VAEs: folder of 16-bit depth PNGs matched by file stem.",
+)
+@click.option(
+    "--scaling-factor",
+    type=float,
+    default=None,
+    help="The VAE's latent scaling_factor, recorded in the manifest and exports [default: the VAE's "
+    "config; for a single LDM file, which does not store it, 0.18215 (SDXL: pass 0.13025)].",
+)
+@click.option(
+    "--shift-factor",
+    type=float,
+    default=None,
+    help="The VAE's latent shift_factor, recorded like --scaling-factor [default: the VAE's config; a "
+    "single LDM file does not store it: for BFL's FLUX.1 ae.safetensors pass 0.1159].",
+)
+@click.option(
+    "--vae-config",
+    default=None,
+    help="A single file of another VAE class than AutoencoderKL (Wan, DC-AE): the diffusers folder or "
+    "hub id whose config.json gives its class and architecture.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT's shards instead of resuming or refusing.")
 def encode(**kwargs: object) -> None:
     """Encode SRC (a folder, searched recursively, or a text file list) into WebDataset shards in OUT.
 
     Each sample stores the encoder's posterior moments (mean ‖ logvar, float16, before scaling_factor; for
-    deterministic encoders such as DC-AE's and TAESD's, the latent) and the exact pixels that were encoded. Rerunning the same command after a kill resumes; with other settings it is
-    refused unless --overwrite. Unreadable inputs are skipped and listed in OUT/skipped.jsonl (exit code 3).
+    deterministic encoders such as DC-AE's and TAESD's, the latent) and the exact pixels that were encoded.
+    Rerunning the same command after a kill resumes; with other settings it is refused unless --overwrite.
+    Unreadable inputs are skipped and listed in OUT/skipped.jsonl (exit code 3).
 
     Many GPUs or machines: `accelerate launch --multi_gpu --num_processes N cli.py encode SRC OUT ...` (the
     same command on every machine, OUT on a shared filesystem): each process encodes its own block of the
@@ -110,8 +164,11 @@ def encode(**kwargs: object) -> None:
     setup_logging()
     cfg = EncodeConfig(**kwargs)  # type: ignore[arg-type]
     try:
-        with disk_full_is_a_message(f"encoding into {cfg.out}", "every shard listed in its manifest.json is "
-                                    "complete, and rerunning the same command resumes after the last one"):
+        with disk_full_is_a_message(
+            f"encoding into {cfg.out}",
+            "every shard listed in its manifest.json is "
+            "complete, and rerunning the same command resumes after the last one",
+        ):
             result = run_encode(cfg)
     except VaedecError as e:
         raise UserError(str(e)) from None
@@ -197,8 +254,17 @@ def inspect(shards: str, verify: bool) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--no-export", is_flag=True, help="Skip the export at the end of the run.")
-def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...], output: str | None,
-          vae: str | None, mix: tuple[str, ...], resume: str, dry_run: bool, no_export: bool) -> None:
+def train(
+    shards: str,
+    overrides: tuple[str, ...],
+    config_paths: tuple[str, ...],
+    output: str | None,
+    vae: str | None,
+    mix: tuple[str, ...],
+    resume: str,
+    dry_run: bool,
+    no_export: bool,
+) -> None:
     """Train the decoder (and a PatchGAN) on SHARDS written by `encode`; the encoder is never loaded.
 
     SHARDS (and each --mix set) is a shard folder, file:///abs/folder/, an http(s):// URL of one
@@ -232,8 +298,11 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
     from vaedec.train import train as run_train
 
     try:
-        with disk_full_is_a_message(f"training into {cfg.run.output}", "its checkpoints/step-* folders are "
-                                    "complete, and rerunning the same command resumes from the newest"):
+        with disk_full_is_a_message(
+            f"training into {cfg.run.output}",
+            "its checkpoints/step-* folders are "
+            "complete, and rerunning the same command resumes from the newest",
+        ):
             info = run_train(cfg, resume=resume, export=not no_export)
     except VaedecError as e:
         raise UserError(str(e)) from None
@@ -260,18 +329,48 @@ def train(shards: str, overrides: tuple[str, ...], config_paths: tuple[str, ...]
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--ema/--no-ema", default=None, help="EMA or raw weights [default: EMA when the run kept one].")
-@click.option("--format", "fmt", type=click.Choice(["diffusers", "ldm", "both"]), default="diffusers",
-              help="diffusers folder, single LDM .safetensors, or both.")
-@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
-              help="A checkpoint folder of RUN [default: the newest].")
-@click.option("--into", "into", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
-              help="A full SD checkpoint (.safetensors/.ckpt): also write a copy of it with this VAE inside.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace OUT even when it holds other files [default: only an empty folder or an earlier export].")
-@click.option("--eval", "eval_dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
-              help="The --out folder of a `vaedec eval` that scored RUN: its table goes into the model card.")
-def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | None, into: str | None,
-           overwrite: bool, eval_dir: str | None) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["diffusers", "ldm", "both"]),
+    default="diffusers",
+    help="diffusers folder, single LDM .safetensors, or both.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=None,
+    help="A checkpoint folder of RUN [default: the newest].",
+)
+@click.option(
+    "--into",
+    "into",
+    type=click.Path(exists=True, dir_okay=False, path_type=str),
+    default=None,
+    help="A full SD checkpoint (.safetensors/.ckpt): also write a copy of it with this VAE inside.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace OUT even when it holds other files [default: only an empty folder or an earlier export].",
+)
+@click.option(
+    "--eval",
+    "eval_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=None,
+    help="The --out folder of a `vaedec eval` that scored RUN: its table goes into the model card.",
+)
+def export(
+    run: str,
+    out: str,
+    ema: bool | None,
+    fmt: str,
+    checkpoint: str | None,
+    into: str | None,
+    overwrite: bool,
+    eval_dir: str | None,
+) -> None:
     """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT.
 
     \b
@@ -286,10 +385,19 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     try:
         if ema is None:
             ema = default_use_ema(checkpoint or run_checkpoint(run))
-        with disk_full_is_a_message(f"exporting into {out}", f"{out} holds what it held before (an earlier export "
-                                    "stays whole)"):
-            path = export_run(run, out, use_ema=ema, fmt=fmt, ckpt=checkpoint, into=into, overwrite=overwrite,
-                              eval_dir=eval_dir)
+        with disk_full_is_a_message(
+            f"exporting into {out}", f"{out} holds what it held before (an earlier export stays whole)"
+        ):
+            path = export_run(
+                run,
+                out,
+                use_ema=ema,
+                fmt=fmt,
+                ckpt=checkpoint,
+                into=into,
+                overwrite=overwrite,
+                eval_dir=eval_dir,
+            )
     except VaedecError as e:
         raise UserError(str(e)) from None
     click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")
@@ -364,9 +472,18 @@ def export(run: str, out: str, ema: bool | None, fmt: str, checkpoint: str | Non
     "--lpips-random-backbone", is_flag=True, hidden=True, help="Tests only: LPIPS on a random VGG16."
 )
 @click.option("--grid-samples", type=click.IntRange(1), default=8, help="Rows in each PNG grid.")
-@click.option("--confidence", type=click.FloatRange(0.5, 0.999), default=0.95, help="Level of the paired bootstrap intervals.")
-@click.option("--speed-rounds", type=click.IntRange(0), default=5,
-              help="Timed decodes per model for decode images/s (after a warm-up, models interleaved); 0 = no timing.")
+@click.option(
+    "--confidence",
+    type=click.FloatRange(0.5, 0.999),
+    default=0.95,
+    help="Level of the paired bootstrap intervals.",
+)
+@click.option(
+    "--speed-rounds",
+    type=click.IntRange(0),
+    default=5,
+    help="Timed decodes per model for decode images/s (after a warm-up, models interleaved); 0 = no timing.",
+)
 def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> None:
     """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals; each
     model's decoder parameters and decode images/s, measured side by side.
@@ -398,9 +515,13 @@ def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> Non
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=str))
 @click.argument("dst", type=click.Path(path_type=str))
-@click.option("--prefix", type=click.Choice(["none", "first_stage_model"]), default="none",
-              help="Key prefix of a written LDM file: none (stand-alone VAE, as UIs load) or "
-                   "first_stage_model (the layout inside full SD checkpoints).")
+@click.option(
+    "--prefix",
+    type=click.Choice(["none", "first_stage_model"]),
+    default="none",
+    help="Key prefix of a written LDM file: none (stand-alone VAE, as UIs load) or "
+    "first_stage_model (the layout inside full SD checkpoints).",
+)
 @click.option(
     "--scaling-factor",
     type=float,
@@ -421,8 +542,9 @@ def convert(src: str, dst: str, prefix: str, scaling_factor: float | None) -> No
     from vaedec.convert import convert_path
 
     try:
-        summary = convert_path(src, dst, prefix="" if prefix == "none" else "first_stage_model.",
-                               scaling_factor=scaling_factor)
+        summary = convert_path(
+            src, dst, prefix="" if prefix == "none" else "first_stage_model.", scaling_factor=scaling_factor
+        )
     except VaedecError as e:
         raise UserError(str(e)) from None
     click.echo(summary)

@@ -36,7 +36,7 @@ class EncodeConfig:
 
     src: str = ""  # folder of images (recursive) or a text file list, one path a line relative to the list
     out: str = ""  # output folder: shard-%06d.tar, manifest.json, skipped.jsonl
-    vae: str = ""  # diffusers folder, hub id or single file of the VAE whose encoder is used (vaedec/families.py)
+    vae: str = ""
     subfolder: str | None = None  # e.g. "vae" for a full pipeline repo; None = the VAE is at the root
     resolution: int = 256  # side of the square crop encoded, pixels (a multiple of the VAE's downsampling)
     resize: int | None = None  # shorter side is resized to this before cropping, pixels; None = resolution
@@ -52,11 +52,12 @@ class EncodeConfig:
     # The VAE's latent scale, recorded in the manifest and carried into exports. None = the VAE's config; LDM
     # single files do not store it, so they get SD 1.x/2.x's 0.18215 (SDXL's VAE: 0.13025).
     scaling_factor: float | None = None
-    # The VAE's latent shift, (z - shift_factor) * scaling_factor, recorded like scaling_factor. None = the VAE's
-    # config; LDM single files do not store it (BFL's FLUX.1 ae.safetensors: pass 0.1159).
+    # The VAE's latent shift, (z - shift_factor) * scaling_factor, recorded like scaling_factor. None = the
+    # VAE's config; LDM single files do not store it (BFL's FLUX.1 ae.safetensors: pass 0.1159).
     shift_factor: float | None = None
-    # A single checkpoint file of another VAE class than AutoencoderKL (Wan, DC-AE: diffusers' from_single_file):
-    # the diffusers folder or hub id whose config.json gives its class and architecture. None = not needed.
+    # A single checkpoint file of another VAE class than AutoencoderKL (Wan, DC-AE: diffusers'
+    # from_single_file): the diffusers folder or hub id whose config.json gives its class and architecture.
+    # None = not needed.
     vae_config: str | None = None
     overwrite: bool = False  # delete OUT's shards and manifest and start again instead of resuming
 
@@ -139,7 +140,8 @@ class ModelConfig:
     subfolder: str | None = None  # with a hub id or pipeline folder: "vae"; None = the manifest's choice
     train_post_quant_conv: bool = True  # also train the 1x1 conv in front of the decoder
     # z = mean + std*eps drawn each step ("sample"), or z = mean ("mode"). None = the VAE's kind: sample for a
-    # Gaussian posterior, mode (the stored latent) for deterministic encoders (DC-AE, TAESD), which refuse sample.
+    # Gaussian posterior, mode (the stored latent) for deterministic encoders (DC-AE, TAESD), which refuse
+    # sample.
     latent_sample: Literal["sample", "mode"] | None = None
     # Extra Gaussian noise added to z in training, std in the units a diffusion model sees ((z - shift) *
     # scale, about unit variance), so the decoder tolerates the small errors of generated latents; 0 = off.
@@ -154,17 +156,18 @@ class ModelConfig:
     # decoder.conv_out.*]; the rest stays frozen at the original weights. () = the whole decoder (and
     # post_quant_conv, see above).
     trainable: tuple[str, ...] = ()
-    # A new decoder for the same frozen latent space (vaedec/decoders.py; README "New decoders"). "pretrained" =
-    # start from the VAE's decoder weights (a fine-tune); "scratch" = the same class with model.decoder_config
-    # over its config, the decoder initialised at random from run.seed, the encoder copied unchanged.
+    # A new decoder for the same frozen latent space (vaedec/decoders.py; README "New decoders").
+    # "pretrained" = start from the VAE's decoder weights (a fine-tune); "scratch" = the same class with
+    # model.decoder_config over its config, the decoder initialised at random from run.seed, the encoder
+    # copied unchanged.
     decoder_init: Literal["pretrained", "scratch"] = "pretrained"
-    # Overrides of the class's config for the new decoder, e.g. {decoder_block_out_channels: [96, 192, 384, 384]}
-    # for FLUX.2's smaller decoder. Only keys that shape the decoder alone (decoders.DECODER_KEYS; plain
-    # AutoencoderKL has none); with decoder_class=AutoencoderTiny, any AutoencoderTiny key but latent_channels.
-    # {} = the class's own config.
+    # Overrides of the class's config for the new decoder, e.g. {decoder_block_out_channels: [96, 192, 384,
+    # 384]} for FLUX.2's smaller decoder. Only keys that shape the decoder alone (decoders.DECODER_KEYS; plain
+    # AutoencoderKL has none); with decoder_class=AutoencoderTiny, any AutoencoderTiny key but
+    # latent_channels. {} = the class's own config.
     decoder_config: dict[str, Any] = field(default_factory=dict)
-    # "vae" = the shards' VAE class; "AutoencoderTiny" = a TAESD-style preview model for the shards' latent space:
-    # its decoder takes the latents a diffusion model sees (the family's normalisation applied; config
+    # "vae" = the shards' VAE class; "AutoencoderTiny" = a TAESD-style preview model for the shards' latent
+    # space: its decoder takes the latents a diffusion model sees (the family's normalisation applied; config
     # scaling_factor 1.0) and its tiny encoder learns to regress the stored latents, both trained here
     # (needs decoder_init=scratch).
     decoder_class: Literal["vae", "AutoencoderTiny"] = "vae"
@@ -202,9 +205,9 @@ class LossConfig:
     # of the trained weights and one elementwise pass over them per step.
     anchor_weight: float = 0.0
     # Distillation from the original decoder: teacher_weight * sum(|x_rec - x_teacher| + perceptual_weight *
-    # LPIPS(x_teacher, x_rec)) / B, in rec's units (so 1.0 weighs the teacher as much as the image), with x_teacher
-    # the original (frozen, no gradients) decoder's output on the same z, as preview decoders are trained. Costs
-    # one forward of the original decoder per micro-batch (`make bench`). 0 = off.
+    # LPIPS(x_teacher, x_rec)) / B, in rec's units (so 1.0 weighs the teacher as much as the image), with
+    # x_teacher the original (frozen, no gradients) decoder's output on the same z, as preview decoders are
+    # trained. Costs one forward of the original decoder per micro-batch (`make bench`). 0 = off.
     teacher_weight: float = 0.0
 
 
@@ -280,8 +283,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is dict:  # model.decoder_config: a mapping of config keys to YAML values, kept as given
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: expected a mapping of key: value, e.g. {{decoder_block_out_channels: [64, "
-                              f"128]}}, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of key: value, e.g. {{decoder_block_out_channels: [64, "
+                f"128]}}, got {value!r}"
+            )
         return dict(value)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: a list of any length
         if isinstance(value, str):
@@ -356,9 +361,7 @@ def flatten(nested: dict[str, Any], where: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, values in (nested or {}).items():
         if section not in _section_types():
-            raise ConfigError(
-                f"{where}: unknown section {section!r}; expected {', '.join(_section_types())}"
-            )
+            raise ConfigError(f"{where}: unknown section {section!r}; expected {', '.join(_section_types())}")
         if values is None:  # `loss:` with every key commented out
             continue
         if not isinstance(values, dict):
@@ -503,21 +506,31 @@ def validate_new_decoder(cfg: TrainConfig) -> None:
     """model.decoder_init / decoder_config / decoder_class: the combinations that cannot mean anything."""
     m, scratch = cfg.model, cfg.model.decoder_init == "scratch"
     if m.decoder_class != "vae" and not scratch:
-        raise ConfigError(f"model.decoder_class={m.decoder_class} is a new model with no pretrained weights for "
-                          "this latent space: set model.decoder_init=scratch")
+        raise ConfigError(
+            f"model.decoder_class={m.decoder_class} is a new model with no pretrained weights for "
+            "this latent space: set model.decoder_init=scratch"
+        )
     if m.decoder_config and not scratch:
-        raise ConfigError("model.decoder_config changes the decoder's architecture, so it cannot start from the "
-                          "pretrained weights: set model.decoder_init=scratch")
+        raise ConfigError(
+            "model.decoder_config changes the decoder's architecture, so it cannot start from the "
+            "pretrained weights: set model.decoder_init=scratch"
+        )
     if scratch and m.trainable:
-        raise ConfigError("model.trainable with model.decoder_init=scratch would keep random layers frozen: a new "
-                          "decoder trains whole; leave model.trainable empty")
+        raise ConfigError(
+            "model.trainable with model.decoder_init=scratch would keep random layers frozen: a new "
+            "decoder trains whole; leave model.trainable empty"
+        )
     if scratch and not m.train_post_quant_conv:
-        raise ConfigError("model.train_post_quant_conv=false with model.decoder_init=scratch would keep a random "
-                          "post_quant_conv; set it to true")
+        raise ConfigError(
+            "model.train_post_quant_conv=false with model.decoder_init=scratch would keep a random "
+            "post_quant_conv; set it to true"
+        )
     if scratch and cfg.loss.anchor_weight > 0:
-        raise ConfigError("loss.anchor_weight pulls weights toward the original decoder's, which a decoder from "
-                          "scratch does not have; learn from the original decoder's outputs with "
-                          "loss.teacher_weight instead")
+        raise ConfigError(
+            "loss.anchor_weight pulls weights toward the original decoder's, which a decoder from "
+            "scratch does not have; learn from the original decoder's outputs with "
+            "loss.teacher_weight instead"
+        )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -545,8 +545,10 @@ def _folder_class(folder: Path) -> str:
 def _folder_to_file(src: Path, subfolder: str | None, dst: Path, prefix: str) -> str:
     name = _folder_class(src / subfolder if subfolder else src)
     if name != "AutoencoderKL":  # FLUX.2's would load as an AutoencoderKL without its bn, and be written so
-        raise ConversionError(f"{src} holds a {name}: the LDM layout is AutoencoderKL's only, and diffusers has "
-                              f"no single-file layout vaedec can write for {name}; use the diffusers folder")
+        raise ConversionError(
+            f"{src} holds a {name}: the LDM layout is AutoencoderKL's only, and diffusers has "
+            f"no single-file layout vaedec can write for {name}; use the diffusers folder"
+        )
     try:
         vae = AutoencoderKL.from_pretrained(src, subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as e:

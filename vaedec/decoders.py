@@ -3,28 +3,30 @@ VAE's own pretrained decoder, the original decoder next to it, and how export an
 
 model.decoder_init=scratch, model.decoder_config
     The shards' VAE class with decoder_config over its config. Only the keys its family lists in
-    `Family.decoder_keys` (the keys of diffusers 0.42.1's __init__ that shape the decoder alone) may change, so
-    the encoder, and with it the latent space, stays bit-identical: AutoencoderKLFlux2 decoder_block_out_channels,
-    AutoencoderKLWan decoder_base_dim, AutoencoderDC decoder_*, AutoencoderKLHunyuanImage upsample_match_channel,
-    AutoencoderTiny's decoder keys. Plain AutoencoderKL and AutoencoderKLQwenImage have none (their decoder
-    shares block_out_channels / base_dim with the encoder): a message says so; scratch with {} (the same
-    architecture, new weights) works for every class. The new decoder is initialised from run.seed in a forked
-    RNG (export rebuilds the same values for parameters a run never trains), the encoder parts are copied from the
-    source VAE. The export is the same class with the new config: `from_pretrained` loads it.
+    `Family.decoder_keys` (the keys of diffusers 0.42.1's __init__ that shape the decoder alone) may change,
+    so the encoder, and with it the latent space, stays bit-identical: AutoencoderKLFlux2
+    decoder_block_out_channels, AutoencoderKLWan decoder_base_dim, AutoencoderDC decoder_*,
+    AutoencoderKLHunyuanImage upsample_match_channel, AutoencoderTiny's decoder keys. Plain AutoencoderKL and
+    AutoencoderKLQwenImage have none (their decoder shares block_out_channels / base_dim with the encoder): a
+    message says so; scratch with {} (the same architecture, new weights) works for every class. The new
+    decoder is initialised from run.seed in a forked RNG (export rebuilds the same values for parameters a
+    run never trains), the encoder parts are copied from the source VAE. The export is the same class with
+    the new config: `from_pretrained` loads it.
 
 model.decoder_class=AutoencoderTiny (a preview model, TAESD-style)
-    What it takes: `families.normalise(z)`, the latents a diffusion model sees, in the base VAE's own (C, h, w)
-    layout: (z - shift) * scale (AutoencoderKL, DC-AE, Hunyuan), (z - mean[c]) / std[c] (Qwen-Image, Wan), and
-    for FLUX.2 the bn-whitened latents unpatchified (what Flux2Pipeline has after `_unpatchify_latents` of the
-    transformer's normalised output, without its bn de-normalisation). Its config says scaling_factor 1.0 and
-    shift_factor 0.0, so an SD/SDXL pipeline, which divides by vae.config.scaling_factor before decode, hands it
-    the UNet's latents unchanged, as with TAESD; its config.json's `_vaedec_latent_space` names the latent space
-    (base class, encoder fingerprint, normalisation), which diffusers keeps and ignores. The tiny encoder maps
-    pixels in [-1, 1] to the same units and is trained here to regress the stored latent (the moments' mean, or
-    a deterministic family's latent), normalised: the big encoder never runs, the latent space does not change.
-    Both halves train in one forward (`PreviewDecoder`), with the decoder's Adam (Adam's state is per parameter;
-    clipping is per half), EMA and checkpoints. Default size: TAESD's (64 channels, blocks (1,3,3,3) / (3,3,3,1)
-    at f8), one level per factor of 2 of the base VAE's downsampling.
+    What it takes: `families.normalise(z)`, the latents a diffusion model sees, in the base VAE's own (C, h,
+    w) layout: (z - shift) * scale (AutoencoderKL, DC-AE, Hunyuan), (z - mean[c]) / std[c] (Qwen-Image, Wan),
+    and for FLUX.2 the bn-whitened latents unpatchified (what Flux2Pipeline has after `_unpatchify_latents`
+    of the transformer's normalised output, without its bn de-normalisation). Its config says scaling_factor
+    1.0 and shift_factor 0.0, so an SD/SDXL pipeline, which divides by vae.config.scaling_factor before
+    decode, hands it the UNet's latents unchanged, as with TAESD; its config.json's `_vaedec_latent_space`
+    names the latent space (base class, encoder fingerprint, normalisation), which diffusers keeps and
+    ignores. The tiny encoder maps pixels in [-1, 1] to the same units and is trained here to regress the
+    stored latent (the moments' mean, or a deterministic family's latent), normalised: the big encoder never
+    runs, the latent space does not change. Both halves train in one forward (`PreviewDecoder`), with the
+    decoder's Adam (Adam's state is per parameter; clipping is per half), EMA and checkpoints. Default size:
+    TAESD's (64 channels, blocks (1,3,3,3) / (3,3,3,1) at f8), one level per factor of 2 of the base VAE's
+    downsampling.
 
 The original decoder (`original_decoder`): the source VAE's, frozen, never in an optimizer, the EMA or a
 checkpoint; loss.teacher_weight's teacher, and the "original decoder" column of a run's grids.
@@ -67,7 +69,7 @@ TINY = FAMILIES["AutoencoderTiny"]
 PREVIEW_FIXED = ("in_channels", "out_channels", "latent_channels", "scaling_factor", "shift_factor")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the model a run trains
 
 
@@ -91,10 +93,16 @@ def scratch_vae(family: Family, source: nn.Module, overrides: dict[str, Any], se
     """`source`'s class with `overrides` over its config: a new random decoder (from `seed`), the source's encoder
     parts (and FLUX.2's bn) copied bit for bit."""
     check_decoder_keys(family, overrides)
-    vae = _seeded(family.model_class, init_config(family.model_class, source.config) | overrides, seed,
-                  family.class_name)
+    vae = _seeded(
+        family.model_class,
+        init_config(family.model_class, source.config) | overrides,
+        seed,
+        family.class_name,
+    )
     for name, part in family.encoder_parts(source).items():
-        getattr(vae, name).load_state_dict(part.state_dict())  # strict: the same architecture, by construction
+        getattr(vae, name).load_state_dict(
+            part.state_dict()
+        )  # strict: the same architecture, by construction
     check_pixels(family, vae, source)
     return vae
 
@@ -112,8 +120,10 @@ def check_decoder_keys(family: Family, overrides: dict[str, Any]) -> None:
             "trains the same architecture from scratch; for a smaller, faster decoder train a preview model "
             "(model.decoder_class=AutoencoderTiny)"
         )
-    raise TrainError(f"model.decoder_config {bad}: {family.class_name}'s decoder-only keys are "
-                     f"{', '.join(family.decoder_keys)}; others would change the encoder or the latent space")
+    raise TrainError(
+        f"model.decoder_config {bad}: {family.class_name}'s decoder-only keys are "
+        f"{', '.join(family.decoder_keys)}; others would change the encoder or the latent space"
+    )
 
 
 @torch.no_grad()
@@ -126,12 +136,16 @@ def check_pixels(family: Family, vae: nn.Module, source: nn.Module) -> None:
     try:
         got = family.decode(vae.eval(), z).shape
     except RuntimeError as e:  # diffusers builds some inconsistent configs, whose forward then fails
-        raise TrainError(f"model.decoder_config: the new {family.class_name} cannot decode a latent "
-                         f"({str(e).splitlines()[0]}); keep the number of decoder levels of the source") from None
+        raise TrainError(
+            f"model.decoder_config: the new {family.class_name} cannot decode a latent "
+            f"({str(e).splitlines()[0]}); keep the number of decoder levels of the source"
+        ) from None
     if got != want:
-        raise TrainError(f"model.decoder_config: the new decoder turns a (1, {c}, 2, 2) latent into {tuple(got)} "
-                         f"pixels, the source's into {tuple(want)}; keep the number of decoder levels (and "
-                         "upsampling) of the source")
+        raise TrainError(
+            f"model.decoder_config: the new decoder turns a (1, {c}, 2, 2) latent into {tuple(got)} "
+            f"pixels, the source's into {tuple(want)}; keep the number of decoder levels (and "
+            "upsampling) of the source"
+        )
 
 
 def preview_config(vae_info: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -140,9 +154,14 @@ def preview_config(vae_info: dict[str, Any], overrides: dict[str, Any]) -> dict[
     fixed = sorted(set(overrides) & set(PREVIEW_FIXED))
     unknown = sorted(set(overrides) - set(inspect.signature(AutoencoderTiny.__init__).parameters))
     if fixed or unknown:
-        raise TrainError(f"model.decoder_config {fixed or unknown}: "
-                         + (f"a preview model's {', '.join(PREVIEW_FIXED)} follow from the latent space"
-                            if fixed else "not AutoencoderTiny config keys"))
+        raise TrainError(
+            f"model.decoder_config {fixed or unknown}: "
+            + (
+                f"a preview model's {', '.join(PREVIEW_FIXED)} follow from the latent space"
+                if fixed
+                else "not AutoencoderTiny config keys"
+            )
+        )
     f = int(vae_info["downsample_factor"])
     levels = int(math.log2(f)) + 1
     return {
@@ -177,17 +196,21 @@ def preview_vae(vae_info: dict[str, Any], overrides: dict[str, Any], seed: int) 
     """A new AutoencoderTiny for the manifest's latent space (random, from `seed`), its config naming that space."""
     norm = manifest_normalisation(vae_info)
     if norm.kind == "scale_shift" and norm.scaling_factor is None:
-        raise TrainError("a preview model decodes the diffusion model's units, and the shards' VAE has no "
-                         "scaling_factor; re-encode with --scaling-factor")
+        raise TrainError(
+            "a preview model decodes the diffusion model's units, and the shards' VAE has no "
+            "scaling_factor; re-encode with --scaling-factor"
+        )
     vae = _seeded(AutoencoderTiny, preview_config(vae_info, overrides), seed, "AutoencoderTiny")
     vae.register_to_config(**{LATENT_SPACE_KEY: latent_space_record(vae_info)})
     f, c = int(vae_info["downsample_factor"]), int(vae_info["latent_channels"])
     latent = vae.encoder(torch.zeros(1, int(vae_info["in_channels"]), 2 * f, 2 * f)).shape
     pixels = vae.decoder(torch.zeros(1, c, 2, 2)).shape
     if tuple(latent) != (1, c, 2, 2) or tuple(pixels[2:]) != (2 * f, 2 * f):
-        raise TrainError(f"model.decoder_config: this AutoencoderTiny maps {2 * f} px to a {tuple(latent)} latent "
-                         f"and a 2x2 latent to {tuple(pixels[2:])} px; the latent space is f{f} with {c} "
-                         "channels: give as many encoder and decoder levels as log2(f) + 1")
+        raise TrainError(
+            f"model.decoder_config: this AutoencoderTiny maps {2 * f} px to a {tuple(latent)} latent "
+            f"and a 2x2 latent to {tuple(pixels[2:])} px; the latent space is f{f} with {c} "
+            "channels: give as many encoder and decoder levels as log2(f) + 1"
+        )
     return vae
 
 
@@ -201,7 +224,9 @@ def run_family(model: dict[str, Any], vae_info: dict[str, Any]) -> Family:
     return TINY if is_preview(model) else manifest_family(vae_info)
 
 
-def run_model(model: dict[str, Any], seed: int, vae_info: dict[str, Any], latents: str) -> tuple[Family, nn.Module]:
+def run_model(
+    model: dict[str, Any], seed: int, vae_info: dict[str, Any], latents: str
+) -> tuple[Family, nn.Module]:
     """(family, model) a run trains, before any training: the manifest's VAE (or model.vae; pretrained), its
     class with a new decoder (scratch), or a preview AutoencoderTiny. `model`: the config's model section as a
     dict (a checkpoint's, or `config_to_dict`); `latents` names the shards in messages."""
@@ -222,10 +247,10 @@ def trained_names(family: Family, vae: nn.Module, model: dict[str, Any]) -> list
 
 class PreviewDecoder(FamilyDecoder):
     """A preview AutoencoderTiny as a run trains it, under AutoencoderTiny's own parameter names (decoder.*,
-    encoder.*). forward(raw z) normalises z and decodes it (FamilyDecoder's interface: (x_rec, last layer input),
-    TAESD's last layer for λ); forward(raw z, x, raw target) also returns the tiny encoder's regression loss on the
-    pixels x (B, C, H, W) in [-1, 1] against normalise(target), in the same forward, so that one backward (and
-    DDP's one all-reduce) covers both halves."""
+    encoder.*). forward(raw z) normalises z and decodes it (FamilyDecoder's interface: (x_rec, last layer
+    input), TAESD's last layer for λ); forward(raw z, x, raw target) also returns the tiny encoder's
+    regression loss on the pixels x (B, C, H, W) in [-1, 1] against normalise(target), in the same forward,
+    so that one backward (and DDP's one all-reduce) covers both halves."""
 
     def __init__(self, vae: AutoencoderTiny, norm: Normalisation):
         super().__init__(vae, TINY)
@@ -247,7 +272,7 @@ class PreviewDecoder(FamilyDecoder):
         return list(self.encoder.parameters())
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # train
 
 
@@ -262,8 +287,9 @@ def check_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
 
 def original_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
     """The manifest's (or model.vae's) own decoder, frozen: no gradients, in no optimizer, EMA or checkpoint."""
-    family, vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder,
-                                    cfg.data.shards)
+    family, vae = load_manifest_vae(
+        manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards
+    )
     return freeze(family.trainable_decoder(vae))
 
 
@@ -282,14 +308,18 @@ def run_decoders(
         norm = manifest_normalisation(vae_info)
         build = (lambda v: PreviewDecoder(v, norm)) if cfg.model.decoder_class == "AutoencoderTiny" else None
         decoder = decoder_of(cfg, family, vae, build)
-        log.info("new decoder (model.decoder_init=scratch): %s, %s decoder parameters, config overrides %s",
-                 family.class_name, f"{decoder_parameters(vae):,}", cfg.model.decoder_config or "none")
+        log.info(
+            "new decoder (model.decoder_init=scratch): %s, %s decoder parameters, config overrides %s",
+            family.class_name,
+            f"{decoder_parameters(vae):,}",
+            cfg.model.decoder_config or "none",
+        )
     teach = cfg.loss.teacher_weight > 0
     original = original_decoder(cfg, manifest).to(device) if new or teach else None
     return decoder, original, original if teach else None
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # eval and export: any model, preview or not
 
 
@@ -319,5 +349,9 @@ def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def decoder_parameters(vae: nn.Module) -> int:
     """Parameters of the half that decodes (post_quant_conv + decoder, or the family's decoder modules)."""
     family = family_for(vae)
-    return sum(p.numel() for name in family.decoder_modules if getattr(vae, name, None) is not None
-               for p in getattr(vae, name).parameters())
+    return sum(
+        p.numel()
+        for name in family.decoder_modules
+        if getattr(vae, name, None) is not None
+        for p in getattr(vae, name).parameters()
+    )

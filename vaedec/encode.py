@@ -214,8 +214,15 @@ def encode(cfg: EncodeConfig) -> EncodeResult:
     _encoder_on(vae, device, dtype)
     start = manifest["next_input"]
     todo = items[start:]
-    sink = _ShardSink(out, manifest, skips, cfg.shard_size_mb * 2**20, lambda b: _encode_batch(vae, b, device, dtype),
-                      save=lambda m, sk: _write_state(out, m, sk), store=family_for(vae).store)
+    sink = _ShardSink(
+        out,
+        manifest,
+        skips,
+        cfg.shard_size_mb * 2**20,
+        lambda b: _encode_batch(vae, b, device, dtype),
+        save=lambda m, sk: _write_state(out, m, sk),
+        store=family_for(vae).store,
+    )
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), initial=start, unit="img", desc="encode", dynamic_ncols=True)
     _feed(cfg, todo, depth_index, sink, skips, len(items), bar)
@@ -234,8 +241,13 @@ def _encoder_on(vae: Any, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _feed(
-    cfg: EncodeConfig, todo: list[InputItem], depth_index: dict[str, str] | None, sink: _ShardSink,
-    skips: list[Skip], end: int, bar: Any,
+    cfg: EncodeConfig,
+    todo: list[InputItem],
+    depth_index: dict[str, str] | None,
+    sink: _ShardSink,
+    skips: list[Skip],
+    end: int,
+    bar: Any,
 ) -> None:
     """Prepare `todo` in DataLoader workers and pass it to the sink; `end` = the index after the last
     input."""
@@ -299,7 +311,9 @@ def _encoder_vae(cfg: EncodeConfig, depth: bool) -> tuple[Any, dict[str, Any]]:
     source = str(Path(cfg.vae).resolve()) if Path(cfg.vae).exists() else cfg.vae
     record = {"source": source, "subfolder": cfg.subfolder, "encoder_sha256": family.fingerprint(vae), **info}
     if cfg.vae_config is not None:  # a single file's architecture: train and export load it with the same
-        record["config"] = str(Path(cfg.vae_config).resolve()) if Path(cfg.vae_config).exists() else cfg.vae_config
+        record["config"] = (
+            str(Path(cfg.vae_config).resolve()) if Path(cfg.vae_config).exists() else cfg.vae_config
+        )
     return vae, record
 
 
@@ -319,7 +333,7 @@ def _resume_or_refuse(
                 f"{out} holds shards made with other settings:\n  "
                 + "\n  ".join(changed)
                 + "\nRerun with the original settings to resume, choose another OUT, or pass --overwrite to "
-                  "replace them."
+                "replace them."
             )
         before = manifest.get("processes", 1)
         if not manifest["complete"] and before != processes:
@@ -403,8 +417,15 @@ def _rank_state(out: Path, rank: int, processes: int, n_inputs: int) -> dict[str
         except json.JSONDecodeError as e:
             raise EncodeError(f"{path} is not valid JSON ({e}); pass --overwrite to encode again") from None
     lo, hi = share_of(n_inputs, rank, processes)
-    return {"rank": rank, "processes": processes, "inputs": [lo, hi], "next_input": lo, "complete": False,
-            "shards": [], "skipped": []}
+    return {
+        "rank": rank,
+        "processes": processes,
+        "inputs": [lo, hi],
+        "next_input": lo,
+        "complete": False,
+        "shards": [],
+        "skipped": [],
+    }
 
 
 def _save_rank(out: Path, state: dict[str, Any], skips: list[Skip]) -> None:
@@ -420,16 +441,24 @@ def _merge(
     skips. `next_input`: every input before it is encoded (the first unfinished rank's position)."""
     manifest["shards"] = [e for st in states for e in st["shards"]]
     manifest["complete"] = all(st["complete"] for st in states)
-    manifest["next_input"] = min((st["next_input"] for st in states if not st["complete"]),
-                                 default=manifest["settings"]["source"]["inputs"])
+    manifest["next_input"] = min(
+        (st["next_input"] for st in states if not st["complete"]),
+        default=manifest["settings"]["source"]["inputs"],
+    )
     skips = list_skips + [s for st in states for s in _skips_of(st["skipped"])]
     _publish(out, manifest, skips)
     return skips
 
 
 def _encode_ranks(
-    cfg: EncodeConfig, procs: Any, items: list[InputItem], list_skips: list[Skip],
-    depth_index: dict[str, str] | None, vae: Any, settings: dict[str, Any], dtype: torch.dtype,
+    cfg: EncodeConfig,
+    procs: Any,
+    items: list[InputItem],
+    list_skips: list[Skip],
+    depth_index: dict[str, str] | None,
+    vae: Any,
+    settings: dict[str, Any],
+    dtype: torch.dtype,
 ) -> EncodeResult:
     """This process' part of a multi-process encode. The main process decides resume or refusal for all; each
     rank then encodes its block into shard-rRRR-*.tar, recording its progress in OUT/.rank-RRR-of-NNN.json
@@ -463,16 +492,25 @@ def _encode_ranks(
         raise EncodeError(error)
     differ = _diff(manifest["settings"], settings)
     if differ:  # blocks are index ranges: every process must see the same inputs (and encoder)
-        raise EncodeError(f"process {rank} sees other settings than the main process:\n  "
-                          + "\n  ".join(differ) + "\nSRC, --vae and --depth-dir must be the same files at "
-                          "the same paths on every machine.")
+        raise EncodeError(
+            f"process {rank} sees other settings than the main process:\n  "
+            + "\n  ".join(differ)
+            + "\nSRC, --vae and --depth-dir must be the same files at "
+            "the same paths on every machine."
+        )
     if manifest["complete"]:
         log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
         skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
-        return replace(_result(out, manifest, skips, already_complete=True), processes=world,
-                       main_process=main)
-    log.info("%d processes encode %d inputs, a block of about %d each (%d already encoded)", world, n,
-             n // world, sum(st["next_input"] - st["inputs"][0] for st in states))
+        return replace(
+            _result(out, manifest, skips, already_complete=True), processes=world, main_process=main
+        )
+    log.info(
+        "%d processes encode %d inputs, a block of about %d each (%d already encoded)",
+        world,
+        n,
+        n // world,
+        sum(st["next_input"] - st["inputs"][0] for st in states),
+    )
 
     # 3. encode this rank's block ----------------------------------------------------------------------------
     state = states[rank]
@@ -488,15 +526,32 @@ def _encode_ranks(
                 ranks = [st if r == rank else _rank_state(out, r, world, n) for r in range(world)]
                 _merge(out, manifest, ranks, list_skips)
 
-        sink = _ShardSink(out, state, skips, cfg.shard_size_mb * 2**20,
-                          lambda b: _encode_batch(vae, b, procs.device, dtype), save=save,
-                          shard_name=lambda i: RANK_SHARD_NAME.format(rank, i), store=family_for(vae).store)
-        bar = tqdm(total=hi - lo, initial=start - lo, unit="img", desc=f"encode (rank 0 of {world})",
-                   dynamic_ncols=True, disable=not main)
+        sink = _ShardSink(
+            out,
+            state,
+            skips,
+            cfg.shard_size_mb * 2**20,
+            lambda b: _encode_batch(vae, b, procs.device, dtype),
+            save=save,
+            shard_name=lambda i: RANK_SHARD_NAME.format(rank, i),
+            store=family_for(vae).store,
+        )
+        bar = tqdm(
+            total=hi - lo,
+            initial=start - lo,
+            unit="img",
+            desc=f"encode (rank 0 of {world})",
+            dynamic_ncols=True,
+            disable=not main,
+        )
         _feed(cfg, items[start:hi], depth_index, sink, skips, hi, bar)
     elapsed = time.perf_counter() - t0
-    log.info("rank 0 encoded %d inputs in %.1f s (%.1f img/s)", hi - start, elapsed,
-             (hi - start) / max(elapsed, 1e-9))
+    log.info(
+        "rank 0 encoded %d inputs in %.1f s (%.1f img/s)",
+        hi - start,
+        elapsed,
+        (hi - start) / max(elapsed, 1e-9),
+    )
     if not main:
         return _rank_result(out, state, skips, hi - lo, world)
 
@@ -512,14 +567,27 @@ def _rank_result(
     out: Path, state: dict[str, Any], skips: list[Skip], inputs: int, world: int
 ) -> EncodeResult:
     """What a process other than the main one reports of its block (the main one reports the whole encode)."""
-    return EncodeResult(out=out, samples=sum(e["samples"] for e in state["shards"]), inputs=inputs,
-                        skipped_inputs=sum(1 for s in skips if s.key is None), skipped_list_entries=0,
-                        skipped_samples=sum(1 for s in skips if s.key is not None),
-                        shards=len(state["shards"]), processes=world, main_process=False)
+    return EncodeResult(
+        out=out,
+        samples=sum(e["samples"] for e in state["shards"]),
+        inputs=inputs,
+        skipped_inputs=sum(1 for s in skips if s.key is None),
+        skipped_list_entries=0,
+        skipped_samples=sum(1 for s in skips if s.key is not None),
+        shards=len(state["shards"]),
+        processes=world,
+        main_process=False,
+    )
 
 
-def _wait_for_ranks(out: Path, manifest: dict[str, Any], own: dict[str, Any], list_skips: list[Skip], n: int,
-                    poll_s: float = 0.5) -> list[dict[str, Any]]:
+def _wait_for_ranks(
+    out: Path,
+    manifest: dict[str, Any],
+    own: dict[str, Any],
+    list_skips: list[Skip],
+    n: int,
+    poll_s: float = 0.5,
+) -> list[dict[str, Any]]:
     """Every rank's state once all are complete, refreshing manifest.json whenever one has committed a
     shard."""
     world, seen, last_log = own["processes"], None, time.monotonic()
@@ -547,10 +615,24 @@ class _ShardSink:
     "next_input" and "complete" fields); `save(manifest, skips)` records it after each commit; `shard_name(i)`
     names the i-th shard (None = SHARD_NAME)."""
 
-    def __init__(self, out: Path, manifest: dict, skips: list[Skip], limit: float, encode_batch: Any,
-                 save: Callable[[dict, list[Skip]], None], shard_name: Callable[[int], str] | None = None,
-                 store: str = "moments"):
-        self.out, self.manifest, self.skips, self.limit, self.encode_batch = out, manifest, skips, limit, encode_batch
+    def __init__(
+        self,
+        out: Path,
+        manifest: dict,
+        skips: list[Skip],
+        limit: float,
+        encode_batch: Any,
+        save: Callable[[dict, list[Skip]], None],
+        shard_name: Callable[[int], str] | None = None,
+        store: str = "moments",
+    ):
+        self.out, self.manifest, self.skips, self.limit, self.encode_batch = (
+            out,
+            manifest,
+            skips,
+            limit,
+            encode_batch,
+        )
         self.save, self.shard_name, self.store = save, shard_name, store
         self.writer: ShardWriter | None = None
         # (input index, sample, last sample of its input)
@@ -567,13 +649,21 @@ class _ShardSink:
         batch, self.pending = self.pending, []
         for (index, sample, last), m in zip(batch, self.encode_batch(batch)):
             if not np.isfinite(m).all():
-                self.skips.append(Skip(index, sample.record["source"], f"non-finite {self.store} from the encoder",
-                                       sample.key))
+                self.skips.append(
+                    Skip(
+                        index,
+                        sample.record["source"],
+                        f"non-finite {self.store} from the encoder",
+                        sample.key,
+                    )
+                )
             else:
                 if self.writer is None:
                     i = len(self.manifest["shards"])
                     self.writer = ShardWriter(self.out, i, self.shard_name(i) if self.shard_name else None)
-                self.writer.write(sample_members(sample.key, m, sample.pixels, sample.record, sample.depth, self.store))
+                self.writer.write(
+                    sample_members(sample.key, m, sample.pixels, sample.record, sample.depth, self.store)
+                )
             if last and self.writer is not None and self.writer.bytes >= self.limit:
                 _commit(self.manifest, self.writer, index + 1, self.skips, self.save)
                 self.writer = None

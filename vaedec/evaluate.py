@@ -265,8 +265,10 @@ def eval_latents(batch: dict[str, Any], mode: str, seed: int) -> torch.Tensor:
     eps; a deterministic family's stored latent as it is."""
     if "latent" in batch:
         if mode != "mode":
-            raise EvalError("--sample: these shards hold one deterministic latent per image (DC-AE, TAESD), there "
-                            "is no posterior to sample; leave --sample out")
+            raise EvalError(
+                "--sample: these shards hold one deterministic latent per image (DC-AE, TAESD), there "
+                "is no posterior to sample; leave --sample out"
+            )
         return batch["latent"].float()
     keys = batch["key"]
     mean, logvar = split_moments(batch["moments"])
@@ -295,7 +297,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def decode_speed(models: dict[str, Any], z: torch.Tensor, device: torch.device, rounds: int) -> dict[str, float]:
+def decode_speed(
+    models: dict[str, Any], z: torch.Tensor, device: torch.device, rounds: int
+) -> dict[str, float]:
     """Decode images/s of each model on the same z (B, C, h, w): one untimed warm-up decode each, then `rounds`
     rounds in which every model decodes once (interleaved, so a busy machine slows them alike); B / the median."""
     z = z.to(device)
@@ -329,8 +333,9 @@ class ModelScores:
         return np.concatenate(self.values[name]) if name in self.values else np.empty(0)
 
 
-def score_model(vae: Any, evalset: EvalSet, cfg: EvalConfig, device: torch.device, lpips_model: Any,
-                fid: Any, label: str) -> ModelScores:
+def score_model(
+    vae: Any, evalset: EvalSet, cfg: EvalConfig, device: torch.device, lpips_model: Any, fid: Any, label: str
+) -> ModelScores:
     """Decode every sample of the set with one model and score it; rFID when `fid` is given."""
     scores = ModelScores()
     real_known = fid is not None and int(fid.real_features_num_samples) > 0
@@ -355,15 +360,28 @@ def score_model(vae: Any, evalset: EvalSet, cfg: EvalConfig, device: torch.devic
 # 4. summaries, files
 
 
-def summarize_set(evalset: EvalSet, specs: list[ModelSpec], scores: dict[str, ModelScores], cfg: EvalConfig,
-                  params: dict[str, int] | None = None, speed: dict[str, float] | None = None) -> dict[str, Any]:
+def summarize_set(
+    evalset: EvalSet,
+    specs: list[ModelSpec],
+    scores: dict[str, ModelScores],
+    cfg: EvalConfig,
+    params: dict[str, int] | None = None,
+    speed: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Means per model and paired deltas (with intervals) of every model against the baseline; with each model's
     decoder parameters and decode images/s when given."""
     base = scores[specs[0].label]
     channels = channel_names(base.array("colour_shift").shape[1])
-    out: dict[str, Any] = {"name": evalset.name, "folder": str(evalset.folder), "samples": evalset.samples,
-                           "encoded_here": evalset.encoded_here, "skipped_inputs": evalset.skipped,
-                           "latent": cfg.latent_sample, "models": {}, "deltas": {}}
+    out: dict[str, Any] = {
+        "name": evalset.name,
+        "folder": str(evalset.folder),
+        "samples": evalset.samples,
+        "encoded_here": evalset.encoded_here,
+        "skipped_inputs": evalset.skipped,
+        "latent": cfg.latent_sample,
+        "models": {},
+        "deltas": {},
+    }
     for spec in specs:
         s = scores[spec.label]
         assert s.keys == base.keys  # same samples in the same order: the deltas below are paired by position
@@ -384,8 +402,12 @@ def summarize_set(evalset: EvalSet, specs: list[ModelSpec], scores: dict[str, Mo
             mean, lo, hi = paired_ci(s.array(m) - base.array(m), cfg.seed, cfg.confidence)
             better = (lo > 0) if higher else (hi < 0)
             worse = (hi < 0) if higher else (lo > 0)
-            deltas[m] = {"mean": mean, "low": lo, "high": hi,
-                         "verdict": "better" if better else "worse" if worse else "no clear difference"}
+            deltas[m] = {
+                "mean": mean,
+                "low": lo,
+                "high": hi,
+                "verdict": "better" if better else "worse" if worse else "no clear difference",
+            }
         out["deltas"][spec.label] = deltas
     return out
 
@@ -402,11 +424,21 @@ def format_report(result: dict[str, Any]) -> str:
     lines = []
     for s in result["sets"]:
         base = next(iter(s["models"].values()))
-        enc = f", encoded here from images ({s['skipped_inputs']} inputs skipped)" if s["encoded_here"] else ""
+        enc = (
+            f", encoded here from images ({s['skipped_inputs']} inputs skipped)" if s["encoded_here"] else ""
+        )
         z = "z = mean" if s["latent"] == "mode" else "z = mean + std·eps (seeded per sample)"
         lines += [f"### {s['name']} — {s['samples']} samples, {z}{enc}", ""]
-        cols = ["model", "PSNR dB", "SSIM", "LPIPS", "rFID", "colour shift (8-bit levels)", "decoder params",
-                "decode img/s"]
+        cols = [
+            "model",
+            "PSNR dB",
+            "SSIM",
+            "LPIPS",
+            "rFID",
+            "colour shift (8-bit levels)",
+            "decoder params",
+            "decode img/s",
+        ]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for i, (label, m) in enumerate(s["models"].items()):
             d = s["deltas"].get(label, {})
@@ -416,18 +448,28 @@ def format_report(result: dict[str, Any]) -> str:
                 if name in _d:
                     x = _d[name]
                     mark = {"better": " ✓", "worse": " ✗"}.get(x["verdict"], "")
-                    text += (f" ({_fmt(x['mean'], digits, True)} [{_fmt(x['low'], digits, True)}, "
-                             f"{_fmt(x['high'], digits, True)}]{mark})")
+                    text += (
+                        f" ({_fmt(x['mean'], digits, True)} [{_fmt(x['low'], digits, True)}, "
+                        f"{_fmt(x['high'], digits, True)}]{mark})"
+                    )
                 return text
 
             shift = " ".join(f"{c} {_fmt(v, 1, True)}" for c, v in m["colour_shift"].items())
             name = f"{label} (baseline)" if i == 0 else label
-            lines.append(f"| {name} | {cell('psnr', 2)} | {cell('ssim', 4)} | {cell('lpips', 4)} | "
-                         f"{_fmt(m['fid'], 2)} | {shift} | {_size_cells(m, base)} |")
+            lines.append(
+                f"| {name} | {cell('psnr', 2)} | {cell('ssim', 4)} | {cell('lpips', 4)} | "
+                f"{_fmt(m['fid'], 2)} | {shift} | {_size_cells(m, base)} |"
+            )
         lines.append("")
-    lines.append(f"(Δ [{level}% CI]) against the baseline, per image on the same latents; ✓ / ✗: the paired "
-                 "bootstrap interval excludes 0 on the better / worse side. " + result["notes"]["lpips"] + " "
-                 + result["notes"]["fid"] + " " + result["notes"].get("speed", ""))
+    lines.append(
+        f"(Δ [{level}% CI]) against the baseline, per image on the same latents; ✓ / ✗: the paired "
+        "bootstrap interval excludes 0 on the better / worse side. "
+        + result["notes"]["lpips"]
+        + " "
+        + result["notes"]["fid"]
+        + " "
+        + result["notes"].get("speed", "")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -458,8 +500,14 @@ def write_per_image_csv(path: Path, sets: list[EvalSet], scores: dict[str, dict[
                 )
             lp = s.array("lpips")
             for i, key in enumerate(s.keys):
-                row = [evalset.name, key, label, f"{s.array('psnr')[i]:.4f}", f"{s.array('ssim')[i]:.5f}",
-                       f"{lp[i]:.5f}" if lp.size else ""]
+                row = [
+                    evalset.name,
+                    key,
+                    label,
+                    f"{s.array('psnr')[i]:.4f}",
+                    f"{s.array('ssim')[i]:.5f}",
+                    f"{lp[i]:.5f}" if lp.size else "",
+                ]
                 writer.writerow(row + [f"{v:.3f}" for v in shift[i]])
     atomic_write_bytes(path, buf.getvalue().encode())
 
@@ -479,8 +527,15 @@ def grid_keys(scores: dict[str, ModelScores], specs: list[ModelSpec], n: int) ->
     return picks
 
 
-def write_grids(out: Path, evalset: EvalSet, specs: list[ModelSpec], models: dict[str, Any],
-                picks: dict[str, list[str]], cfg: EvalConfig, device: torch.device) -> list[Path]:
+def write_grids(
+    out: Path,
+    evalset: EvalSet,
+    specs: list[ModelSpec],
+    models: dict[str, Any],
+    picks: dict[str, list[str]],
+    cfg: EvalConfig,
+    device: torch.device,
+) -> list[Path]:
     """PNG grids, one row per sample: original | baseline | model (improved/worsened) or | every model
     (sample)."""
     wanted = {k for keys in picks.values() for k in keys}
@@ -548,12 +603,17 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     notes = {"lpips": "", "fid": ""}
     try:
         lpips_model = load_lpips(cfg.lpips_vgg_weights, cfg.lpips_random_backbone).to(device)
-        notes["lpips"] = ("LPIPS with a RANDOM VGG16 backbone (tests only): its values are meaningless."
-                          if cfg.lpips_random_backbone else "LPIPS: VGG16 (torchvision ImageNet weights).")
+        notes["lpips"] = (
+            "LPIPS with a RANDOM VGG16 backbone (tests only): its values are meaningless."
+            if cfg.lpips_random_backbone
+            else "LPIPS: VGG16 (torchvision ImageNet weights)."
+        )
     except LPIPSWeightsMissing:  # a file that is there but wrong still stops with its own message
         lpips_model = None
-        notes["lpips"] = ("LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, "
-                          "README 'LPIPS offline').")
+        notes["lpips"] = (
+            "LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, "
+            "README 'LPIPS offline')."
+        )
     notes["fid"] = (
         f"rFID: torchmetrics FID on torch-fidelity's InceptionV3 ({cfg.fid_features} features), RGB "
         "channels, the set's originals as the reference (small sets give a biased FID: compare models, not "
@@ -562,29 +622,41 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         else "rFID not computed (--fid-weights)."
     )
 
-    # 3. every model on every set; each set gets its own FID object, whose real statistics the first model fills;
-    # decode speed side by side on the set's first batch
+    # 3. every model on every set; each set gets its own FID object, whose real statistics the first model
+    # fills; decode speed side by side on the set's first batch
     scores: dict[str, dict[str, ModelScores]] = {}
     speeds: dict[str, dict[str, float]] = {}
     for s in sets:
         fid = load_fid(cfg.fid_weights, device, cfg.fid_features) if cfg.fid_weights else None
-        scores[s.name] = {spec.label: score_model(models[spec.label], s, cfg, device, lpips_model, fid, spec.label)
-                          for spec in specs}
+        scores[s.name] = {
+            spec.label: score_model(models[spec.label], s, cfg, device, lpips_model, fid, spec.label)
+            for spec in specs
+        }
         if cfg.speed_rounds:
             z = eval_latents(next(iter_batches(s, cfg.batch_size)), cfg.latent_sample, cfg.seed)
             speeds[s.name] = decode_speed(models, z, device, cfg.speed_rounds)
-    notes["speed"] = (f"decode images/s: {cfg.speed_rounds} timed decodes of the set's first batch (batch size "
-                      f"{cfg.batch_size}) per model on {device}, models interleaved, after one warm-up; the median."
-                      if cfg.speed_rounds else "decode speed not measured (--speed-rounds 0).")
+    notes["speed"] = (
+        f"decode images/s: {cfg.speed_rounds} timed decodes of the set's first batch (batch size "
+        f"{cfg.batch_size}) per model on {device}, models interleaved, after one warm-up; the median."
+        if cfg.speed_rounds
+        else "decode speed not measured (--speed-rounds 0)."
+    )
     params = {spec.label: decoder_parameters(models[spec.label]) for spec in specs}
 
     # 4. summaries and files
     result = {
         "config": config_to_dict(cfg),
         # Absolute: export --eval finds its run here from any working directory.
-        "models": [{"label": sp.label, "source": sp.source, "run": str(sp.run.resolve()) if sp.run else None,
-                    "checkpoint": str(sp.ckpt.resolve()) if sp.ckpt else None, "ema": sp.use_ema if sp.run else None}
-                   for sp in specs],
+        "models": [
+            {
+                "label": sp.label,
+                "source": sp.source,
+                "run": str(sp.run.resolve()) if sp.run else None,
+                "checkpoint": str(sp.ckpt.resolve()) if sp.ckpt else None,
+                "ema": sp.use_ema if sp.run else None,
+            }
+            for sp in specs
+        ],
         "baseline": specs[0].label,
         "sets": [summarize_set(s, specs, scores[s.name], cfg, params, speeds.get(s.name, {})) for s in sets],
         "notes": notes,

@@ -12,9 +12,9 @@ resumes or finds its output complete), about 15 minutes on 2 CPU cores; writes d
 5. the encoder of every export is checked bit-identical to the source VAE's; docs/quality.md gets the table,
    the grids, the settings and the wall times
 6. a second family: the same data encoded with a Qwen-Image-shaped source VAE (assets/source-vae-qwenimage,
-   diffusers' AutoencoderKLQwenImage, causal 3-D convolutions), its decoder fine-tuned domain-only and with the
-   recommended replay recipe, scored the same way; its section of docs/quality.md is kept when the first part
-   is rewritten, and the other way round
+   diffusers' AutoencoderKLQwenImage, causal 3-D convolutions), its decoder fine-tuned domain-only and with
+   the recommended replay recipe, scored the same way; its section of docs/quality.md is kept when the first
+   part is rewritten, and the other way round
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from vaedec.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_VAE = ROOT / "assets" / "source-vae"
-QWENIMAGE_VAE = ROOT / "assets" / "source-vae-qwenimage"  # the second family's stand-in (AutoencoderKLQwenImage)
+QWENIMAGE_VAE = (
+    ROOT / "assets" / "source-vae-qwenimage"
+)  # the second family's stand-in (AutoencoderKLQwenImage)
 
 
 @dataclass(frozen=True)
@@ -59,30 +61,57 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("ldm", "configs/ldm_kl_f8.yaml", ("loss.disc_start_step=200",),
-            "LDM kl-f8: L1 + LPIPS + PatchGAN (adaptive weight x 0.5), the GAN from step 200"),
+    Variant(
+        "ldm",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_start_step=200",),
+        "LDM kl-f8: L1 + LPIPS + PatchGAN (adaptive weight x 0.5), the GAN from step 200",
+    ),
     Variant("ft-mse", "configs/ft_mse.yaml", (), "the sd-vae-ft-mse recipe: MSE + 0.1 LPIPS, no GAN"),
-    Variant("l1", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
-            "L1 alone: no LPIPS, no GAN"),
-    Variant("l1-replay", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
-            "L1 alone, 20 % of each batch replayed from the source domain's training photographs (`--mix`)",
-            replay=0.2),
-    Variant("l1-anchor-300", "configs/ldm_kl_f8.yaml",
-            ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=300"),
-            "L1 alone, anchored to the original decoder (L2-SP, `loss.anchor_weight=300`)"),
-    Variant("l1-anchor-3000", "configs/ldm_kl_f8.yaml",
-            ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=3000"),
-            "L1 alone, anchored harder (`loss.anchor_weight=3000`)"),
+    Variant(
+        "l1",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
+        "L1 alone: no LPIPS, no GAN",
+    ),
+    Variant(
+        "l1-replay",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
+        "L1 alone, 20 % of each batch replayed from the source domain's training photographs (`--mix`)",
+        replay=0.2,
+    ),
+    Variant(
+        "l1-anchor-300",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=300"),
+        "L1 alone, anchored to the original decoder (L2-SP, `loss.anchor_weight=300`)",
+    ),
+    Variant(
+        "l1-anchor-3000",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0", "loss.anchor_weight=3000"),
+        "L1 alone, anchored harder (`loss.anchor_weight=3000`)",
+    ),
 )
 
 
-# The second family (step 6): the AutoencoderKL table's l1 recipe, domain-only and with the recommended replay.
+# The second family (step 6): the AutoencoderKL table's l1 recipe, domain-only and with the recommended
+# replay.
 FAMILY_VARIANTS = (
-    Variant("qwenimage-l1", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
-            "L1 alone, on the Qwen-Image-shaped source VAE's latents"),
-    Variant("qwenimage-l1-replay", "configs/ldm_kl_f8.yaml", ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
-            "L1 alone, 20 % of each batch replayed from the training photographs (`--mix`), the recommended recipe",
-            replay=0.2),
+    Variant(
+        "qwenimage-l1",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
+        "L1 alone, on the Qwen-Image-shaped source VAE's latents",
+    ),
+    Variant(
+        "qwenimage-l1-replay",
+        "configs/ldm_kl_f8.yaml",
+        ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
+        "L1 alone, 20 % of each batch replayed from the training photographs (`--mix`), the recommended recipe",
+        replay=0.2,
+    ),
 )
 # docs/quality.md holds the second family's section between these lines; each part rewrites only its own text.
 FAMILY_BEGIN = "<!-- second family: written by `python -m vaedec.experiment --part qwenimage` -->"
@@ -104,7 +133,9 @@ class Sizes:
 QUICK = Sizes(text_train_pages=16, text_heldout_pages=4, crops_per_page=1, photo_crops=1, max_steps=4)
 
 
-def prepare_data(out: Path, sizes: Sizes, vae: Path = SOURCE_VAE, shards_dir: str = "shards") -> dict[str, Path]:
+def prepare_data(
+    out: Path, sizes: Sizes, vae: Path = SOURCE_VAE, shards_dir: str = "shards"
+) -> dict[str, Path]:
     """Images of the sets into out/images/*, then shards encoded with `vae` into out/<shards_dir>/*; both steps
     are idempotent."""
     images = out / "images"
@@ -128,16 +159,30 @@ def prepare_data(out: Path, sizes: Sizes, vae: Path = SOURCE_VAE, shards_dir: st
     shards = {}
     for name, extra in settings.items():
         shards[name] = out / shards_dir / name
-        encode(EncodeConfig(src=str(images / name), out=str(shards[name]), vae=str(vae), resolution=64,
-                            batch_size=32, num_workers=1, shard_size_mb=4, **extra))
+        encode(
+            EncodeConfig(
+                src=str(images / name),
+                out=str(shards[name]),
+                vae=str(vae),
+                resolution=64,
+                batch_size=32,
+                num_workers=1,
+                shard_size_mb=4,
+                **extra,
+            )
+        )
     return shards
 
 
-def train_variant(variant: Variant, shards: dict[str, Path], out: Path, sizes: Sizes, lpips_ok: bool,
-                  runs_dir: str = "runs") -> Path:
+def train_variant(
+    variant: Variant, shards: dict[str, Path], out: Path, sizes: Sizes, lpips_ok: bool, runs_dir: str = "runs"
+) -> Path:
     """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run folder."""
-    values: dict[str, object] = {"run.max_steps": sizes.max_steps, "data.shards": str(shards["text-train"]),
-                                 "run.output": str(out / runs_dir / variant.name)}
+    values: dict[str, object] = {
+        "run.max_steps": sizes.max_steps,
+        "data.shards": str(shards["text-train"]),
+        "run.output": str(out / runs_dir / variant.name),
+    }
     if variant.replay:
         values["data.mix"] = [f"{shards['photos-train']}:{variant.replay}"]
     if not lpips_ok:
@@ -189,24 +234,34 @@ def run_minutes(run: Path, max_steps: int) -> float:
     return (last - first).total_seconds() / 60
 
 
-# The section of docs/quality.md that `make preview` (vaedec/preview_experiment.py) writes; kept when this rewrites
-# the rest.
+# The section of docs/quality.md that `make preview` (vaedec/preview_experiment.py) writes; kept when this
+# rewrites the rest.
 PREVIEW_START, PREVIEW_END = "<!-- preview:start -->", "<!-- preview:end -->"
 
 
 def kept_preview_section(path: Path) -> str:
     """The preview section of an existing docs/quality.md, or ''."""
-    found = re.search(re.escape(PREVIEW_START) + ".*?" + re.escape(PREVIEW_END) + "\n?",
-                      path.read_text() if path.is_file() else "", re.DOTALL)
+    found = re.search(
+        re.escape(PREVIEW_START) + ".*?" + re.escape(PREVIEW_END) + "\n?",
+        path.read_text() if path.is_file() else "",
+        re.DOTALL,
+    )
     return "\n" + found.group(0) if found else ""
 
 
-def write_quality_doc(path: Path, report: str, grids: dict[str, str], facts: dict[str, str],
-                      minutes: dict[str, float]) -> None:
+def write_quality_doc(
+    path: Path, report: str, grids: dict[str, str], facts: dict[str, str], minutes: dict[str, float]
+) -> None:
     """docs/quality.md: what was run, the eval tables, the grids, how to rerun (and `make preview`'s section)."""
-    variants = "\n".join(f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS)
-    images = "\n\n".join(f"**{title}** — original | original decoder | " + " | ".join(
-        f"{v.name} current | {v.name} EMA" for v in VARIANTS) + f"\n\n![{title}]({name})" for title, name in grids.items())
+    variants = "\n".join(
+        f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS
+    )
+    images = "\n\n".join(
+        f"**{title}** — original | original decoder | "
+        + " | ".join(f"{v.name} current | {v.name} EMA" for v in VARIANTS)
+        + f"\n\n![{title}]({name})"
+        for title, name in grids.items()
+    )
     text = f"""# Quality: a pretrained decoder fine-tuned on a new domain
 
 `make experiment` ({facts["wall"]} of training on {facts["machine"]}; {facts["date"]}; written at commit
@@ -275,11 +330,21 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     lpips_ok = lpips_available()
     shards = prepare_data(out, sizes)
     runs = [train_variant(v, shards, out, sizes, lpips_ok) for v in VARIANTS]
-    vaes = [f"original={SOURCE_VAE}"] + [f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")]
+    vaes = [f"original={SOURCE_VAE}"] + [
+        f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")
+    ]
     # speed_rounds=0: every variant has the source's architecture, so decode speed says nothing (and a rerun's
     # table stays the same)
-    result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
-                                 out=str(out / "eval"), batch_size=32, grid_samples=6, speed_rounds=0))
+    result = evaluate(
+        EvalConfig(
+            data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),
+            vaes=tuple(vaes),
+            out=str(out / "eval"),
+            batch_size=32,
+            grid_samples=6,
+            speed_rounds=0,
+        )
+    )
     encoders = check_encoders(runs)
     if docs is not None:
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
@@ -328,14 +393,25 @@ def run_family_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) 
     shards = prepare_data(out, sizes, QWENIMAGE_VAE, "shards-qwenimage")
     runs = [train_variant(v, shards, out, sizes, lpips_ok, "runs-qwenimage") for v in FAMILY_VARIANTS]
     vaes = [f"original={QWENIMAGE_VAE}"] + [f"{r.name}:{k}={r}:{k}" for r in runs for k in ("raw", "ema")]
-    result = evaluate(EvalConfig(data=(str(shards["text-heldout"]), str(shards["photos-heldout"])), vaes=tuple(vaes),
-                                 out=str(out / "eval-qwenimage"), batch_size=32, grid_samples=6, speed_rounds=0))
+    result = evaluate(
+        EvalConfig(
+            data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),
+            vaes=tuple(vaes),
+            out=str(out / "eval-qwenimage"),
+            batch_size=32,
+            grid_samples=6,
+            speed_rounds=0,
+        )
+    )
     encoders = check_encoders(runs, QWENIMAGE_VAE)
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
         grids = []
-        for title, set_name in (("held-out text", "text-heldout"), ("held-out photographs", "photos-heldout")):
+        for title, set_name in (
+            ("held-out text", "text-heldout"),
+            ("held-out photographs", "photos-heldout"),
+        ):
             name = f"quality-qwenimage-{set_name}.png"
             shutil.copyfile(out / "eval-qwenimage" / "grids" / f"{set_name}-sample.png", docs / name)
             grids.append(f"**{title}**\n\n![{title}]({name})")
@@ -370,11 +446,23 @@ temporal kernel slices a one-frame image never reaches stay bit-identical. {time
     type=click.Path(file_okay=False, path_type=Path),
     help="Work folder: images/, shards/, runs/, eval/.",
 )
-@click.option("--docs", default="docs", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where quality.md and its grids are written.")
-@click.option("--quick", is_flag=True, help="A smoke run of a minute (tiny data, 4 steps); its numbers mean nothing.")
-@click.option("--part", type=click.Choice(["all", "kl", "qwenimage"]), default="all", show_default=True,
-              help="kl: the AutoencoderKL source VAE with every recipe; qwenimage: the second family (step 6).")
+@click.option(
+    "--docs",
+    default="docs",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where quality.md and its grids are written.",
+)
+@click.option(
+    "--quick", is_flag=True, help="A smoke run of a minute (tiny data, 4 steps); its numbers mean nothing."
+)
+@click.option(
+    "--part",
+    type=click.Choice(["all", "kl", "qwenimage"]),
+    default="all",
+    show_default=True,
+    help="kl: the AutoencoderKL source VAE with every recipe; qwenimage: the second family (step 6).",
+)
 def main(out: Path, docs: Path, quick: bool, part: str) -> None:
     """Fine-tune the source VAEs' decoders on rendered text with the shipped recipes and evaluate them."""
     setup_logging()

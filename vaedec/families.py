@@ -85,7 +85,7 @@ class FamilyError(VAELoadError):
     """A VAE class vaedec cannot handle, or a setting its family does not allow; the message says what."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # normalisation: what a diffusion model applies to raw latents, as plain data
 
 
@@ -193,7 +193,7 @@ def raw_noise_std(n: Normalisation, std: float, shape: tuple[int, int, int]) -> 
     return std * torch.tensor(n.std, dtype=torch.float32).view(c, p, p).repeat(1, h // p, w // p)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the trainable decoder of the families without AutoencoderKL's module layout
 
 
@@ -261,7 +261,7 @@ class FamilyDecoder(nn.Module):
         return grad
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the families
 
 
@@ -287,8 +287,8 @@ class Family:
         ""  # single-file load: "" none, "ldm" (vaedec's convert.py), "diffusers" (from_single_file + config)
     )
     not_trained = ""  # README: parts of the model this decoder-only fine-tune leaves as they were
-    # Config keys that shape the decoder half alone (diffusers 0.42.1's __init__): what model.decoder_config may
-    # change while the encoder, and so the latent space, stays bit-identical (vaedec/decoders.py).
+    # Config keys that shape the decoder half alone (diffusers 0.42.1's __init__): what model.decoder_config
+    # may change while the encoder, and so the latent space, stays bit-identical (vaedec/decoders.py).
     decoder_keys: tuple[str, ...] = ()
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -902,7 +902,7 @@ UNSUPPORTED = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # which family
 
 
@@ -967,7 +967,9 @@ def load_manifest_vae(
         family, model = load(
             vae_info["source"], vae_info.get("subfolder"), scaling, config=vae_info.get("config")
         )
-    if norm.kind == "scale_shift" and norm.shift_factor is not None:  # encode --shift-factor (BFL's ae.safetensors)
+    if (
+        norm.kind == "scale_shift" and norm.shift_factor is not None
+    ):  # encode --shift-factor (BFL's ae.safetensors)
         family.set_shift_factor(model, norm.shift_factor)
     source = vae or vae_info["source"]
     if (family.store, family.latent_rank) != (expected.store, expected.latent_rank):
@@ -1033,7 +1035,7 @@ def build_tiny(class_name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     return family.model_class(**(family.tiny_config() | overrides))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # a run's decoder
 
 
@@ -1046,11 +1048,15 @@ def check_run_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainConfi
         mode = "mode" if family.store == "latent" else "sample"
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, latent_sample=mode))
     if family.store == "latent" and cfg.model.latent_sample == "sample":
-        raise TrainError(f"model.latent_sample=sample: the shards hold one deterministic {family.class_name} "
-                         "latent per image (no posterior to sample); set model.latent_sample=mode")
+        raise TrainError(
+            f"model.latent_sample=sample: the shards hold one deterministic {family.class_name} "
+            "latent per image (no posterior to sample); set model.latent_sample=mode"
+        )
     if cfg.model.channels_last and not family.supports_channels_last:
-        raise TrainError(f"model.channels_last: {family.class_name}'s decoder is 3-D (causal video "
-                         "convolutions); set model.channels_last=false")
+        raise TrainError(
+            f"model.channels_last: {family.class_name}'s decoder is 3-D (causal video "
+            "convolutions); set model.channels_last=false"
+        )
     return cfg
 
 
@@ -1058,8 +1064,9 @@ def trainable_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
     """The trainable half of the manifest's VAE (or model.vae with the same encoder): AutoencoderKL's
     post_quant_conv + decoder (vae.TrainableDecoder), or its family's; the encoder is freed here and never
     reaches the device."""
-    family, vae = load_manifest_vae(manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder,
-                                    cfg.data.shards)
+    family, vae = load_manifest_vae(
+        manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards
+    )
     return decoder_of(cfg, family, vae)
 
 
@@ -1070,7 +1077,9 @@ def decoder_of(
     gradient checkpointing, frozen parts, channels_last."""
     if cfg.model.gradient_checkpointing:
         try:
-            family.gradient_checkpointing(vae)  # diffusers' own (AutoencoderKL: mid and up blocks, non-reentrant)
+            family.gradient_checkpointing(
+                vae
+            )  # diffusers' own (AutoencoderKL: mid and up blocks, non-reentrant)
         except FamilyError as e:
             raise TrainError(str(e)) from None
     decoder = (build or family.trainable_decoder)(vae)
@@ -1091,8 +1100,10 @@ def latent_noise_raw(cfg: TrainConfig, manifest: dict[str, Any]) -> float | torc
     if not std:
         return 0.0
     if norm.kind == "scale_shift" and norm.scaling_factor is None:
-        raise TrainError("model.latent_noise_std: the shards' VAE has no scaling_factor, so the diffusion "
-                         "model's units are unknown; re-encode with --scaling-factor")
+        raise TrainError(
+            "model.latent_noise_std: the shards' VAE has no scaling_factor, so the diffusion "
+            "model's units are unknown; re-encode with --scaling-factor"
+        )
     r = manifest["settings"]["preprocessing"]["resolution"] // vae["downsample_factor"]
     return raw_noise_std(norm, std, (vae["latent_channels"], r, r))
 

@@ -68,7 +68,9 @@ def add_latent_noise(
     std_raw: a float, or a (C, h, w) map where a family's normalisation differs by channel (families.raw_noise_std)."""
     if isinstance(std_raw, float | int) and std_raw <= 0:
         return z  # draws nothing, so runs without it keep their random stream
-    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu")
+    eps = torch.randn(
+        z.shape, generator=generator, dtype=z.dtype, device=generator.device if generator else "cpu"
+    )
     if isinstance(std_raw, torch.Tensor):
         return z + std_raw.to(z.device, z.dtype) * eps.to(z.device)
     return z + std_raw * eps.to(z.device)

@@ -19,8 +19,8 @@ D: PatchGAN; W = decoder.conv_out.weight (LDM's `last_layer`); t: optimizer step
 New decoders (vaedec/decoders.py) add, outside nll, so λ still balances the GAN against the image alone:
     T   = teacher_weight * Σ(|x̂ - x_t| + perceptual_weight * LPIPS(x_t, x̂)) / B      (`teacher_loss`)
           x_t: the original decoder's output on the same z, frozen (a constant here)
-    E   = mean((E_tiny(x) - ẑ)^2)   a preview model's tiny encoder against the stored latent ẑ in the diffusion
-          model's units (`latent_regression_loss`); it shares no parameter with the decoder
+    E   = mean((E_tiny(x) - ẑ)^2)   a preview model's tiny encoder against the stored latent ẑ in the
+          diffusion model's units (`latent_regression_loss`); it shares no parameter with the decoder
     L_G = nll + λ f_t g + T   (+ E for the tiny encoder)
 
 LDM's L_G also has kl_weight * KL(q(z|x)); the encoder is frozen here, so the KL term is a constant whose
@@ -323,7 +323,9 @@ def teacher_loss(x_rec: Tensor, x_teacher: Tensor, lpips_model: nn.Module | None
     x_t = x_teacher.detach().to(x_rec.dtype)
     rec = (x_rec - x_t).abs()  # (B, C, H, W)
     if perceptual_weight > 0 and lpips_model is not None:
-        rec = rec + perceptual_weight * perceptual_distance(lpips_model, x_t, x_rec)  # (B, 1, 1, 1) broadcasts
+        rec = rec + perceptual_weight * perceptual_distance(
+            lpips_model, x_t, x_rec
+        )  # (B, 1, 1, 1) broadcasts
     return rec.sum() / x_rec.shape[0]
 
 
@@ -333,7 +335,7 @@ def latent_regression_loss(pred: Tensor, target: Tensor) -> Tensor:
     return torch.mean((pred.float() - target.detach().float()) ** 2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # generator (decoder) side
 
 
@@ -536,8 +538,11 @@ def discriminator_loss(
         lecam.update(logits_real, logits_fake)
         reg = lecam_reg(logits_real.float(), logits_fake.float(), lecam.real, lecam.fake)
         d = d + cfg.disc_lecam_weight * reg
-        extra = {"disc/lecam": float(reg.detach()), "disc/lecam_anchor_real": float(lecam.real),
-                 "disc/lecam_anchor_fake": float(lecam.fake)}
+        extra = {
+            "disc/lecam": float(reg.detach()),
+            "disc/lecam_anchor_real": float(lecam.real),
+            "disc/lecam_anchor_fake": float(lecam.fake),
+        }
     loss = f * d
     values = torch.stack(
         [t.detach().to(torch.float64).mean() for t in (loss, logits_real, logits_fake)]

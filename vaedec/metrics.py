@@ -170,7 +170,11 @@ def to_display(x: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(
-    columns: list[torch.Tensor], path: str | Path, pad: int = 2, labels: list[str] | None = None, min_tile: int = 0
+    columns: list[torch.Tensor],
+    path: str | Path,
+    pad: int = 2,
+    labels: list[str] | None = None,
+    min_tile: int = 0,
 ) -> None:
     """Rows = samples, columns = versions (e.g. original | original decoder | decoder | EMA); PNG, atomic.
 

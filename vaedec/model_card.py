@@ -1,13 +1,14 @@
 """The export's model card: OUT/README.md in the Hugging Face hub's format (YAML metadata + markdown), so an export
 pushed with `hf upload USER/REPO OUT` is described on the hub as it is here.
 
-It says what a user of the exported VAE must know and nobody can read off the weights: which VAE it came from (and
-the fingerprint of the encoder it keeps), what was trained and how (decoder parts, steps, batch, loss terms and
-weights, mixed sets, EMA), on what data (samples per set, the encode settings), how it scored (an `eval` run of this
-run, `export --eval DIR`), how to load it (diffusers, ComfyUI, A1111) and under which licence (the base VAE's).
+It says what a user of the exported VAE must know and nobody can read off the weights: which VAE it came from
+(and the fingerprint of the encoder it keeps), what was trained and how (decoder parts, steps, batch, loss
+terms and weights, mixed sets, EMA), on what data (samples per set, the encode settings), how it scored (an
+`eval` run of this run, `export --eval DIR`), how to load it (diffusers, ComfyUI, A1111) and under which
+licence (the base VAE's).
 
-Only names reach the card, never a local path or a data URL: a card is written to be published, and SHARDS specs
-may carry credentials.
+Only names reach the card, never a local path or a data URL: a card is written to be published, and SHARDS
+specs may carry credentials.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ModelCardError(VaedecError):
     """An --eval DIR that cannot go into this export's card; the message says why and what to give instead."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the base VAE
 
 
@@ -84,7 +85,7 @@ def _display_name(source: str, repo: str | None) -> str:
     return repo or Path(source).name
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the eval of this run
 
 
@@ -104,13 +105,17 @@ def attach_eval(eval_dir: str | Path, run_dir: str | Path, ckpt: Path, use_ema: 
 
     path = Path(eval_dir) / EVAL_JSON
     if not path.is_file():
-        raise ModelCardError(f"--eval {eval_dir}: no {EVAL_JSON} there; give the --out folder of a `vaedec eval` "
-                             "run that scored this run")
+        raise ModelCardError(
+            f"--eval {eval_dir}: no {EVAL_JSON} there; give the --out folder of a `vaedec eval` "
+            "run that scored this run"
+        )
     try:
         result = json.loads(path.read_text())
         models, sets = result["models"], result["sets"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelCardError(f"--eval {eval_dir}: {path} is not an eval.json of `vaedec eval` ({e})") from None
+        raise ModelCardError(
+            f"--eval {eval_dir}: {path} is not an eval.json of `vaedec eval` ({e})"
+        ) from None
     run = Path(run_dir).resolve()
     candidates = []
     for m in models:
@@ -133,14 +138,16 @@ def attach_eval(eval_dir: str | Path, run_dir: str | Path, ckpt: Path, use_ema: 
     note = ""
     if not exact:
         kind = {True: "EMA", False: "raw", None: "unknown"}
-        note = (f"The eval scored `{label}`: step {their_step if their_step is not None else '?'}, "
-                f"{kind[their_ema]} weights; this export holds step {step}, {kind[use_ema]} weights.")
+        note = (
+            f"The eval scored `{label}`: step {their_step if their_step is not None else '?'}, "
+            f"{kind[their_ema]} weights; this export holds step {step}, {kind[use_ema]} weights."
+        )
     if not sets:
         raise ModelCardError(f"--eval {eval_dir}: {path} holds no data sets")
     return AttachedEval(result, label, note)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # what was trained, on what
 
 
@@ -170,7 +177,7 @@ def _set_rows(config: dict[str, Any], manifest: dict[str, Any]) -> list[list[str
             counts = ("not read (a remote set: its manifest is not fetched at export)", "")
         else:
             per_shard = [e["samples"] for e in m["shards"]]
-            held = sum(per_shard[len(per_shard) - n_val:]) if n_val else 0
+            held = sum(per_shard[len(per_shard) - n_val :]) if n_val else 0
             counts = (f"{sum(per_shard) - held:,}", f"{held:,}")
         rows.append([f"`{spec_name(path)}`", role, share, *counts])
     return rows
@@ -186,20 +193,28 @@ def _loss_lines(config: dict[str, Any], steps: int) -> list[str]:
         lines.append(f"- LPIPS{backbone}, weight {loss['perceptual_weight']:g}")
     else:
         lines.append("- LPIPS: off (weight 0)")
-    lines.append(f"- nll = rec / exp(s) + s, s {'learned' if loss.get('learn_logvar') else 'fixed'} "
-                 f"(init {loss['logvar_init']:g}); the KL term is dropped (the encoder is frozen)")
+    lines.append(
+        f"- nll = rec / exp(s) + s, s {'learned' if loss.get('learn_logvar') else 'fixed'} "
+        f"(init {loss['logvar_init']:g}); the KL term is dropped (the encoder is frozen)"
+    )
     gan_from = loss["disc_start_step"] + loss.get("disc_warmup_steps", 0)
     if loss["disc_factor"] > 0 and gan_from < steps:
-        lines.append(f"- GAN: {loss['disc_loss']} PatchGAN ({loss['disc_num_layers']} layers, ndf {loss['disc_ndf']}, "
-                     f"{loss['disc_norm']} norm) from step {gan_from}, LDM's adaptive weight λ × "
-                     f"{loss['disc_weight']:g} × disc_factor {loss['disc_factor']:g}")
-        extras = [f"R1 γ {loss['disc_r1_weight']:g}" if loss.get("disc_r1_weight") else "",
-                  f"LeCAM {loss['disc_lecam_weight']:g}" if loss.get("disc_lecam_weight") else ""]
+        lines.append(
+            f"- GAN: {loss['disc_loss']} PatchGAN ({loss['disc_num_layers']} layers, ndf {loss['disc_ndf']}, "
+            f"{loss['disc_norm']} norm) from step {gan_from}, LDM's adaptive weight λ × "
+            f"{loss['disc_weight']:g} × disc_factor {loss['disc_factor']:g}"
+        )
+        extras = [
+            f"R1 γ {loss['disc_r1_weight']:g}" if loss.get("disc_r1_weight") else "",
+            f"LeCAM {loss['disc_lecam_weight']:g}" if loss.get("disc_lecam_weight") else "",
+        ]
         if any(extras):
             lines.append("  - discriminator regularisation: " + ", ".join(e for e in extras if e))
     else:
-        lines.append(f"- GAN: off in this run (disc_factor {loss['disc_factor']:g}, from step {gan_from}, "
-                     f"{steps} steps trained)")
+        lines.append(
+            f"- GAN: off in this run (disc_factor {loss['disc_factor']:g}, from step {gan_from}, "
+            f"{steps} steps trained)"
+        )
     if loss.get("anchor_weight"):
         lines.append(f"- L2-SP anchor to the original decoder, α {loss['anchor_weight']:g}")
     if model.get("latent_noise_std"):
@@ -217,7 +232,9 @@ def _trained_parts(config: dict[str, Any], vae: Any) -> str:
     trained = family.trainable_names(vae, config["model"]["train_post_quant_conv"], patterns)
     what = ", ".join(f"`{p}`" for p in patterns) if patterns else "the whole decoder"
     if not patterns:
-        what += " + post_quant_conv" if config["model"]["train_post_quant_conv"] else " (post_quant_conv frozen)"
+        what += (
+            " + post_quant_conv" if config["model"]["train_post_quant_conv"] else " (post_quant_conv frozen)"
+        )
     n, total = sum(named[k] for k in trained), sum(named.values())
     kept = "the encoder is" if n == total else "the rest of the decoder path and the encoder are"
     return f"{what}: {n:,} of the decoder path's {total:,} parameters; {kept} the base VAE's, bit for bit"
@@ -235,8 +252,10 @@ def _normalisation_text(vae: Any) -> str:
         return f"{family.class_name}: scaling_factor {scale}{shift}"
     if norm.kind == "channel_mean_std":
         return f"{family.class_name}: per-channel latents_mean / latents_std ({len(norm.mean)} channels, config.json)"
-    return (f"{family.class_name}: the `bn` running statistics over {norm.patch_size}x{norm.patch_size}-patchified "
-            f"latents ({len(norm.mean)} channels), kept bit-identical")
+    return (
+        f"{family.class_name}: the `bn` running statistics over {norm.patch_size}x{norm.patch_size}-patchified "
+        f"latents ({len(norm.mean)} channels), kept bit-identical"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -244,7 +263,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the card
 
 
@@ -257,9 +276,8 @@ def model_card(
     evaluation: AttachedEval | None = None,
 ) -> ModelCard:
     """The card of an export of `run_dir` at checkpoint `ckpt` (`vae`: the exported VAE, of its family's class)."""
-    from vaedec.families import family_for
-
     from vaedec.checkpoint import checkpoint_state, run_manifest, run_vae_source
+    from vaedec.families import family_for
 
     state = checkpoint_state(ckpt)
     config, steps = state["config"], state["step"]
@@ -275,73 +293,140 @@ def model_card(
         tags=TAGS,
         **(licence or {"license": "other", "license_name": "same-as-base-vae"}),
     )
-    licence_text = (f"the base VAE's: `{licence.get('license_name') or licence['license']}` (read from its model "
-                    "card)" if licence else "the same as the base VAE's (its card was not at hand offline: check "
-                    "it before publishing)")
+    licence_text = (
+        f"the base VAE's: `{licence.get('license_name') or licence['license']}` (read from its model card)"
+        if licence
+        else "the same as the base VAE's (its card was not at hand offline: check it before publishing)"
+    )
 
     o, d, r = config["optim"], config["data"], config["run"]
     processes = state.get("num_processes", 1)
     batch = d["batch_size_per_device"] * o["grad_accum_steps"] * processes
-    ema = (f"yes, decay {o['ema_decay']:g} (from step {o['ema_start_step']}); this export holds the "
-           f"{'EMA' if use_ema else 'raw (not EMA)'} weights" if o["ema_decay"] > 0 else "no")
-    files = {"diffusers": ["config.json", "diffusion_pytorch_model.safetensors"], "ldm": ["vae.safetensors"],
-             "both": ["config.json", "diffusion_pytorch_model.safetensors", "vae.safetensors"]}[fmt]
-    training = _table(["", ""], [
-        ["trained", _trained_parts(config, vae)],
-        ["steps", f"{steps:,} optimizer steps (run.max_steps {r['max_steps']:,})"],
-        ["batch", (f"{batch} samples per step = {d['batch_size_per_device']} per device × "
-                   f"{o['grad_accum_steps']} accumulated × {processes} process(es)")],
-        ["optimiser", f"Adam β {tuple(o['betas'])}, lr {o['lr']:g}"
-                      + (" × batch (scale_lr)" if o["scale_lr"] else "")
-                      + f", {o['schedule']} after {o['warmup_steps']} warmup steps"
-                      + (f", grad clip {o['grad_clip_norm']:g}" if o.get("grad_clip_norm") else "")],
-        ["latents", f"z = {'mean + std·ε (sampled each step)' if config['model']['latent_sample'] == 'sample' else 'mean'}"],
-        ["precision", {"no": "fp32", "bf16": "bf16 autocast, fp32 weights",
-                       "fp16": "fp16 autocast + grad scaler, fp32 weights"}[r["mixed_precision"]]],
-        ["EMA", ema],
-    ])
-    sets = _table(["set", "role", "share of samples", "training samples", "held out (data.val_shards)"],
-                  _set_rows(config, manifest))
-    encoding = _table(["", ""], [
-        ["crop", (f"{prep['resolution']} px square, shorter side resized to {prep['resize_shorter_side_to']} px; "
-                  f"resampling {prep['resample']}")],
-        ["crops per image", "one center crop" if not prep["crops_per_image"]
-         else f"{prep['crops_per_image']} seeded random crops (seed {prep['seed']})"],
-        ["mirrored copies", "yes" if prep["flip"] else "no"],
-        ["encoder dtype", prep["dtype"]],
-        ["inputs", (f"{manifest['settings']['source']['inputs']:,} images; "
-                    f"{manifest['totals'].get('inputs_skipped', 0)} skipped as unreadable")],
-    ])
+    ema = (
+        f"yes, decay {o['ema_decay']:g} (from step {o['ema_start_step']}); this export holds the "
+        f"{'EMA' if use_ema else 'raw (not EMA)'} weights"
+        if o["ema_decay"] > 0
+        else "no"
+    )
+    files = {
+        "diffusers": ["config.json", "diffusion_pytorch_model.safetensors"],
+        "ldm": ["vae.safetensors"],
+        "both": ["config.json", "diffusion_pytorch_model.safetensors", "vae.safetensors"],
+    }[fmt]
+    training = _table(
+        ["", ""],
+        [
+            ["trained", _trained_parts(config, vae)],
+            ["steps", f"{steps:,} optimizer steps (run.max_steps {r['max_steps']:,})"],
+            [
+                "batch",
+                (
+                    f"{batch} samples per step = {d['batch_size_per_device']} per device × "
+                    f"{o['grad_accum_steps']} accumulated × {processes} process(es)"
+                ),
+            ],
+            [
+                "optimiser",
+                f"Adam β {tuple(o['betas'])}, lr {o['lr']:g}"
+                + (" × batch (scale_lr)" if o["scale_lr"] else "")
+                + f", {o['schedule']} after {o['warmup_steps']} warmup steps"
+                + (f", grad clip {o['grad_clip_norm']:g}" if o.get("grad_clip_norm") else ""),
+            ],
+            [
+                "latents",
+                f"z = {'mean + std·ε (sampled each step)' if config['model']['latent_sample'] == 'sample' else 'mean'}",
+            ],
+            [
+                "precision",
+                {
+                    "no": "fp32",
+                    "bf16": "bf16 autocast, fp32 weights",
+                    "fp16": "fp16 autocast + grad scaler, fp32 weights",
+                }[r["mixed_precision"]],
+            ],
+            ["EMA", ema],
+        ],
+    )
+    sets = _table(
+        ["set", "role", "share of samples", "training samples", "held out (data.val_shards)"],
+        _set_rows(config, manifest),
+    )
+    encoding = _table(
+        ["", ""],
+        [
+            [
+                "crop",
+                (
+                    f"{prep['resolution']} px square, shorter side resized to {prep['resize_shorter_side_to']} px; "
+                    f"resampling {prep['resample']}"
+                ),
+            ],
+            [
+                "crops per image",
+                "one center crop"
+                if not prep["crops_per_image"]
+                else f"{prep['crops_per_image']} seeded random crops (seed {prep['seed']})",
+            ],
+            ["mirrored copies", "yes" if prep["flip"] else "no"],
+            ["encoder dtype", prep["dtype"]],
+            [
+                "inputs",
+                (
+                    f"{manifest['settings']['source']['inputs']:,} images; "
+                    f"{manifest['totals'].get('inputs_skipped', 0)} skipped as unreadable"
+                ),
+            ],
+        ],
+    )
     factors = _normalisation_text(vae)
     if evaluation is None:
-        eval_text = ("No evaluation was attached to this export. Score it against the base VAE on held-out data "
-                     "of the target domain and of general images:\n\n```bash\nvaedec eval HELDOUT/ GENERAL/ "
-                     "--vae original=BASE_VAE --vae RUN/ --out eval/\nvaedec export RUN/ OUT/ --eval eval/\n```")
+        eval_text = (
+            "No evaluation was attached to this export. Score it against the base VAE on held-out data "
+            "of the target domain and of general images:\n\n```bash\nvaedec eval HELDOUT/ GENERAL/ "
+            "--vae original=BASE_VAE --vae RUN/ --out eval/\nvaedec export RUN/ OUT/ --eval eval/\n```"
+        )
     else:
         from vaedec.evaluate import format_report
 
-        eval_text = (f"`vaedec eval` of this run; the row **{evaluation.label}** is this export"
-                     + (f" ({evaluation.note})" if evaluation.note else "") + ". Every model decodes the same "
-                     "latents of each data set below.\n\n" + format_report(evaluation.result).replace("### ", "#### "))
-    single = ("`vae.safetensors` (LDM layout, plain keys)" if fmt in ("ldm", "both") else
-              "`vae.safetensors`, which this export lacks: write it with `vaedec convert OUT vae.safetensors` "
-              "(or export with `--format both`)")
+        eval_text = (
+            f"`vaedec eval` of this run; the row **{evaluation.label}** is this export"
+            + (f" ({evaluation.note})" if evaluation.note else "")
+            + ". Every model decodes the same "
+            "latents of each data set below.\n\n" + format_report(evaluation.result).replace("### ", "#### ")
+        )
+    single = (
+        "`vae.safetensors` (LDM layout, plain keys)"
+        if fmt in ("ldm", "both")
+        else "`vae.safetensors`, which this export lacks: write it with `vaedec convert OUT vae.safetensors` "
+        "(or export with `--format both`)"
+    )
     name = _display_name(source, repo)
     cls = type(vae).__name__  # the family's own class (vaedec/families.py): what loads the folder
     latent_channels = family_for(vae).channels(vae)[2]
-    diffusers = (f"\n\n```python\nfrom diffusers import {cls}, DiffusionPipeline\n\n"
-                 f'vae = {cls}.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
-                 'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the base '
-                 "VAE\n```" if fmt != "ldm" else
-                 ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors my-vae/` "
-                 "writes one, or export with `--format both`.")
-    base_table = _table(["", ""], [
-        ["base VAE", f"`{base}`"],
-        ["encoder fingerprint", (f"sha256 `{vae_info['encoder_sha256']}` (encoder + quant_conv weights; vaedec "
-                                 "refuses latents of any other encoder)")],
-        ["latents", f"{latent_channels} channels, {factors}"],
-        ["licence", licence_text],
-    ])
+    diffusers = (
+        f"\n\n```python\nfrom diffusers import {cls}, DiffusionPipeline\n\n"
+        f'vae = {cls}.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
+        'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the base '
+        "VAE\n```"
+        if fmt != "ldm"
+        else ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors my-vae/` "
+        "writes one, or export with `--format both`."
+    )
+    base_table = _table(
+        ["", ""],
+        [
+            ["base VAE", f"`{base}`"],
+            [
+                "encoder fingerprint",
+                (
+                    f"sha256 `{vae_info['encoder_sha256']}` (encoder + quant_conv weights; vaedec "
+                    "refuses latents of any other encoder)"
+                ),
+            ],
+            ["latents", f"{latent_channels} channels, {factors}"],
+            ["licence", licence_text],
+        ],
+    )
     body = f"""
 # {name}, decoder fine-tuned with vaedec
 

@@ -8,9 +8,10 @@ A shard folder holds
     skipped.jsonl          one JSON line per input or sample that was not encoded, with the reason
 
 Each sample in a tar is three (four) members sharing a dot-free key:
-    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before scaling_factor),
-                      logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
-    KEY.latent.npy    instead of moments.npy for VAEs with a deterministic encoder (DC-AE, TAESD): float16 (C, h, w)
+    KEY.moments.npy   float16 (2C, H/8, W/8): mean ‖ logvar of the encoder posterior, raw (before
+                      scaling_factor), logvar clamped to [-30, 20] as diffusers does (vaedec/latents.py)
+    KEY.latent.npy    instead of moments.npy for VAEs with a deterministic encoder (DC-AE, TAESD): float16
+                      (C, h, w)
     KEY.image.png     the exact uint8 RGB pixels (H, W, 3) that were encoded, lossless
     KEY.depth.png     RGB+depth VAEs only: the 16-bit depth map (H, W), cropped like the image
     KEY.json          {"source": path relative to SRC, "orig_size": [w, h], "crop_box": [l, t, r, b] in
@@ -54,9 +55,9 @@ log = logging.getLogger("vaedec")
 
 FORMAT = "vaedec-latent-shards"
 FORMAT_VERSION = 1  # AutoencoderKL shards, unchanged since the first release
-# Shards of other VAE classes (vaedec/families.py): settings.vae also names the family, what is stored, the rank
-# its encode/decode take and the diffusion model's normalisation. A new version so that a vaedec from before
-# families refuses them instead of reading them as an AutoencoderKL's.
+# Shards of other VAE classes (vaedec/families.py): settings.vae also names the family, what is stored, the
+# rank its encode/decode take and the diffusion model's normalisation. A new version so that a vaedec from
+# before families refuses them instead of reading them as an AutoencoderKL's.
 FORMAT_VERSION_FAMILIES = 2
 READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_FAMILIES)
 STORED_MEMBER = {"moments": "moments.npy", "latent": "latent.npy"}  # settings.vae.store -> a sample's member
@@ -227,15 +228,26 @@ _MANIFEST_FIELDS = (
     (("shards",), list),
     (("totals", "samples"), int),
     (("settings", "preprocessing", "resolution"), int),
-    *((("settings", "vae", k), t) for k, t in (("source", str), ("encoder_sha256", str), ("in_channels", int),
-                                              ("out_channels", int), ("latent_channels", int),
-                                              ("downsample_factor", int))),
+    *(
+        (("settings", "vae", k), t)
+        for k, t in (
+            ("source", str),
+            ("encoder_sha256", str),
+            ("in_channels", int),
+            ("out_channels", int),
+            ("latent_channels", int),
+            ("downsample_factor", int),
+        )
+    ),
 )
-# Version 1 (AutoencoderKL) always has a scaling factor; version 2 says the family and its normalisation instead.
+# Version 1 (AutoencoderKL) always has a scaling factor; version 2 says the family and its normalisation
+# instead.
 _VERSION_FIELDS = {
     FORMAT_VERSION: ((("settings", "vae", "scaling_factor"), float),),
-    FORMAT_VERSION_FAMILIES: tuple((("settings", "vae", k), t) for k, t in (
-        ("family", str), ("store", str), ("latent_rank", int), ("normalisation", dict))),
+    FORMAT_VERSION_FAMILIES: tuple(
+        (("settings", "vae", k), t)
+        for k, t in (("family", str), ("store", str), ("latent_rank", int), ("normalisation", dict))
+    ),
 }
 
 
@@ -300,7 +312,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def stored_key(sample: dict[str, Any]) -> str:
-    """"latent" for a deterministic family's sample (latent.npy), else "moments": its batch key."""
+    """ "latent" for a deterministic family's sample (latent.npy), else "moments": its batch key."""
     return "latent" if STORED_MEMBER["latent"] in sample else "moments"
 
 
@@ -403,21 +415,25 @@ def summarize(folder: str | Path) -> str:
     store = vae.get("store", "moments")
     stored = f"moments ({2 * c}, {r}, {r})" if store == "moments" else f"latent ({c}, {r}, {r})"
     norm = vae.get("normalisation", {"kind": "scale_shift"})
-    scale = (f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}"
-             if norm["kind"] == "scale_shift" else norm["kind"].replace("_", " ") + " (normalisation in the manifest)")
+    scale = (
+        f"scaling_factor {vae['scaling_factor']}, shift_factor {vae['shift_factor']}"
+        if norm["kind"] == "scale_shift"
+        else norm["kind"].replace("_", " ") + " (normalisation in the manifest)"
+    )
     lines = [
-        f"shards         {redact(str(folder))}" if is_remote(folder)
+        f"shards         {redact(str(folder))}"
+        if is_remote(folder)
         else f"shard folder   {local_folder(folder).resolve()}",
         f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
-        f"vae            {vae['source']}" + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else "")
+        f"vae            {vae['source']}"
+        + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else "")
         + f", {vae.get('family', 'AutoencoderKL')}",
         f"encoder sha256 {vae['encoder_sha256']}",
-        (
-            f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; {scale}"
-        ),
+        (f"channels       in {vae['in_channels']}, out {vae['out_channels']}, latent {c}; {scale}"),
         (
             f"samples        {t['samples']} in {len(m['shards'])} shards; {stored} float16, "
-            f"pixels {pre['resolution']}x{pre['resolution']}" + (" + 16-bit depth" if pre.get("depth") else "")
+            f"pixels {pre['resolution']}x{pre['resolution']}"
+            + (" + 16-bit depth" if pre.get("depth") else "")
         ),
         f"preprocessing  shorter side -> {pre['resize_shorter_side_to']}, "
         + (f"{pre['crops_per_image']} random crops" if pre["crops_per_image"] else "center crop")

@@ -279,9 +279,14 @@ def split_shards(folder: str, n_val: int, mixed: bool = False) -> tuple[dict[str
             "and encode again"
         )
     if mixed and n_val >= len(all_shards):  # a small replay set: training on it is what matters
-        log.warning("data.mix set %s has %d shard(s), not more than data.val_shards=%d: none held out from it, "
-                    "all of it trains. To validate on it too, encode it with a smaller --shard-size-mb (more "
-                    "shards than data.val_shards)", folder, len(all_shards), n_val)
+        log.warning(
+            "data.mix set %s has %d shard(s), not more than data.val_shards=%d: none held out from it, "
+            "all of it trains. To validate on it too, encode it with a smaller --shard-size-mb (more "
+            "shards than data.val_shards)",
+            folder,
+            len(all_shards),
+            n_val,
+        )
         n_val = 0
     if n_val >= len(all_shards):
         raise TrainError(
@@ -292,8 +297,13 @@ def split_shards(folder: str, n_val: int, mixed: bool = False) -> tuple[dict[str
 
 
 # What must agree between data.shards and a mixed-in set: one latent space, one sample shape.
-MIX_MUST_MATCH = (("vae", "encoder_sha256"), ("vae", "in_channels"), ("vae", "out_channels"),
-                  ("vae", "latent_channels"), ("preprocessing", "resolution"))
+MIX_MUST_MATCH = (
+    ("vae", "encoder_sha256"),
+    ("vae", "in_channels"),
+    ("vae", "out_channels"),
+    ("vae", "latent_channels"),
+    ("preprocessing", "resolution"),
+)
 
 
 def shard_sets(cfg: TrainConfig) -> tuple[dict[str, Any], list[ShardSet]]:
@@ -322,8 +332,13 @@ def _set_name(folder: str) -> str:
 
 
 def train_batches(
-    cfg: TrainConfig, sets: list[ShardSet], accelerator: Accelerator, data: dict[str, Any], step: int,
-    consumed: int, manifest: dict[str, Any] | None = None,
+    cfg: TrainConfig,
+    sets: list[ShardSet],
+    accelerator: Accelerator,
+    data: dict[str, Any],
+    step: int,
+    consumed: int,
+    manifest: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """This rank's endless batch stream, from the position `data` holds (a TrainState's: `step` optimizer
     steps, `consumed` micro-batches in; the start for a new run); samples not of `manifest`'s shapes are
@@ -381,8 +396,11 @@ def stream_start(
     if step == 0:
         return {}, 0
     if not positions or saved != fingerprint:
-        why = ("data.shards, data.mix, run.seed, data.shuffle_buffer or data.num_workers changed" if positions
-               else "the checkpoint predates recorded data positions")
+        why = (
+            "data.shards, data.mix, run.seed, data.shuffle_buffer or data.num_workers changed"
+            if positions
+            else "the checkpoint predates recorded data positions"
+        )
         log.warning(
             "resuming at step %d with a fresh data order (%s): the weights, optimizers and step resume "
             "exactly, the sample order does not",
@@ -404,8 +422,12 @@ def note_batch(batch: dict[str, Any], data: dict[str, Any]) -> list[dict[str, An
     for r in reports:
         if (r["shard"], r["key"]) not in logged:
             logged.add((r["shard"], r["key"]))
-            log.warning("bad sample skipped: shard %s, key %s: %s (logged once; data/bad_samples counts every "
-                        "skip)", r["shard"], r["key"], r["reason"])
+            log.warning(
+                "bad sample skipped: shard %s, key %s: %s (logged once; data/bad_samples counts every skip)",
+                r["shard"],
+                r["key"],
+                r["reason"],
+            )
     return reports
 
 

@@ -2,9 +2,10 @@
 phases:
 
  0. run folder, accelerator, logging
- 1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is touched)
- 2. model: the VAE named in the manifest, fingerprint check, its family's trainable decoder, the encoder dropped;
-    or a new decoder for its latent space (vaedec/decoders.py), and the original decoder (grids, loss.teacher_weight)
+ 1. shards: manifest, train/validation split; which checkpoint to resume (checked before the folder is
+ touched) 2. model: the VAE named in the manifest, fingerprint check, its family's trainable decoder, the
+    encoder dropped; or a new decoder for its latent space (vaedec/decoders.py), and the original decoder
+    (grids, loss.teacher_weight)
  3. loss modules: LPIPS (frozen), PatchGAN, scalar logvar
  4. optimizers, EMA; accelerate.prepare
  5. the Evaluator: fixed grid/validation batches and the original decoder's outputs on them
@@ -142,10 +143,12 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         atomic_write_bytes(run_dir / RUN_CONFIG, dump_config(cfg).encode())
         atomic_write_json(run_dir / RUN_MANIFEST, manifest)  # export needs the VAE source and fingerprint
 
-    # 2. model, and the original decoder (frozen, or None: the decoder starts as it) and loss.teacher_weight's ----
+    # 2. model, and the original decoder (frozen, or None: the decoder starts as it) and
+    # loss.teacher_weight's ----
     decoder, original, teacher = run_decoders(cfg, manifest, device)
 
-    # 3. loss modules ----------------------------------------------------------------------------------------------
+    # 3. loss modules
+    # ----------------------------------------------------------------------------------------------
     lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.out_channels, device)
 
     anchors = None  # the original decoder's weights for loss.anchor_weight, taken before any update or resume
@@ -164,8 +167,9 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     decoder, disc, opt_g, opt_d = accelerator.prepare(decoder, disc, opt_g, opt_d)
     _log_sizes(decoder, disc, lrs)
 
-    # 5. fixed batches for grids and validation, and the original decoder's output on them ---------------------
-    # The original decoder, or the decoder before its first update (unwrapped: used outside the training step).
+    # 5. fixed batches for grids and validation, and the original decoder's output on them
+    # --------------------- The original decoder, or the decoder before its first update (unwrapped: used
+    # outside the training step).
     evaluators = _evaluators(cfg, sets, original or accelerator.unwrap_model(decoder), val_lpips, device)
     del original  # `teacher` keeps it when it is one
 
@@ -284,8 +288,8 @@ def train_step(
     """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
     then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed shard sets
     (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`, `teacher`: see
-    generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units (model.latent_noise_std /
-    scaling_factor, or a (C, h, w) map: families.latent_noise_raw)."""
+    generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units
+    (model.latent_noise_std / scaling_factor, or a (C, h, w) map: families.latent_noise_raw)."""
     state.decoder.train()
     state.disc.train()
     # The LR is a pure function of the optimizer step (no scheduler state to save or to desynchronise).
@@ -311,9 +315,22 @@ def train_step(
         if targets is not None:
             targets.append(batch_latent(batch, "mode").to(device))
     acc, args = state.accelerator, (cfg, state.step)
-    disc_buffers = [b.detach().clone() for b in state.disc.buffers()]  # BatchNorm statistics, put back on a bad step
-    stored, logs = generator_step(acc, state.decoder, state.disc, state.opt_g, state.logvar, lpips_model, micro_batches,
-                                  *args, anchors=anchors, teacher=teacher, targets=targets)
+    disc_buffers = [
+        b.detach().clone() for b in state.disc.buffers()
+    ]  # BatchNorm statistics, put back on a bad step
+    stored, logs = generator_step(
+        acc,
+        state.decoder,
+        state.disc,
+        state.opt_g,
+        state.logvar,
+        lpips_model,
+        micro_batches,
+        *args,
+        anchors=anchors,
+        teacher=teacher,
+        targets=targets,
+    )
     if len(set_names) > 1:  # the forgetting curve next to the gain, while it happens
         logs.update(pixel_loss_by_set(stored, sources, set_names, cfg.loss.pixel_loss))
     logs.update(discriminator_step(acc, state.disc, state.opt_d, stored, *args))
@@ -381,8 +398,11 @@ def _count_faults(
     f["bad_steps"] += int(bad_step)
     f["bad_steps_in_a_row"] = f["bad_steps_in_a_row"] + 1 if bad_step else 0
     if bad_step:
-        log.warning("step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)", state.step,
-                    f["bad_steps_in_a_row"])
+        log.warning(
+            "step %d: non-finite loss or gradient, optimizer step skipped (%d in a row)",
+            state.step,
+            f["bad_steps_in_a_row"],
+        )
     if max_bad_steps and f["bad_steps_in_a_row"] >= max_bad_steps:
         raise TrainError(
             f"{f['bad_steps_in_a_row']} optimizer steps in a row had a non-finite loss or gradient (the last "
@@ -392,8 +412,12 @@ def _count_faults(
             "bad data (check `vaedec inspect SHARDS --verify`). Rerun with the fix to resume from the "
             "newest checkpoint; run.max_bad_steps=0 never stops."
         )
-    return {"data/bad_samples": f["bad_samples"], "train/bad_steps": f["bad_steps"],
-            "train/bad_steps_in_a_row": f["bad_steps_in_a_row"], "train/scale_search_steps": f["scale_search_steps"]}
+    return {
+        "data/bad_samples": f["bad_samples"],
+        "train/bad_steps": f["bad_steps"],
+        "train/bad_steps_in_a_row": f["bad_steps_in_a_row"],
+        "train/scale_search_steps": f["scale_search_steps"],
+    }
 
 
 def generator_step(
@@ -412,8 +436,9 @@ def generator_step(
 ) -> tuple[list[MicroBatch], dict[str, float]]:
     """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when learned).
     `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None = off).
-    `teacher`: the original decoder, frozen, for loss.teacher_weight (None = off). `targets`: a preview model's
-    raw stored latent per micro-batch, which its tiny encoder regresses in the same forward and backward.
+    `teacher`: the original decoder, frozen, for loss.teacher_weight (None = off). `targets`: a preview
+    model's raw stored latent per micro-batch, which its tiny encoder regresses in the same forward and
+    backward.
 
     The discriminator is only evaluated (its gradients are never asked for), so it runs under no_sync and its
     .grad stays untouched. Returns (x, x̂ detached) per micro-batch for the discriminator phase, and the logs
@@ -435,8 +460,17 @@ def generator_step(
                     x_teacher, _ = teacher(z)  # frozen: no graph, no .grad
             with accelerator.no_sync(disc):
                 grads = generator_grads(
-                    x, x_rec, h, conv_out, lpips_model, disc, logvar, cfg.loss, step,
-                    loss_scale=scaler.get_scale() if scaler is not None else 1.0, weight_grad=weight_grad,
+                    x,
+                    x_rec,
+                    h,
+                    conv_out,
+                    lpips_model,
+                    disc,
+                    logvar,
+                    cfg.loss,
+                    step,
+                    loss_scale=scaler.get_scale() if scaler is not None else 1.0,
+                    weight_grad=weight_grad,
                     x_teacher=x_teacher,
                 )
             # One backward through the decoder with dL_G/dx̂ (no double backward for λ); accelerate applies the
@@ -444,22 +478,31 @@ def generator_step(
             loss = surrogate_loss(x_rec, grads, logvar) + sum(regression)
             accelerator.backward(loss / k)
         stored.append((x, x_rec.detach()))
-        _accumulate(logs, grads.logs | ({"loss/encoder": float(regression[0].detach())} if regression else {}), k)
+        _accumulate(
+            logs, grads.logs | ({"loss/encoder": float(regression[0].detach())} if regression else {}), k
+        )
     if cfg.loss.learn_logvar and accelerator.num_processes > 1:
         # logvar lives outside the DDP-wrapped decoder, so its gradient is averaged across ranks by hand.
         logvar.grad = accelerator.reduce(logvar.grad, reduction="mean")
     if anchors is not None:  # L2-SP toward the original decoder, added to the gradient before clipping
-        logs["loss/anchor"] = add_anchor_grad(trainable_parameters(decoder), anchors, cfg.loss.anchor_weight,
-                                              scaler.get_scale() if scaler is not None else 1.0)
+        logs["loss/anchor"] = add_anchor_grad(
+            trainable_parameters(decoder),
+            anchors,
+            cfg.loss.anchor_weight,
+            scaler.get_scale() if scaler is not None else 1.0,
+        )
     zero_unreached_grads(raw)  # causal 3-D kernels: what one frame never reaches stays as it was
     if cfg.optim.grad_clip_norm:  # a preview model's tiny encoder is clipped on its own
         encoder = {id(p) for p in getattr(raw, "encoder_parameters", list)()}
         params = [p for group in opt_g.param_groups for p in group["params"] if id(p) not in encoder]
         logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
         if encoder:
-            logs["grad_norm/encoder"] = float(accelerator.clip_grad_norm_(raw.encoder_parameters(),
-                                                                          cfg.optim.grad_clip_norm))
-    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))  # a non-finite step: weights untouched
+            logs["grad_norm/encoder"] = float(
+                accelerator.clip_grad_norm_(raw.encoder_parameters(), cfg.optim.grad_clip_norm)
+            )
+    logs[SKIPPED_G] = float(
+        not _guarded_step(accelerator, opt_g, logs)
+    )  # a non-finite step: weights untouched
     opt_g.zero_grad(set_to_none=True)
     return stored, logs
 
@@ -519,12 +562,14 @@ def build_optimizers(
     scale = cfg.data.batch_size_per_device * o.grad_accum_steps * processes if o.scale_lr else 1
     lr, disc_lr = o.lr * scale, (o.disc_lr or o.lr) * scale
     gen_params = trainable_parameters(decoder) + ([logvar] if cfg.loss.learn_logvar else [])
-    # Weights with slices an image never reaches (causal 3-D kernels) get no weight decay, so those slices come
-    # out bit-identical; AutoencoderKL has none and keeps its one group.
+    # Weights with slices an image never reaches (causal 3-D kernels) get no weight decay, so those slices
+    # come out bit-identical; AutoencoderKL has none and keeps its one group.
     unreached = {id(decoder.get_parameter(n)) for n in getattr(decoder, "unreached", {})}
     if o.weight_decay and unreached:
-        gen_params = [{"params": [p for p in gen_params if id(p) not in unreached]},
-                      {"params": [p for p in gen_params if id(p) in unreached], "weight_decay": 0.0}]
+        gen_params = [
+            {"params": [p for p in gen_params if id(p) not in unreached]},
+            {"params": [p for p in gen_params if id(p) in unreached], "weight_decay": 0.0},
+        ]
     opt_g = torch.optim.Adam(gen_params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
     opt_d = torch.optim.Adam(disc.parameters(), lr=disc_lr, betas=o.betas, weight_decay=o.weight_decay)
     return opt_g, opt_d, (lr, disc_lr)
@@ -570,7 +615,10 @@ def compile_decoder(decoder: nn.Module, backend: str = "inductor") -> None:
 
 
 def _evaluators(
-    cfg: TrainConfig, sets: list[ShardSet], original: torch.nn.Module, lpips_model: torch.nn.Module | None,
+    cfg: TrainConfig,
+    sets: list[ShardSet],
+    original: torch.nn.Module,
+    lpips_model: torch.nn.Module | None,
     device: torch.device,
 ) -> list[Evaluator]:
     """The target set's grids and validation, then each mixed-in set's validation under its own name."""
@@ -592,9 +640,14 @@ def _evaluators(
 
 def _log_sizes(decoder: torch.nn.Module, disc: torch.nn.Module, lrs: tuple[float, float]) -> None:
     """The run log's line on what trains: parameter counts and both learning rates."""
-    log.info("decoder: %s trainable / %s frozen parameters; discriminator %s; encoder not loaded; lr %.3g, "
-             "disc lr %.3g", f"{param_count(decoder, True):,}", f"{param_count(decoder, False):,}",
-             f"{param_count(disc, True):,}", *lrs)
+    log.info(
+        "decoder: %s trainable / %s frozen parameters; discriminator %s; encoder not loaded; lr %.3g, "
+        "disc lr %.3g",
+        f"{param_count(decoder, True):,}",
+        f"{param_count(decoder, False):,}",
+        f"{param_count(disc, True):,}",
+        *lrs,
+    )
 
 
 def _loss_modules(
@@ -636,8 +689,9 @@ def _ema(cfg: TrainConfig, decoder: torch.nn.Module, device: torch.device) -> tu
     # keeps early averages from being dominated by the initial weights.
     # Only what trains: EMAModel.step copies frozen parameters instead of averaging them, which would cost
     # memory.
-    ema = EMAModel(trainable_parameters(decoder), decay=cfg.optim.ema_decay,
-                   update_after_step=cfg.optim.ema_start_step)
+    ema = EMAModel(
+        trainable_parameters(decoder), decay=cfg.optim.ema_decay, update_after_step=cfg.optim.ema_start_step
+    )
     ema.to(device)
     return ema, freeze(copy.deepcopy(decoder)).to(device)
 
@@ -651,7 +705,11 @@ def _checkpoint(run_dir: Path, state: TrainState, keep: int) -> int:
 
 
 def _evaluate(
-    run_dir: Path, evaluators: list[Evaluator], state: TrainState, ema_decoder: Any, grid: bool = True,
+    run_dir: Path,
+    evaluators: list[Evaluator],
+    state: TrainState,
+    ema_decoder: Any,
+    grid: bool = True,
     val: bool = True,
 ) -> None:
     """Grid and/or validation of every shard set at the state's step, each unless already done there (main

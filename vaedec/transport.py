@@ -164,12 +164,17 @@ class _PipeStream:
     it."""
 
     def __init__(self, url: str):
-        self.url, self.cmd, self._eof = url, url[len(PIPE):], False
+        self.url, self.cmd, self._eof = url, url[len(PIPE) :], False
         # stderr to a file, not a pipe: a chatty command cannot block on it. Closed in close().
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         try:  # through the shell, as WebDataset's pipe: does: the command runs exactly as the user wrote it
-            self._proc = subprocess.Popen(self.cmd, shell=True, stdout=subprocess.PIPE, stderr=self._stderr,
-                                          preexec_fn=_no_blocked_signals)
+            self._proc = subprocess.Popen(
+                self.cmd,
+                shell=True,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                preexec_fn=_no_blocked_signals,
+            )
         except OSError as e:
             self._stderr.close()
             raise ShardUnreachable(f"`{self.url}` cannot be started ({e})") from None

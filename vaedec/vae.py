@@ -1,6 +1,6 @@
 """Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading the
-VAE a shard manifest names with that fingerprint checked, its trainable decoder (post_quant_conv + decoder) and
-the freezing helpers every family's decoder uses. Other VAE classes, and the run's decoder of any class
+VAE a shard manifest names with that fingerprint checked, its trainable decoder (post_quant_conv + decoder)
+and the freezing helpers every family's decoder uses. Other VAE classes, and the run's decoder of any class
 (`families.trainable_decoder`), are vaedec/families.py's, one floor up."""
 
 from __future__ import annotations
