@@ -173,7 +173,7 @@ class _PipeStream:
                 shell=True,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
-                preexec_fn=_no_blocked_signals,
+                preexec_fn=_no_blocked_signals,  # noqa: PLW1509 - one syscall (the mask) before exec
             )
         except OSError as e:
             self._stderr.close()
