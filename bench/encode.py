@@ -128,8 +128,8 @@ def measure(
     repeats: int = 3,
     vae_config: dict | None = None,
 ) -> EncodeResult:
-    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture (or `vae_config`: bench/gpu.py's
-    CPU smoke run); None = the device's default."""
+    """Run (a) and (b) interleaved `repeats` times on the SD 1.x VAE architecture (or `vae_config`:
+    bench/gpu.py's CPU smoke run); None = the device's default."""
     from diffusers import AutoencoderKL
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -99,7 +99,8 @@ def log(msg: str) -> None:
 
 
 def peak_tflops(device_name: str | None) -> float | None:
-    """The dense bf16 peak of a GPU named so by torch.cuda.get_device_name (PEAK_TFLOPS), or None (unknown, CPU)."""
+    """The dense bf16 peak of a GPU named so by torch.cuda.get_device_name (PEAK_TFLOPS), or None (unknown,
+    CPU)."""
     return next((peak for key, peak in PEAK_TFLOPS if key in device_name), None) if device_name else None
 
 
@@ -117,7 +118,8 @@ class _GlobalOnly:
 
 
 def step_flops(fn) -> int:
-    """FLOPs of one call of a step function: convolutions and matmuls, forward and backward (FlopCounterMode)."""
+    """FLOPs of one call of a step function: convolutions and matmuls, forward and backward
+    (FlopCounterMode)."""
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:
@@ -160,7 +162,8 @@ def free_memory(device: torch.device) -> None:
 
 
 def train_step_rows(bench: StepBench, sizes: Sizes, peak: float | None) -> tuple[list[Row], str, float]:
-    """bf16 (a) vs (d): images/s, ratio, MFU. Returns the rows, a note, and (a)'s images/s (fp16's reference)."""
+    """bf16 (a) vs (d): images/s, ratio, MFU. Returns the rows, a note, and (a)'s images/s (fp16's
+    reference)."""
     section = f"train step {bench.dtype} {sizes.resolution} px"
     fns = {"a": bench.step_a, "d": bench.step_d}
     times, peak_mib = time_steps(fns, sizes.steps, sizes.warmup, bench.device)
@@ -196,7 +199,8 @@ def train_step_rows(bench: StepBench, sizes: Sizes, peak: float | None) -> tuple
     model = MODEL if sizes.lpips else "a small random VAE, no LPIPS, PatchGAN (--quick)"
     note = (
         f"{section}: {model}; batch {sizes.batch_size}, median of {sizes.steps} timed steps after "
-        f"{sizes.warmup} warm-up, (a) and (d) interleaved; min-max s/step {spread}{memory}; FLOPs of one step "
+        f"{sizes.warmup} warm-up, (a) and (d) interleaved; min-max s/step {spread}{memory}; FLOPs of one "
+        "step "
         "by torch.utils.flop_counter.FlopCounterMode (LPIPS and PatchGAN included in (a); Adam's elementwise "
         "updates not counted)"
     )
@@ -254,7 +258,8 @@ def fp16_rows(
         mfu_row(section, "(a) model FLOP utilisation", flops, median, peak),
     ]
     note = (
-        f"{section}: step (a) as above in fp16 autocast, torch.amp.GradScaler with accelerate's defaults (scale "
+        f"{section}: step (a) as above in fp16 autocast, torch.amp.GradScaler with accelerate's defaults "
+        "(scale "
         f"65,536, halved on inf/nan, doubled after 2,000 finite steps), {sizes.fp16_steps} steps, median of "
         f"the last {len(times) - settled}; scale by step: {', '.join(f'{s:g}' for s in scales[:24])}"
         + (" ..." if len(scales) > 24 else "")
@@ -365,7 +370,8 @@ def max_batch_rows(sizes: Sizes, device: torch.device) -> tuple[list[Row], str]:
             )
     bench.vae.disable_gradient_checkpointing()
     note = (
-        f"max batch: step (a) in bf16 as above (LPIPS + PatchGAN included), two steps per try (Adam's moments "
+        "max batch: step (a) in bf16 as above (LPIPS + PatchGAN included), two steps per try (Adam's "
+        "moments "
         f"allocated), batch doubled from 1 until CUDA ran out of memory, then bisected; capped at "
         f"{sizes.max_batch_cap} and {sizes.max_batch_budget_s:.0f} s for all searches"
         + (
@@ -442,7 +448,10 @@ def document(
         [
             "# GPU benchmarks",
             "",
-            "Written by `make bench-gpu` (bench/gpu.py); every figure below is pasted by that run from its own output.",
+            (
+                "Written by `make bench-gpu` (bench/gpu.py); every figure below is pasted by that run from "
+                "its own output."
+            ),
             "",
             f"- date: {started:%Y-%m-%d %H:%M} UTC; the run took {wall_s / 60:.1f} min"
             + (" (`--quick`: toy sizes, the figures mean nothing)" if quick else ""),
@@ -457,9 +466,12 @@ def document(
             *[f"- {n}" for n in notes],
             "",
             (
-                "Reading it: (d)/(a) is what LPIPS, the PatchGAN and λ add to the bare decoder; MFU = counted FLOPs / "
-                "step time / the device's dense peak; fp16's skipped updates are the scaler halving its scale until the "
-                "backward fits in fp16 (LDM's nll is summed over pixels, so gradients grow with the image area); max "
+                "Reading it: (d)/(a) is what LPIPS, the PatchGAN and λ add to the bare decoder; MFU = "
+                "counted FLOPs / "
+                "step time / the device's dense peak; fp16's skipped updates are the scaler halving its "
+                "scale until the "
+                "backward fits in fp16 (LDM's nll is summed over pixels, so gradients grow with the image "
+                "area); max "
                 "batch with checkpointing / without is what `model.gradient_checkpointing` buys."
             ),
             "",
@@ -479,7 +491,8 @@ def document(
     help="Also write the table, date, command and machine to this markdown file (atomically).",
 )
 def main(device: str | None, quick: bool, write: Path | None) -> None:
-    """The GPU figures: bf16 train step vs bare decoder (MFU), fp16 with its grad scaler, encode, max batch."""
+    """The GPU figures: bf16 train step vs bare decoder (MFU), fp16 with its grad scaler, encode, max
+    batch."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter(

@@ -88,11 +88,13 @@ def main(shards: str, config: str, steps: int, short: int, rounds: int, threads:
                     flush=True,
                 )
     print(
-        f"{Path(config).name}, steps {short} -> {steps}, {rounds} interleaved rounds, {os.cpu_count()} cores; "
+        f"{Path(config).name}, steps {short} -> {steps}, {rounds} interleaved rounds, {os.cpu_count()} "
+        "cores; "
         f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
     )
     print(
-        f"{'threads':>7} {'wall s/step':>12} {'CPU s/step':>11} {'CPU/wall':>9}   (median of rounds; each round)"
+        f"{'threads':>7} {'wall s/step':>12} {'CPU s/step':>11} {'CPU/wall':>9}   (median of rounds; each "
+        "round)"
     )
     for t in counts:
         wall = statistics.median(w for w, _ in per_step[t])

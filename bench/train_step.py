@@ -144,7 +144,8 @@ class StepBench:
         freeze(vae.encoder).to(dev)
         freeze(vae.quant_conv).to(dev)
         self.decoder = TrainableDecoder(vae).to(dev).train()
-        self.teacher = freeze(copy.deepcopy(self.decoder))  # (e): the original decoder, no gradients, no optimizer
+        # (e): the original decoder, no gradients, no optimizer
+        self.teacher = freeze(copy.deepcopy(self.decoder))
         # LDM loss, GAN term on from step 0
         self.cfg = LossConfig(
             disc_start_step=0,
@@ -176,7 +177,8 @@ class StepBench:
         self.set_batch(batch_size)
 
     def set_batch(self, batch_size: int) -> None:
-        """A new batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py encode`)."""
+        """A new batch as the shards hold it: uint8 pixels + float16 moments (computed once, as `cli.py
+        encode`)."""
         self.batch_size = batch_size
         self.batch = {"pixels": smooth_pixels(batch_size, self.resolution)}
         with (
@@ -283,8 +285,8 @@ class StepBench:
 def time_steps(
     fns: dict[str, Callable[[], None]], steps: int, warmup: int, dev: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Seconds of each timed step and the CUDA peak MiB (0 on CPU) per variant, interleaved step by step: a busy
-    machine slows every variant alike."""
+    """Seconds of each timed step and the CUDA peak MiB (0 on CPU) per variant, interleaved step by step: a
+    busy machine slows every variant alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     peak: dict[str, float] = dict.fromkeys(fns, 0.0)
     for i in range(warmup + steps):
@@ -377,7 +379,8 @@ def main(resolution: int, batch_size: int, steps: int, warmup: int, device: str 
     )
     print(
         "LPIPS: VGG16 with a RANDOM backbone (speed does not depend on the weights); PatchGAN: LDM "
-        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c), (e)"
+        f"({cfg.disc_num_layers} layers, ndf {cfg.disc_ndf}, {cfg.disc_norm} norm); GAN term on for (a)-(c), "
+        "(e)"
     )
     print()
     ips = {k: r.images_per_s(k) for k in times}

@@ -1,5 +1,5 @@
-"""`make demo` at smoke size: both recipes trained (domain-only and replay), evaluated side by side on held-out text
-and photographs, labelled grids, and each export's model card carrying the eval table."""
+"""`make demo` at smoke size: both recipes trained (domain-only and replay), evaluated side by side on
+held-out text and photographs, labelled grids, and each export's model card carrying the eval table."""
 
 from __future__ import annotations
 

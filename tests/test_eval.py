@@ -148,7 +148,8 @@ def test_grid_scales_small_tiles_up_nearest_and_labels_its_columns(tmp_path) -> 
             small = plain[pad + i * 18 : pad + i * 18 + 16, pad + j * 18 : pad + j * 18 + 16]
             y0, x0 = top + pad + i * (tile + pad), pad + j * (tile + pad)
             big = grid[y0 : y0 + tile, x0 : x0 + tile]
-            assert np.array_equal(big, small.repeat(3, axis=0).repeat(3, axis=1))  # nearest: each pixel a 3x3 block
+            # nearest: each pixel a 3x3 block
+            assert np.array_equal(big, small.repeat(3, axis=0).repeat(3, axis=1))
     for j in range(3):  # every column has ink in the band above it, and only within its own width
         band = grid[:top, pad + j * (tile + pad) : pad + j * (tile + pad) + tile]
         assert (band < 128).any()

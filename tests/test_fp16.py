@@ -1,4 +1,5 @@
-"""run.mixed_precision=fp16 on the CPU: fp16 autocast, accelerate's grad scaler and the skip of a non-finite step.
+"""run.mixed_precision=fp16 on the CPU: fp16 autocast, accelerate's grad scaler and the skip of a non-finite
+step.
 
 accelerate runs fp16 as plain fp32 on a CPU (no autocast, no scaler: `Accelerator.scaler is None` there), so
 on its own the fp16 path of train.py (the scaler's scale handed to `generator_grads`, `accelerator.backward`

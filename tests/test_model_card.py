@@ -1,5 +1,6 @@
-"""The export's model card (vaedec/model_card.py): a hub card huggingface_hub reads back, with the base VAE, what was
-trained on what, the eval table of `export --eval`, and how to load the export; written atomically."""
+"""The export's model card (vaedec/model_card.py): a hub card huggingface_hub reads back, with the base VAE,
+what was trained on what, the eval table of `export --eval`, and how to load the export; written
+atomically."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ REPO = "acme/tiny-vae"
 
 @pytest.fixture(scope="module")
 def card_run(tmp_path_factory) -> dict[str, Path]:
-    """A tiny VAE as the Hugging Face cache holds a hub repo (with the repo's card: apache-2.0), two shard sets,
-    a 3-step run on one with the other mixed in, and a `vaedec eval` of that run."""
+    """A tiny VAE as the Hugging Face cache holds a hub repo (with the repo's card: apache-2.0), two shard
+    sets, a 3-step run on one with the other mixed in, and a `vaedec eval` of that run."""
     from accelerate.state import AcceleratorState, GradientState
 
     root = tmp_path_factory.mktemp("card")

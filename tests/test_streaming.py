@@ -234,8 +234,8 @@ def test_a_stuck_read_stops_the_run_after_read_timeout_s(tmp_path, shards) -> No
 
 
 def test_a_pipe_command_started_with_stop_signals_blocked_does_not_inherit_the_block(monkeypatch) -> None:
-    """A DataLoader worker blocks SIGTERM/SIGUSR1 (signals.ignore_stop_signals); its pipe: commands must still end
-    on them, with the rest of the job. Debian's dash clears the mask itself, bash (/bin/sh on RHEL-family
+    """A DataLoader worker blocks SIGTERM/SIGUSR1 (signals.ignore_stop_signals); its pipe: commands must still
+    end on them, with the rest of the job. Debian's dash clears the mask itself, bash (/bin/sh on RHEL-family
     clusters) keeps it: the command runs under bash here, as it would there."""
     import functools
     import shutil

@@ -452,10 +452,10 @@ def export_run(
     overwrite: bool = False,
     eval_dir: str | Path | None = None,
 ) -> Path:
-    """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, the model card README.md
-    (vaedec/model_card.py; with `eval_dir`, the table of that `vaedec eval` of this run), and with `into` a
-    copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an earlier
-    export, or `overwrite`. use_ema None = `default_use_ema`."""
+    """Write OUT/: a diffusers folder and/or an LDM vae.safetensors, decoder.safetensors, the model card
+    README.md (vaedec/model_card.py; with `eval_dir`, the table of that `vaedec eval` of this run), and with
+    `into` a copy of that full SD checkpoint with its VAE replaced. OUT is replaced only when it is empty, an
+    earlier export, or `overwrite`. use_ema None = `default_use_ema`."""
     from vaedec.model_card import CARD, attach_eval, model_card, write_model_card
 
     out = Path(out).resolve()  # "." has no name to put a temp folder next to

@@ -73,7 +73,11 @@ def main() -> None:
 @click.option(
     "--vae",
     required=True,
-    help="diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file; its class (AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderDC, AutoencoderKLHunyuanImage, AutoencoderTiny) is read from its config.json.",
+    help=(
+        "diffusers VAE folder, hub id, pipeline folder or single .safetensors/.ckpt file; its class "
+        "(AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLQwenImage, AutoencoderKLWan, AutoencoderDC, "
+        "AutoencoderKLHunyuanImage, AutoencoderTiny) is read from its config.json."
+    ),
 )
 @click.option(
     "--subfolder", default=None, help="Subfolder of a pipeline repo or folder that holds the VAE, e.g. 'vae'."
@@ -485,8 +489,8 @@ def export(
     help="Timed decodes per model for decode images/s (after a warm-up, models interleaved); 0 = no timing.",
 )
 def eval_(data: tuple[str, ...], vaes: tuple[str, ...], **kwargs: object) -> None:
-    """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals; each
-    model's decoder parameters and decode images/s, measured side by side.
+    """Compare decoders on held-out DATA: PSNR, SSIM, LPIPS, rFID and colour shift, with paired intervals;
+    each model's decoder parameters and decode images/s, measured side by side.
 
     \b
     DATA: shard folders (`vaedec encode` output; the same encoder as every --vae) or their http(s):// URL or

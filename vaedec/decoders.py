@@ -74,7 +74,8 @@ PREVIEW_FIXED = ("in_channels", "out_channels", "latent_channels", "scaling_fact
 
 
 def init_config(cls: type, config: Any) -> dict[str, Any]:
-    """The constructor arguments of `cls` in a model's config (no _class_name, no keys registered after init)."""
+    """The constructor arguments of `cls` in a model's config (no _class_name, no keys registered after
+    init)."""
     params = inspect.signature(cls.__init__).parameters
     return {k: v for k, v in dict(config).items() if k in params and k != "self"}
 
@@ -90,8 +91,8 @@ def _seeded(cls: type, config: dict[str, Any], seed: int, what: str) -> nn.Modul
 
 
 def scratch_vae(family: Family, source: nn.Module, overrides: dict[str, Any], seed: int) -> nn.Module:
-    """`source`'s class with `overrides` over its config: a new random decoder (from `seed`), the source's encoder
-    parts (and FLUX.2's bn) copied bit for bit."""
+    """`source`'s class with `overrides` over its config: a new random decoder (from `seed`), the source's
+    encoder parts (and FLUX.2's bn) copied bit for bit."""
     check_decoder_keys(family, overrides)
     vae = _seeded(
         family.model_class,
@@ -108,15 +109,19 @@ def scratch_vae(family: Family, source: nn.Module, overrides: dict[str, Any], se
 
 
 def check_decoder_keys(family: Family, overrides: dict[str, Any]) -> None:
-    """Only the keys that shape the family's decoder alone; a message naming them (or saying there are none)."""
+    """Only the keys that shape the family's decoder alone; a message naming them (or saying there are
+    none)."""
     bad = sorted(set(overrides) - set(family.decoder_keys))
     if not bad:
         return
     if not family.decoder_keys:
         raise TrainError(
-            f"model.decoder_config {bad}: {family.class_name} has no config key that shapes its decoder alone "
-            "(its decoder takes block_out_channels / layers_per_block from the encoder's), so a different decoder "
-            "would change the encoder and the latent space. model.decoder_init=scratch with model.decoder_config={} "
+            f"model.decoder_config {bad}: {family.class_name} has no config key that shapes its decoder "
+            "alone "
+            "(its decoder takes block_out_channels / layers_per_block from the encoder's), so a different "
+            "decoder "
+            "would change the encoder and the latent space. model.decoder_init=scratch with "
+            "model.decoder_config={} "
             "trains the same architecture from scratch; for a smaller, faster decoder train a preview model "
             "(model.decoder_class=AutoencoderTiny)"
         )
@@ -149,8 +154,8 @@ def check_pixels(family: Family, vae: nn.Module, source: nn.Module) -> None:
 
 
 def preview_config(vae_info: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """AutoencoderTiny's config for a latent space: TAESD's layout with one level per factor 2 of downsampling,
-    the latent and pixel channels of the base VAE, scaling 1.0 / shift 0.0, then `overrides`."""
+    """AutoencoderTiny's config for a latent space: TAESD's layout with one level per factor 2 of
+    downsampling, the latent and pixel channels of the base VAE, scaling 1.0 / shift 0.0, then `overrides`."""
     fixed = sorted(set(overrides) & set(PREVIEW_FIXED))
     unknown = sorted(set(overrides) - set(inspect.signature(AutoencoderTiny.__init__).parameters))
     if fixed or unknown:
@@ -187,13 +192,17 @@ def latent_space_record(vae_info: dict[str, Any]) -> dict[str, Any]:
         "normalisation": manifest_normalisation(vae_info).as_dict(),
         "latent_channels": int(vae_info["latent_channels"]),
         "downsample_factor": int(vae_info["downsample_factor"]),
-        "input": "the latents a diffusion model sees: the normalisation applied, in the base VAE's (C, h, w) layout",
+        "input": (
+            "the latents a diffusion model sees: the normalisation applied, in the base VAE's "
+            "(C, h, w) layout"
+        ),
     }
 
 
 @torch.no_grad()
 def preview_vae(vae_info: dict[str, Any], overrides: dict[str, Any], seed: int) -> AutoencoderTiny:
-    """A new AutoencoderTiny for the manifest's latent space (random, from `seed`), its config naming that space."""
+    """A new AutoencoderTiny for the manifest's latent space (random, from `seed`), its config naming that
+    space."""
     norm = manifest_normalisation(vae_info)
     if norm.kind == "scale_shift" and norm.scaling_factor is None:
         raise TrainError(
@@ -286,7 +295,8 @@ def check_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
 
 
 def original_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
-    """The manifest's (or model.vae's) own decoder, frozen: no gradients, in no optimizer, EMA or checkpoint."""
+    """The manifest's (or model.vae's) own decoder, frozen: no gradients, in no optimizer, EMA or
+    checkpoint."""
     family, vae = load_manifest_vae(
         manifest["settings"]["vae"], cfg.model.vae, cfg.model.subfolder, cfg.data.shards
     )
@@ -296,9 +306,9 @@ def original_decoder(cfg: TrainConfig, manifest: dict[str, Any]) -> nn.Module:
 def run_decoders(
     cfg: TrainConfig, manifest: dict[str, Any], device: torch.device
 ) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
-    """(the decoder the run trains, the original decoder frozen on `device`, the teacher): the original is loaded
-    for a new decoder (the grids' reference) or a teacher (loss.teacher_weight: the original, else None), else
-    None (the trained decoder before its first step is the original)."""
+    """(the decoder the run trains, the original decoder frozen on `device`, the teacher): the original is
+    loaded for a new decoder (the grids' reference) or a teacher (loss.teacher_weight: the original, else
+    None), else None (the trained decoder before its first step is the original)."""
     new = cfg.model.decoder_init == "scratch"
     if not new:
         decoder = trainable_decoder(cfg, manifest)
@@ -337,8 +347,8 @@ def latent_space_fingerprint(vae: nn.Module) -> str:
 
 @torch.no_grad()
 def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Raw z (B, C, h, w) of the latent space -> pixels, as a pipeline decodes: a preview model gets normalise(z)
-    (what the diffusion model sees), any other model z through its class's own decode."""
+    """Raw z (B, C, h, w) of the latent space -> pixels, as a pipeline decodes: a preview model gets
+    normalise(z) (what the diffusion model sees), any other model z through its class's own decode."""
     record = latent_space(vae)
     if record:
         n = Normalisation.from_dict(record["normalisation"])

@@ -1,5 +1,5 @@
-"""`make demo`: a pretrained decoder fine-tuned on a new domain, the damage that does outside it, and the recipe that
-avoids the damage; end to end, offline, in about 5 CPU minutes.
+"""`make demo`: a pretrained decoder fine-tuned on a new domain, the damage that does outside it, and the
+recipe that avoids the damage; end to end, offline, in about 5 CPU minutes.
 
 1. data: rendered text pages (the new domain; train + held-out), held-out photographs (the old one) and the
    source VAE's training photographs (for replay)
@@ -34,10 +34,11 @@ ORIGINAL, DOMAIN_ONLY, WITH_REPLAY = "original-decoder", "domain-only", "replay"
 
 
 def train_runs(runs: dict[str, list[str]], shards: dict[str, Path], out: Path, max_steps: int | None) -> None:
-    """Fine-tune the decoder once per entry of `runs` (run folder name -> extra overrides) with configs/demo.yaml,
-    all at once: one `vaedec train` process and one torch thread each. On a small CPU that is the fastest use
-    of the cores: these ops are too small for a second OpenMP thread to pay, and on busy cores it costs
-    several times the CPU (README, "CPU threads"). A rerun resumes each run, or finds it finished."""
+    """Fine-tune the decoder once per entry of `runs` (run folder name -> extra overrides) with
+    configs/demo.yaml, all at once: one `vaedec train` process and one torch thread each. On a small CPU that
+    is the fastest use of the cores: these ops are too small for a second OpenMP thread to pay, and on busy
+    cores it costs several times the CPU (README, "CPU threads"). A rerun resumes each run, or finds it
+    finished."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -126,7 +127,8 @@ def run_demo(out: Path, sizes: Sizes = DEMO, max_steps: int | None = None) -> di
     train_runs(runs, shards, out, max_steps)
     domain_only, replay = (out / "run", out / "run-replay")
     click.echo(
-        f"      both trained to step {_logged_step(domain_only)} in {(time.monotonic() - started) / 60:.1f} min"
+        f"      both trained to step {_logged_step(domain_only)} in {(time.monotonic() - started) / 60:.1f} "
+        "min"
     )
     result = evaluate(
         EvalConfig(
@@ -154,10 +156,12 @@ def run_demo(out: Path, sizes: Sizes = DEMO, max_steps: int | None = None) -> di
     click.echo(f"  runs     {domain_only}, {replay}  (tensorboard --logdir {out})")
     click.echo(f"  exports  {domain_only / RUN_EXPORT}, {replay / RUN_EXPORT}  (README.md: model card)")
     click.echo(
-        "\nThe problem and the fix: a decoder fine-tuned on one domain alone loses quality on everything else,"
+        "\nThe problem and the fix: a decoder fine-tuned on one domain alone loses quality on everything "
+        "else,"
     )
     click.echo(
-        "and the same VAE decodes every image a diffusion model makes. Replaying general images in every batch"
+        "and the same VAE decodes every image a diffusion model makes. Replaying general images in every "
+        "batch"
     )
     click.echo(
         f"(`vaedec train ... --mix GENERAL:{REPLAY}`) is the recipe against it. PSNR, Δ against the original "
@@ -169,12 +173,16 @@ def run_demo(out: Path, sizes: Sizes = DEMO, max_steps: int | None = None) -> di
 
 
 def verdict(result: dict[str, Any]) -> str:
-    """One sentence read off the figures: how much of the text gain replay kept and of the photo loss it removed."""
+    """One sentence read off the figures: how much of the text gain replay kept and of the photo loss it
+    removed."""
     sets = {s["name"]: s for s in result["sets"]}
     gain = {k: sets["text-heldout"]["deltas"][k]["psnr"]["mean"] for k in (DOMAIN_ONLY, WITH_REPLAY)}
     loss = {k: sets["photos-heldout"]["deltas"][k]["psnr"]["mean"] for k in (DOMAIN_ONLY, WITH_REPLAY)}
     if gain[DOMAIN_ONLY] <= 0 or loss[DOMAIN_ONLY] >= 0:
-        return "This run did not show the usual pattern (gain on text, loss on photographs): see the tables above."
+        return (
+            "This run did not show the usual pattern (gain on text, loss on photographs): see the tables "
+            "above."
+        )
     kept, removed = gain[WITH_REPLAY] / gain[DOMAIN_ONLY], 1 - loss[WITH_REPLAY] / loss[DOMAIN_ONLY]
     return (
         f"Replay kept {kept:.0%} of the gain on held-out text ({gain[WITH_REPLAY]:+.2f} of "

@@ -244,8 +244,8 @@ def encoder_source(spec: ModelSpec) -> tuple[str, str | None, float | None]:
 
 
 def load_model(spec: ModelSpec):
-    """The VAE of a spec in fp32, frozen, of its own class (vaedec/families.py): a run's original encoder + its
-    trained decoder, or a VAE."""
+    """The VAE of a spec in fp32, frozen, of its own class (vaedec/families.py): a run's original encoder +
+    its trained decoder, or a VAE."""
     if spec.run is not None:
         return freeze(finetuned_vae(spec.run, spec.use_ema, spec.ckpt))
     return freeze(load_family_vae(spec.source)[1])
@@ -285,8 +285,8 @@ def eval_latents(batch: dict[str, Any], mode: str, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(vae: Any, z: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Raw z (B, C, h, w) -> reconstruction, fp32 on the CPU (B, C_out, H, W), by the class's own decode as its
-    pipelines call it (5-D classes: one frame, clamped to [-1, 1] as they clamp; a preview model: on the
+    """Raw z (B, C, h, w) -> reconstruction, fp32 on the CPU (B, C_out, H, W), by the class's own decode as
+    its pipelines call it (5-D classes: one frame, clamped to [-1, 1] as they clamp; a preview model: on the
     normalised z, vaedec/decoders.py)."""
     return decode_any(vae, z.to(device)).float().cpu()
 
@@ -300,8 +300,9 @@ def _sync(device: torch.device) -> None:
 def decode_speed(
     models: dict[str, Any], z: torch.Tensor, device: torch.device, rounds: int
 ) -> dict[str, float]:
-    """Decode images/s of each model on the same z (B, C, h, w): one untimed warm-up decode each, then `rounds`
-    rounds in which every model decodes once (interleaved, so a busy machine slows them alike); B / the median."""
+    """Decode images/s of each model on the same z (B, C, h, w): one untimed warm-up decode each, then
+    `rounds` rounds in which every model decodes once (interleaved, so a busy machine slows them alike);
+    B / the median."""
     z = z.to(device)
     times: dict[str, list[float]] = {label: [] for label in models}
     for r in range(rounds + 1):
@@ -368,8 +369,8 @@ def summarize_set(
     params: dict[str, int] | None = None,
     speed: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Means per model and paired deltas (with intervals) of every model against the baseline; with each model's
-    decoder parameters and decode images/s when given."""
+    """Means per model and paired deltas (with intervals) of every model against the baseline; with each
+    model's decoder parameters and decode images/s when given."""
     base = scores[specs[0].label]
     channels = channel_names(base.array("colour_shift").shape[1])
     out: dict[str, Any] = {
@@ -474,7 +475,8 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def _size_cells(m: dict[str, Any], base: dict[str, Any]) -> str:
-    """'decoder params | decode img/s' cells, each with its ratio to the baseline's (how much smaller, faster)."""
+    """'decoder params | decode img/s' cells, each with its ratio to the baseline's (how much smaller,
+    faster)."""
     cells = []
     for key, digits in (("decoder_parameters", 0), ("decode_images_per_s", 1)):
         v, b = m.get(key), base.get(key)

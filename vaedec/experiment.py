@@ -109,7 +109,10 @@ FAMILY_VARIANTS = (
         "qwenimage-l1-replay",
         "configs/ldm_kl_f8.yaml",
         ("loss.disc_factor=0.0", "loss.perceptual_weight=0.0"),
-        "L1 alone, 20 % of each batch replayed from the training photographs (`--mix`), the recommended recipe",
+        (
+            "L1 alone, 20 % of each batch replayed from the training photographs (`--mix`), the recommended "
+            "recipe"
+        ),
         replay=0.2,
     ),
 )
@@ -136,8 +139,8 @@ QUICK = Sizes(text_train_pages=16, text_heldout_pages=4, crops_per_page=1, photo
 def prepare_data(
     out: Path, sizes: Sizes, vae: Path = SOURCE_VAE, shards_dir: str = "shards"
 ) -> dict[str, Path]:
-    """Images of the sets into out/images/*, then shards encoded with `vae` into out/<shards_dir>/*; both steps
-    are idempotent."""
+    """Images of the sets into out/images/*, then shards encoded with `vae` into out/<shards_dir>/*; both
+    steps are idempotent."""
     images = out / "images"
     if not (images / ".complete").exists():  # the marker is written last: a killed run renders again
         shutil.rmtree(images, ignore_errors=True)
@@ -177,7 +180,8 @@ def prepare_data(
 def train_variant(
     variant: Variant, shards: dict[str, Path], out: Path, sizes: Sizes, lpips_ok: bool, runs_dir: str = "runs"
 ) -> Path:
-    """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run folder."""
+    """One run (resumed when a checkpoint is there; a finished run returns at once); returns the run
+    folder."""
     values: dict[str, object] = {
         "run.max_steps": sizes.max_steps,
         "data.shards": str(shards["text-train"]),
@@ -211,8 +215,8 @@ def lpips_available() -> bool:
 
 
 def check_encoders(runs: list[Path], vae: Path = SOURCE_VAE) -> list[str]:
-    """Each run's exported encoder (and quant_conv) against the source VAE's, tensor by tensor, bit for bit; the
-    export is loaded with its own class (the source's)."""
+    """Each run's exported encoder (and quant_conv) against the source VAE's, tensor by tensor, bit for bit;
+    the export is loaded with its own class (the source's)."""
     source = load_vae_of_any_family(str(vae))[1].state_dict()
     lines = []
     for run in runs:
@@ -252,7 +256,8 @@ def kept_preview_section(path: Path) -> str:
 def write_quality_doc(
     path: Path, report: str, grids: dict[str, str], facts: dict[str, str], minutes: dict[str, float]
 ) -> None:
-    """docs/quality.md: what was run, the eval tables, the grids, how to rerun (and `make preview`'s section)."""
+    """docs/quality.md: what was run, the eval tables, the grids, how to rerun (and `make preview`'s
+    section)."""
     variants = "\n".join(
         f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS
     )
@@ -387,7 +392,8 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
 
 
 def run_family_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
-    """Step 6: the second family (AutoencoderKLQwenImage) on the same data and schedule; returns its report."""
+    """Step 6: the second family (AutoencoderKLQwenImage) on the same data and schedule; returns its
+    report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lpips_ok = lpips_available()
     shards = prepare_data(out, sizes, QWENIMAGE_VAE, "shards-qwenimage")
@@ -423,9 +429,9 @@ def run_family_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) 
 The same data and schedule ({sizes.max_steps} steps, batch 8, 64 px) on the latents of
 [assets/source-vae-qwenimage](../assets/source-vae-qwenimage/README.md): diffusers' `AutoencoderKLQwenImage`
 (Qwen-Image's and Wan 2.1's causal 3-D layout, 16 latent channels, images as one-frame videos), pretrained on
-the photographs like the `AutoencoderKL` stand-in. Only its decoder is fine-tuned, on the unclamped output; the
-temporal kernel slices a one-frame image never reaches stay bit-identical. {time.strftime("%Y-%m-%d")}, commit
-{_git_commit()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s).
+the photographs like the `AutoencoderKL` stand-in. Only its decoder is fine-tuned, on the unclamped output;
+the temporal kernel slices a one-frame image never reaches stay bit-identical. {time.strftime("%Y-%m-%d")},
+commit {_git_commit()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s).
 
 {variants}
 

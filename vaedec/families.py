@@ -850,7 +850,12 @@ class TinyFamily(Family):
     store = "latent"
     encoder_modules = ("encoder",)
     decoder_modules = ("decoder",)
-    decoder_keys = ("decoder_block_out_channels", "num_decoder_blocks", "upsampling_scaling_factor", "upsample_fn")
+    decoder_keys = (
+        "decoder_block_out_channels",
+        "num_decoder_blocks",
+        "upsampling_scaling_factor",
+        "upsample_fn",
+    )
 
     def downsample_factor(self, vae: nn.Module) -> int:
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
@@ -1040,9 +1045,9 @@ def build_tiny(class_name: str, seed: int = 0, **overrides: Any) -> nn.Module:
 
 
 def check_run_settings(cfg: TrainConfig, manifest: dict[str, Any]) -> TrainConfig:
-    """`cfg` with the family's defaults filled in (model.latent_sample None: sample a Gaussian posterior, take a
-    deterministic latent as it is); settings the shards' family cannot take are refused before the run folder
-    is touched."""
+    """`cfg` with the family's defaults filled in (model.latent_sample None: sample a Gaussian posterior, take
+    a deterministic latent as it is); settings the shards' family cannot take are refused before the run
+    folder is touched."""
     family = manifest_family(manifest["settings"]["vae"])
     if cfg.model.latent_sample is None:
         mode = "mode" if family.store == "latent" else "sample"

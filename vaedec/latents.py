@@ -52,8 +52,8 @@ def sample_latent(
 def batch_latent(
     batch: dict, mode: Literal["sample", "mode"] = "sample", generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """The raw z of a batch (B, C, h, w), fp32: `sample_latent` of its moments, or the stored latent of a family
-    with a deterministic encoder (nothing to sample: no noise is drawn, `mode` must be "mode")."""
+    """The raw z of a batch (B, C, h, w), fp32: `sample_latent` of its moments, or the stored latent of a
+    family with a deterministic encoder (nothing to sample: no noise is drawn, `mode` must be "mode")."""
     if "latent" in batch:
         if mode != "mode":
             raise ValueError("a deterministic latent cannot be sampled")  # refused with a message before this
@@ -64,8 +64,9 @@ def batch_latent(
 def add_latent_noise(
     z: torch.Tensor, std_raw: float | torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated latents.
-    std_raw: a float, or a (C, h, w) map where a family's normalisation differs by channel (families.raw_noise_std)."""
+    """z + std_raw * eps, eps ~ N(0, I) from `generator` (CPU, as sample_latent): robustness to generated
+    latents. std_raw: a float, or a (C, h, w) map where a family's normalisation differs by channel
+    (families.raw_noise_std)."""
     if isinstance(std_raw, float | int) and std_raw <= 0:
         return z  # draws nothing, so runs without it keep their random stream
     eps = torch.randn(

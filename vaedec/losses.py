@@ -317,7 +317,9 @@ def add_anchor_grad(
     return float(weight / 2 * sum(float(d.float().square().sum()) for d in diffs))
 
 
-def teacher_loss(x_rec: Tensor, x_teacher: Tensor, lpips_model: nn.Module | None, perceptual_weight: float) -> Tensor:
+def teacher_loss(
+    x_rec: Tensor, x_teacher: Tensor, lpips_model: nn.Module | None, perceptual_weight: float
+) -> Tensor:
     """Σ(|x̂ - x_t| + perceptual_weight·LPIPS(x_t, x̂)) / B towards the original decoder's output x_t (a
     constant: detached), in the units of nll's rec, a scalar; the caller multiplies by loss.teacher_weight."""
     x_t = x_teacher.detach().to(x_rec.dtype)
@@ -330,8 +332,8 @@ def teacher_loss(x_rec: Tensor, x_teacher: Tensor, lpips_model: nn.Module | None
 
 
 def latent_regression_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """mean((ẑ_pred - ẑ)^2) of a tiny encoder's latent against the stored one, both in the diffusion model's units
-    (B, C, h, w); TAESD's encoder is trained to regress the big encoder's latents this way."""
+    """mean((ẑ_pred - ẑ)^2) of a tiny encoder's latent against the stored one, both in the diffusion model's
+    units (B, C, h, w); TAESD's encoder is trained to regress the big encoder's latents this way."""
     return torch.mean((pred.float() - target.detach().float()) ** 2)
 
 
@@ -399,9 +401,9 @@ def generator_grads(
     weight_grad: Callable[[Tensor, Tensor], Tensor] | None = None,
     x_teacher: Tensor | None = None,
 ) -> GeneratorGrads:
-    """∇_x̂ of L_G = nll + λ f_t g (+ T with `x_teacher`, the original decoder's output) with no double backward;
-    x_rec must be conv_out(h), or `weight_grad(h, ∇_x̂)` gives ∇ of conv_out's weight for decoders that do more
-    after it (vaedec/families.py FamilyDecoder)."""
+    """∇_x̂ of L_G = nll + λ f_t g (+ T with `x_teacher`, the original decoder's output) with no double
+    backward; x_rec must be conv_out(h), or `weight_grad(h, ∇_x̂)` gives ∇ of conv_out's weight for decoders
+    that do more after it (vaedec/families.py FamilyDecoder)."""
     f = generator_gan_factor(cfg, step)
     # A leaf copy of x̂ cuts the graph at the decoder output: nothing here backprops into the decoder, which
     # is traversed once, by the caller's backward of grad_output. fp32 at least, so the losses are not fp16.

@@ -200,7 +200,8 @@ def save_grid(
 
 
 def _label_height(tile: int) -> int:
-    """Pixels of the label band above a grid of tiles `tile` px high: a readable size that grows with the tiles."""
+    """Pixels of the label band above a grid of tiles `tile` px high: a readable size that grows with the
+    tiles."""
     return max(14, min(28, tile // 8))
 
 
@@ -215,7 +216,8 @@ def _label_font(size: int) -> Any:
 
 
 def _draw_labels(grid: np.ndarray, labels: list[str], w: int, pad: int, top: int) -> np.ndarray:
-    """Each label centred above its column, in a font shrunk (then the text shortened) until it fits the tile."""
+    """Each label centred above its column, in a font shrunk (then the text shortened) until it fits the
+    tile."""
     from PIL import Image, ImageDraw
 
     im = Image.fromarray(grid)

@@ -1,5 +1,5 @@
-"""The export's model card: OUT/README.md in the Hugging Face hub's format (YAML metadata + markdown), so an export
-pushed with `hf upload USER/REPO OUT` is described on the hub as it is here.
+"""The export's model card: OUT/README.md in the Hugging Face hub's format (YAML metadata + markdown), so an
+export pushed with `hf upload USER/REPO OUT` is described on the hub as it is here.
 
 It says what a user of the exported VAE must know and nobody can read off the weights: which VAE it came from
 (and the fingerprint of the encoder it keeps), what was trained and how (decoder parts, steps, batch, loss
@@ -43,8 +43,8 @@ class ModelCardError(VaedecError):
 
 
 def hub_id(source: str) -> str | None:
-    """The hub repo id behind a VAE source: the id itself, or the repo of a Hugging Face cache snapshot; None for a
-    local folder or file of unknown origin."""
+    """The hub repo id behind a VAE source: the id itself, or the repo of a Hugging Face cache snapshot; None
+    for a local folder or file of unknown origin."""
     m = _HF_CACHE_RE.search(source.replace("\\", "/"))
     if m:
         return f"{m.group(1)}/{m.group(2)}"
@@ -54,8 +54,9 @@ def hub_id(source: str) -> str | None:
 
 
 def base_licence(source: str, repo: str | None) -> dict[str, str]:
-    """The base VAE's licence fields (license, license_name, license_link) from its own card, read offline: a local
-    folder's README.md, or the hub repo's README.md in the Hugging Face cache. {} when no card is at hand."""
+    """The base VAE's licence fields (license, license_name, license_link) from its own card, read offline: a
+    local folder's README.md, or the hub repo's README.md in the Hugging Face cache. {} when no card is at
+    hand."""
     local = Path(source)
     # A folder's own card (a pipeline folder's, for its vae/); a single file's, the card beside it.
     candidates = [local / CARD] if local.is_dir() else [local.parent / CARD] if local.is_file() else []
@@ -129,7 +130,8 @@ def attach_eval(eval_dir: str | Path, run_dir: str | Path, ckpt: Path, use_ema: 
     if not candidates:
         labels = ", ".join(f"{m['label']} ({m.get('run') or m.get('source')})" for m in models)
         raise ModelCardError(
-            f"--eval {eval_dir} did not score this run ({run_dir}); it compared {labels}. Run `vaedec eval HELDOUT/ "
+            f"--eval {eval_dir} did not score this run ({run_dir}); it compared {labels}. Run `vaedec eval "
+            "HELDOUT/ "
             f"--vae original=BASE_VAE --vae {run_dir} --out DIR` and pass that DIR"
         )
     step = int(ckpt.name.split("-")[-1])
@@ -241,7 +243,8 @@ def _trained_parts(config: dict[str, Any], vae: Any) -> str:
 
 
 def _normalisation_text(vae: Any) -> str:
-    """What a diffusion model applies to this VAE's raw latents, in words (vaedec/families.py's Normalisation)."""
+    """What a diffusion model applies to this VAE's raw latents, in words (vaedec/families.py's
+    Normalisation)."""
     from vaedec.families import family_for
 
     family = family_for(vae)
@@ -251,9 +254,13 @@ def _normalisation_text(vae: Any) -> str:
         shift = f", shift_factor {norm.shift_factor:g}" if norm.shift_factor is not None else ""
         return f"{family.class_name}: scaling_factor {scale}{shift}"
     if norm.kind == "channel_mean_std":
-        return f"{family.class_name}: per-channel latents_mean / latents_std ({len(norm.mean)} channels, config.json)"
+        return (
+            f"{family.class_name}: per-channel latents_mean / latents_std ({len(norm.mean)} channels, "
+            "config.json)"
+        )
     return (
-        f"{family.class_name}: the `bn` running statistics over {norm.patch_size}x{norm.patch_size}-patchified "
+        f"{family.class_name}: the `bn` running statistics over "
+        f"{norm.patch_size}x{norm.patch_size}-patchified "
         f"latents ({len(norm.mean)} channels), kept bit-identical"
     )
 
@@ -275,7 +282,8 @@ def model_card(
     fmt: str,
     evaluation: AttachedEval | None = None,
 ) -> ModelCard:
-    """The card of an export of `run_dir` at checkpoint `ckpt` (`vae`: the exported VAE, of its family's class)."""
+    """The card of an export of `run_dir` at checkpoint `ckpt` (`vae`: the exported VAE, of its family's
+    class)."""
     from vaedec.checkpoint import checkpoint_state, run_manifest, run_vae_source
     from vaedec.families import family_for
 
@@ -334,7 +342,11 @@ def model_card(
             ],
             [
                 "latents",
-                f"z = {'mean + std·ε (sampled each step)' if config['model']['latent_sample'] == 'sample' else 'mean'}",
+                (
+                    "z = mean + std·ε (sampled each step)"
+                    if config["model"]["latent_sample"] == "sample"
+                    else "z = mean"
+                ),
             ],
             [
                 "precision",
@@ -357,7 +369,8 @@ def model_card(
             [
                 "crop",
                 (
-                    f"{prep['resolution']} px square, shorter side resized to {prep['resize_shorter_side_to']} px; "
+                    f"{prep['resolution']} px square, shorter side resized to "
+                    f"{prep['resize_shorter_side_to']} px; "
                     f"resampling {prep['resample']}"
                 ),
             ],
@@ -406,10 +419,11 @@ def model_card(
     diffusers = (
         f"\n\n```python\nfrom diffusers import {cls}, DiffusionPipeline\n\n"
         f'vae = {cls}.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
-        'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the base '
-        "VAE\n```"
+        'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the '
+        "base VAE\n```"
         if fmt != "ldm"
-        else ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors my-vae/` "
+        else ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors "
+        "my-vae/` "
         "writes one, or export with `--format both`."
     )
     base_table = _table(
@@ -466,14 +480,15 @@ Files: {", ".join(f"`{f}`" for f in files)}, `decoder.safetensors` (only the dec
 
 **diffusers**{diffusers}
 
-**ComfyUI**: copy {single} into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired to *VAE Decode*.
+**ComfyUI**: copy {single} into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired to
+*VAE Decode*.
 
 **AUTOMATIC1111 / Forge**: copy {single} into `stable-diffusion-webui/models/VAE/`, then pick it under
 Settings → Stable Diffusion → SD VAE.
 
 Use it only with diffusion models of the base VAE's latent space ({latent_channels} channels, {factors}).
-From this folder, `hf upload USER/REPO .` (older huggingface_hub: `huggingface-cli upload USER/REPO .`) pushes it
-to the hub with this card.
+From this folder, `hf upload USER/REPO .` (older huggingface_hub: `huggingface-cli upload USER/REPO .`)
+pushes it to the hub with this card.
 
 ## Licence
 

@@ -86,7 +86,8 @@ def train_preview(shards: dict[str, Path], out: Path, max_steps: int, lpips_ok: 
 
 
 def compact_table(result: dict) -> str:
-    """Per data set: model | decoder params | decode images/s | PSNR | SSIM, the preview's ratios to the original."""
+    """Per data set: model | decoder params | decode images/s | PSNR | SSIM, the preview's ratios to the
+    original."""
     lines = [
         "| data | model | decoder parameters | decode images/s | PSNR dB | SSIM |",
         "|---|---|---:|---:|---:|---:|",
@@ -126,8 +127,8 @@ def check_export(export: Path) -> str:
 
 @torch.no_grad()
 def encoder_check(export: Path, shards: Path) -> str:
-    """How well the tiny encoder regresses the stored latents of held-out images, in the diffusion model's units,
-    and what decoding its latents costs against decoding the stored ones."""
+    """How well the tiny encoder regresses the stored latents of held-out images, in the diffusion model's
+    units, and what decoding its latents costs against decoding the stored ones."""
     preview = AutoencoderTiny.from_pretrained(export).eval()
     norm = Normalisation.from_dict(preview.config[LATENT_SPACE_KEY]["normalisation"])
     batch = collate(list(read_samples(shard_paths(shards, read_manifest(shards)), 10_000)))
@@ -141,7 +142,8 @@ def encoder_check(export: Path, shards: Path) -> str:
     return (
         f"Its tiny encoder on the same held-out photographs ({x.shape[0]} crops): mean squared error "
         f"{float((tiny - stored).square().mean()):.3f} against the stored latents (their variance "
-        f"{float(stored.var()):.3f}, diffusion-model units); the preview decoder scores {psnr['tiny']:.2f} dB on "
+        f"{float(stored.var()):.3f}, diffusion-model units); the preview decoder scores {psnr['tiny']:.2f} "
+        "dB on "
         f"the tiny encoder's latents and {psnr['stored']:.2f} dB on the stored ones."
     )
 
@@ -152,13 +154,15 @@ def section(table: str, report: str, facts: dict[str, str]) -> str:
 ## A preview model for the source VAE's latents
 
 `make preview` ({facts["wall"]} on {facts["machine"]}; {facts["date"]}; commit {facts["commit"]})
-trains a TAESD-style preview model (`AutoencoderTiny`, configs/preview.yaml with 24 channels: the source VAE is
-itself tiny) for the source VAE's latent space from the same shards: its decoder on the latents as a diffusion
-model sees them (z · {facts["scale"]}), against the images and the original decoder's output on the same z
-(`loss.teacher_weight=1`), and its tiny encoder regressing the stored latents; the big encoder never runs. Data:
-the source domain's training photographs (64 px crops) with 30 % rendered text mixed in; {facts["schedule"]}.
-{facts["lpips"]} The machine was shared with other jobs (load average {facts["load"]}): the minutes and the
-images/s are inflated, the ratios were measured side by side (interleaved decodes of the same latents, warm-up
+trains a TAESD-style preview model (`AutoencoderTiny`, configs/preview.yaml with 24 channels: the source VAE
+is itself tiny) for the source VAE's latent space from the same shards: its decoder on the latents as a
+diffusion model sees them (z · {facts["scale"]}), against the images and the original decoder's output on
+the same z
+(`loss.teacher_weight=1`), and its tiny encoder regressing the stored latents; the big encoder never runs.
+Data: the source domain's training photographs (64 px crops) with 30 % rendered text mixed in;
+{facts["schedule"]}. {facts["lpips"]} The machine was shared with other jobs (load average {facts["load"]}):
+the minutes and the images/s are inflated, the ratios were measured side by side
+(interleaved decodes of the same latents, warm-up
 excluded, batch 32, CPU).
 
 {table}
@@ -176,7 +180,8 @@ Rerun: `make preview` (`python -m vaedec.preview_experiment --out preview --docs
 
 
 def write_section(path: Path, text: str) -> None:
-    """Replace the preview section of docs/quality.md (or append it), leaving the rest as `make experiment` wrote it."""
+    """Replace the preview section of docs/quality.md (or append it), leaving the rest as `make experiment`
+    wrote it."""
     old = path.read_text() if path.is_file() else ""
     pattern = re.compile(re.escape(PREVIEW_START) + ".*?" + re.escape(PREVIEW_END) + "\n?", re.DOTALL)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text

@@ -75,7 +75,8 @@ def sample_members(
     key: str, stored: np.ndarray, pixels: np.ndarray, record: dict, depth: np.ndarray | None = None,
     store: str = "moments",
 ) -> dict[str, Any]:
-    """One sample as WebDataset members (already-encoded bytes); `stored` is the moments or the latent (`store`)."""
+    """One sample as WebDataset members (already-encoded bytes); `stored` is the moments or the latent
+    (`store`)."""
     assert "." not in key, key  # WebDataset splits keys at the first dot
     members = {
         "__key__": key,
@@ -317,8 +318,9 @@ def stored_key(sample: dict[str, Any]) -> str:
 
 
 def sample_to_tensors(sample: dict[str, Any], source: int | None = None) -> dict[str, Any]:
-    """Decode the keys training needs: moments (2C, h, w) fp16 (or, for a deterministic family, latent (C, h, w)),
-    pixels uint8 (C_out, H, W), key; and `source`, the index of the shard set it came from when sets are mixed."""
+    """Decode the keys training needs: moments (2C, h, w) fp16 (or, for a deterministic family, latent
+    (C, h, w)), pixels uint8 (C_out, H, W), key; and `source`, the index of the shard set it came from when
+    sets are mixed."""
     stored = stored_key(sample)
     out = {
         "key": sample["__key__"],
@@ -339,8 +341,8 @@ class BadSample(ValueError):
 def checked_sample(
     sample: dict[str, Any], source: int | None = None, expect: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, Any]:
-    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape other
-    than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
+    """`sample_to_tensors`, or a BadSample: members missing or undecodable, non-finite moments, or a shape
+    other than `expect` ({"moments": (2C, h, w), "pixels": (3, H, W)}; None = shapes not checked)."""
     missing = {STORED_MEMBER[stored_key(sample)], "image.png"} - set(sample)
     if missing:
         raise BadSample(f"missing {', '.join(sorted(missing))}")
@@ -424,7 +426,10 @@ def summarize(folder: str | Path) -> str:
         f"shards         {redact(str(folder))}"
         if is_remote(folder)
         else f"shard folder   {local_folder(folder).resolve()}",
-        f"status         {'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}",
+        (
+            "status         "
+            f"{'complete' if m['complete'] else 'INCOMPLETE (rerun the encode command to resume)'}"
+        ),
         f"vae            {vae['source']}"
         + (f" (subfolder {vae['subfolder']})" if vae.get("subfolder") else "")
         + f", {vae.get('family', 'AutoencoderKL')}",

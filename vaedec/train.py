@@ -285,10 +285,10 @@ def train_step(
     latent_noise_raw: float | torch.Tensor = 0.0,
     teacher: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One optimizer step of the run: the generator phase, then the discriminator phase on the same micro-batches,
-    then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed shard sets
-    (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`, `teacher`: see
-    generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units
+    """One optimizer step of the run: the generator phase, then the discriminator phase on the same
+    micro-batches, then EMA; advances `state.step` and the data position. Returns the step's logs; with mixed
+    shard sets (`set_names`, data.shards first) also each set's pixel loss in this step. `anchors`, `teacher`:
+    see generator_step. `latent_noise_raw`: std of the extra noise on z, in raw latent units
     (model.latent_noise_std / scaling_factor, or a (C, h, w) map: families.latent_noise_raw)."""
     state.decoder.train()
     state.disc.train()
@@ -434,9 +434,9 @@ def generator_step(
     teacher: nn.Module | None = None,
     targets: list[torch.Tensor] | None = None,
 ) -> tuple[list[MicroBatch], dict[str, float]]:
-    """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when learned).
-    `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None = off).
-    `teacher`: the original decoder, frozen, for loss.teacher_weight (None = off). `targets`: a preview
+    """The generator phase: k micro-batches (x, z), one optimizer step of the decoder (and logvar when
+    learned). `anchors`: the original values of `trainable_parameters(decoder)` for loss.anchor_weight (None =
+    off). `teacher`: the original decoder, frozen, for loss.teacher_weight (None = off). `targets`: a preview
     model's raw stored latent per micro-batch, which its tiny encoder regresses in the same forward and
     backward.
 

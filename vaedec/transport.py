@@ -153,9 +153,9 @@ class _HTTPStream:
 
 
 def _no_blocked_signals() -> None:
-    """In the child, before the command runs: no signal blocked. A DataLoader worker blocks SIGTERM and SIGUSR1
-    (signals.ignore_stop_signals) and a child inherits the mask, so without this a pipe: command would outlive
-    its worker when the job is stopped. Only a syscall runs between fork and exec."""
+    """In the child, before the command runs: no signal blocked. A DataLoader worker blocks SIGTERM and
+    SIGUSR1 (signals.ignore_stop_signals) and a child inherits the mask, so without this a pipe: command would
+    outlive its worker when the job is stopped. Only a syscall runs between fork and exec."""
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 

@@ -1,7 +1,7 @@
-"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading the
-VAE a shard manifest names with that fingerprint checked, its trainable decoder (post_quant_conv + decoder)
-and the freezing helpers every family's decoder uses. Other VAE classes, and the run's decoder of any class
-(`families.trainable_decoder`), are vaedec/families.py's, one floor up."""
+"""Loading an `AutoencoderKL` (diffusers folder, hub id, or single LDM file), the encoder fingerprint, loading
+the VAE a shard manifest names with that fingerprint checked, its trainable decoder (post_quant_conv +
+decoder) and the freezing helpers every family's decoder uses. Other VAE classes, and the run's decoder of any
+class (`families.trainable_decoder`), are vaedec/families.py's, one floor up."""
 
 from __future__ import annotations
 
@@ -248,7 +248,8 @@ def freeze_all_but(decoder: nn.Module, patterns: tuple[str, ...]) -> None:
     if unmatched:
         parts = sorted({_part(n) + ".*" for n in names})
         raise TrainError(
-            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. Patterns are "
+            f"model.trainable: {', '.join(map(repr, unmatched))} match(es) no parameter of the decoder. "
+            "Patterns are "
             f"fnmatch patterns on the VAE's parameter names, e.g. 'decoder.up_blocks.3.*'; its parts: "
             f"{', '.join(parts)}"
         )
