@@ -476,7 +476,8 @@ def export_run(
     )  # before writing
     vae = finetuned_vae(run_dir, use_ema, ckpt)
     family = family_for(vae)  # model.vae may be another class with the same latents (Qwen-Image on Wan 2.1's)
-    card = model_card(vae, run_dir, ckpt, use_ema, fmt, evaluation)
+    card = model_card(vae, checkpoint_state(ckpt), run_manifest(run_dir), run_vae_source(run_dir, ckpt)[:2],
+                      use_ema, fmt, evaluation)
     with atomic_folder(out) as tmp:
         if fmt in ("diffusers", "both"):
             family.export(vae, tmp)

@@ -102,7 +102,7 @@ class AttachedEval:
 def attach_eval(eval_dir: str | Path, run_dir: str | Path, ckpt: Path, use_ema: bool) -> AttachedEval:
     """Read `eval_dir`/eval.json and find this run among its models (by run folder, or an export of the run);
     a ModelCardError when it holds no eval of this run."""
-    from vaedec.evaluate import EVAL_JSON
+    from vaedec.eval_report import EVAL_JSON
 
     path = Path(eval_dir) / EVAL_JSON
     if not path.is_file():
@@ -276,22 +276,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def model_card(
     vae: Any,
-    run_dir: str | Path,
-    ckpt: Path,
+    state: dict[str, Any],
+    manifest: dict[str, Any],
+    vae_source: tuple[str, str | None],
     use_ema: bool,
     fmt: str,
     evaluation: AttachedEval | None = None,
 ) -> ModelCard:
-    """The card of an export of `run_dir` at checkpoint `ckpt` (`vae`: the exported VAE, of its family's
-    class)."""
-    from vaedec.checkpoint import checkpoint_state, run_manifest, run_vae_source
+    """The card of an export (`vae`: the exported VAE, of its family's class) of the run whose checkpoint's
+    state.json is `state`, shards' manifest `manifest` and base VAE (source, subfolder) `vae_source`;
+    checkpoint.py reads them, so this module does not import it."""
     from vaedec.families import family_for
 
-    state = checkpoint_state(ckpt)
     config, steps = state["config"], state["step"]
-    manifest = run_manifest(run_dir)
     vae_info, prep = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]
-    source, subfolder, _ = run_vae_source(run_dir, ckpt)
+    source, subfolder = vae_source
     repo = hub_id(source)
     licence = base_licence(source, repo)
     base = _display_name(source, repo) + (f" (subfolder `{subfolder}`)" if subfolder else "")
@@ -399,7 +398,7 @@ def model_card(
             "--vae original=BASE_VAE --vae RUN/ --out eval/\nvaedec export RUN/ OUT/ --eval eval/\n```"
         )
     else:
-        from vaedec.evaluate import format_report
+        from vaedec.eval_report import format_report
 
         eval_text = (
             f"`vaedec eval` of this run; the row **{evaluation.label}** is this export"
