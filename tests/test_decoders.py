@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 from conftest import FAST_TRAIN, assert_same_tensors, cli, make_images, save_tiny_vae, train_lines
 from diffusers import AutoencoderKLFlux2, AutoencoderTiny
+from huggingface_hub import ModelCard
 from test_train import NOT_LOGGED_EXACTLY, checkpoint_tensors
 
 import vaedec.train as train_mod
@@ -205,6 +206,14 @@ def test_scratch_smaller_flux2_decoder_trains_exports_and_loads_with_its_class(t
     assert set(held["ema"]) == names and set(held["decoder"]) == names  # no buffers in this decoder
     # The grids' "original decoder" column is the source's decoder, not the random new one.
     assert (run / "images" / "step-00000003.png").is_file()
+    # The card says what this is: a new decoder (with its config change) for the unchanged encoder, a FLUX.2
+    # folder for diffusers, and no single-file route vaedec cannot write for this class.
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    assert "new-decoder" in card.data.tags and "decoder-fine-tune" not in card.data.tags
+    assert "new decoder trained with vaedec" in card.text
+    assert "`decoder_block_out_channels: [4, 8]`" in card.text
+    assert "from random weights" in card.text and "AutoencoderKLFlux2.from_pretrained" in card.text
+    assert "teacher: L1 + LPIPS" in card.text and "ComfyUI/models/vae/" not in card.text
 
 
 def test_what_a_class_cannot_express_is_a_message(tmp_path, data) -> None:
@@ -310,6 +319,12 @@ def test_preview_model_trains_exports_loads_and_is_scored(tmp_path, data, monkey
     for half in ("encoder.", "decoder."):
         after, before = state_of(preview, (half,)), state_of(init, (half,))
         assert all(not torch.equal(after[k], before[k]) for k in after if k.endswith("weight")), half
+    # Its card: a preview model, not a fine-tune of the base VAE, whose latent space it names.
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    assert "preview-decoder" in card.data.tags and "Preview decoder for" in card.text
+    assert "none of the base VAE's weights" in card.text and "fine-tuned decoder" not in card.text
+    assert manifest["encoder_sha256"] in card.text and "AutoencoderTiny.from_pretrained" in card.text
+    assert "tiny encoder: mean squared error" in card.text and "bit for bit" not in card.text
     refused = cli("export", b, tmp_path / "ldm", "--format", "ldm", code=1)
     assert "no single-file layout" in refused.output
 

@@ -237,7 +237,7 @@ def test_settings_a_family_cannot_take_are_refused(tmp_path, family_shards):
 def test_qwen_image_decoder_trains_on_wan_21_latents(tmp_path, family_shards):
     """Qwen-Image's VAE is Wan 2.1's with its decoder fine-tuned: one encoder, so Wan's shards train it."""
     run = tmp_path / "run"
-    cli(
+    out = cli(
         "train",
         family_shards["AutoencoderKLWan"],
         "--output",
@@ -246,8 +246,9 @@ def test_qwen_image_decoder_trains_on_wan_21_latents(tmp_path, family_shards):
         family_shards["vae-AutoencoderKLQwenImage"],
         *FAST_TRAIN,
         "run.max_steps=1",
-    )
+    ).output
     assert json.loads((run / "export" / "config.json").read_text())["_class_name"] == "AutoencoderKLQwenImage"
+    assert "(AutoencoderKLQwenImage.from_pretrained)" in out  # what the closing lines tell the user to load
 
 
 def test_convert_refuses_other_classes(tmp_path):

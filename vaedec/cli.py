@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -326,7 +328,16 @@ def train(
         f"  metrics   {info.run_dir / RUN_METRICS}  (TensorBoard: tensorboard --logdir {info.run_dir})"
     )
     if info.export_dir:
-        click.echo(f"  export    {info.export_dir}  (AutoencoderKL.from_pretrained)")
+        click.echo(f"  export    {info.export_dir}  ({_loaded_by(info.export_dir)})")
+
+
+def _loaded_by(export_dir: Path) -> str:
+    """How diffusers loads an export: its config.json's class (AutoencoderKL, AutoencoderKLFlux2, a preview
+    AutoencoderTiny, ...), or the single-file route of an LDM-only export."""
+    try:
+        return json.loads((Path(export_dir) / "config.json").read_text())["_class_name"] + ".from_pretrained"
+    except (OSError, ValueError, KeyError):
+        return "AutoencoderKL.from_single_file(vae.safetensors)"
 
 
 @main.command()
@@ -378,7 +389,7 @@ def export(
     """Write RUN's fine-tuned VAE (original encoder + trained decoder) to OUT.
 
     \b
-    OUT/config.json + diffusion_pytorch_model.safetensors   diffusers (AutoencoderKL.from_pretrained)
+    OUT/config.json + diffusion_pytorch_model.safetensors   diffusers (<its class>.from_pretrained)
     OUT/vae.safetensors                                     LDM layout, plain keys (UIs' VAE files)
     OUT/decoder.safetensors                                 only the trained weights
     OUT/<SD_CHECKPOINT name>                                with --into: the full checkpoint, VAE replaced
@@ -404,7 +415,7 @@ def export(
             )
     except VaedecError as e:
         raise UserError(str(e)) from None
-    click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}")
+    click.echo(f"exported {'EMA' if ema else 'raw'} weights of {run} -> {path}  ({_loaded_by(path)})")
     for f in sorted(path.iterdir()):
         click.echo(f"  {f.name}")
 

@@ -471,9 +471,42 @@ def _encode_ranks(
     if not main:
         log.setLevel(logging.WARNING)  # one copy of the INFO log, from the main process
 
-    # 2. resume or refuse: the main process reads OUT once and tells the others ----------------------------
+    manifest, states = _agree_on_start(cfg, procs, settings, list_skips, n)
+    if manifest["complete"]:
+        log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
+        skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
+        return replace(
+            _result(out, manifest, skips, already_complete=True), processes=world, main_process=main
+        )
+    log.info(
+        "%d processes encode %d inputs, a block of about %d each (%d already encoded)",
+        world,
+        n,
+        n // world,
+        sum(st["next_input"] - st["inputs"][0] for st in states),
+    )
+    state = states[rank]
+    skips = _encode_block(cfg, procs, items, depth_index, vae, dtype, manifest, state, list_skips)
+    if not main:
+        lo, hi = state["inputs"]
+        return _rank_result(out, state, skips, hi - lo, world)
+
+    # The main process: wait until every rank's file says complete, then write the one manifest.
+    states = _wait_for_ranks(out, manifest, state, list_skips, n)
+    skips = _merge(out, manifest, states, list_skips)
+    for p in out.glob(RANK_FILES):
+        p.unlink()  # the manifest now records all they did
+    return replace(_result(out, manifest, skips), processes=world)
+
+
+def _agree_on_start(
+    cfg: EncodeConfig, procs: Any, settings: dict[str, Any], list_skips: list[Skip], n: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Resume or refuse, decided once: the main process reads OUT and tells the others the manifest and every
+    rank's state (or the error all of them raise)."""
+    out, world = Path(cfg.out), procs.num_processes
     decision: list[Any] = [None, None, None]  # (error message, manifest, rank states)
-    if main:
+    if procs.is_main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
             manifest = _resume_or_refuse(out, settings, cfg.overwrite, world)
@@ -493,27 +526,29 @@ def _encode_ranks(
     differ = _diff(manifest["settings"], settings)
     if differ:  # blocks are index ranges: every process must see the same inputs (and encoder)
         raise EncodeError(
-            f"process {rank} sees other settings than the main process:\n  "
+            f"process {procs.process_index} sees other settings than the main process:\n  "
             + "\n  ".join(differ)
             + "\nSRC, --vae and --depth-dir must be the same files at "
             "the same paths on every machine."
         )
-    if manifest["complete"]:
-        log.info("%s is already complete (%d samples); nothing to do", out, manifest["totals"]["samples"])
-        skips = list_skips + [s for s in _skips_of(read_skipped(out)) if s.index >= 0]
-        return replace(
-            _result(out, manifest, skips, already_complete=True), processes=world, main_process=main
-        )
-    log.info(
-        "%d processes encode %d inputs, a block of about %d each (%d already encoded)",
-        world,
-        n,
-        n // world,
-        sum(st["next_input"] - st["inputs"][0] for st in states),
-    )
+    return manifest, states
 
-    # 3. encode this rank's block ----------------------------------------------------------------------------
-    state = states[rank]
+
+def _encode_block(
+    cfg: EncodeConfig,
+    procs: Any,
+    items: list[InputItem],
+    depth_index: dict[str, str] | None,
+    vae: Any,
+    dtype: torch.dtype,
+    manifest: dict[str, Any],
+    state: dict[str, Any],
+    list_skips: list[Skip],
+) -> list[Skip]:
+    """Encode this rank's block [lo, hi) from where its file left off into shard-rRRR-*.tar; returns its
+    skips. After each committed shard the rank file is saved, and the main process refreshes manifest.json."""
+    rank, world, main = procs.process_index, procs.num_processes, procs.is_main_process
+    out, n = Path(cfg.out), len(items)
     (lo, hi), start = state["inputs"], state["next_input"]
     skips = _skips_of(state["skipped"])
     t0 = time.perf_counter()
@@ -552,15 +587,7 @@ def _encode_ranks(
         elapsed,
         (hi - start) / max(elapsed, 1e-9),
     )
-    if not main:
-        return _rank_result(out, state, skips, hi - lo, world)
-
-    # 4. the main process: wait until every rank's file says complete, then write the one manifest -----------
-    states = _wait_for_ranks(out, manifest, state, list_skips, n)
-    skips = _merge(out, manifest, states, list_skips)
-    for p in out.glob(RANK_FILES):
-        p.unlink()  # the manifest now records all they did
-    return replace(_result(out, manifest, skips), processes=world)
+    return skips
 
 
 def _rank_result(

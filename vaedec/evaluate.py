@@ -499,16 +499,7 @@ class EvalResult:
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Compare cfg.vaes (the first is the baseline) on every data set; see the module docstring."""
-    if not cfg.data:
-        raise EvalError("give at least one DATA: a shard folder or an image folder")
-    if not cfg.vaes:
-        raise EvalError(
-            "give at least one --vae (the first is the baseline; add the decoders to compare with it)"
-        )
-    if cfg.fid_features not in FID_FEATURES:
-        raise EvalError(
-            f"--fid-features {cfg.fid_features}: InceptionV3 offers {', '.join(map(str, FID_FEATURES))}"
-        )
+    _check_options(cfg)
     device = pick_device(cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -516,39 +507,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     # 1-2. models resolved, data sets ready, every encoder checked against every set before any decoding
     specs = unique_labels([parse_model_spec(v) for v in cfg.vaes])
     sets = prepare_sets(cfg, specs[0], out)
-    models = {}
-    for spec in specs:
-        vae = load_model(spec)
-        fingerprint = latent_space_fingerprint(vae)  # a preview model: the base encoder it was trained for
-        for s in sets:
-            if fingerprint != s.encoder_sha256:
-                raise EvalError(
-                    f"--vae {spec.label} ({spec.source}) has another encoder than the one that made {s.name} "
-                    f"({s.folder}): its decoder would be scored on latents it was never meant to decode. "
-                    "Compare decoders of the same encoder, or re-encode the data with this model."
-                )
-        models[spec.label] = vae.to(device)
-    notes = {"lpips": "", "fid": ""}
-    try:
-        lpips_model = load_lpips(cfg.lpips_vgg_weights, cfg.lpips_random_backbone).to(device)
-        notes["lpips"] = (
-            "LPIPS with a RANDOM VGG16 backbone (tests only): its values are meaningless."
-            if cfg.lpips_random_backbone
-            else "LPIPS: VGG16 (torchvision ImageNet weights)."
-        )
-    except LPIPSWeightsMissing:  # a file that is there but wrong still stops with its own message
-        lpips_model = None
-        notes["lpips"] = (
-            "LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, "
-            "README 'LPIPS offline')."
-        )
-    notes["fid"] = (
-        f"rFID: torchmetrics FID on torch-fidelity's InceptionV3 ({cfg.fid_features} features), RGB "
-        "channels, the set's originals as the reference (small sets give a biased FID: compare models, not "
-        "papers)."
-        if cfg.fid_weights
-        else "rFID not computed (--fid-weights)."
-    )
+    models = _load_models(specs, sets, device)
+    lpips_model, notes = _load_lpips_noted(cfg, device)
 
     # 3. every model on every set; each set gets its own FID object, whose real statistics the first model
     # fills; decode speed side by side on the set's first batch
@@ -574,17 +534,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     # 4. summaries and files
     result = {
         "config": config_to_dict(cfg),
-        # Absolute: export --eval finds its run here from any working directory.
-        "models": [
-            {
-                "label": sp.label,
-                "source": sp.source,
-                "run": str(sp.run.resolve()) if sp.run else None,
-                "checkpoint": str(sp.ckpt.resolve()) if sp.ckpt else None,
-                "ema": sp.use_ema if sp.run else None,
-            }
-            for sp in specs
-        ],
+        "models": [_model_record(sp) for sp in specs],
         "baseline": specs[0].label,
         "sets": [summarize_set(s, specs, scores[s.name], cfg, params, speeds.get(s.name, {})) for s in sets],
         "notes": notes,
@@ -598,3 +548,71 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     atomic_write_json(out / EVAL_JSON, result)
     atomic_write_bytes(out / EVAL_REPORT, report.encode())
     return EvalResult(out=out, report=report, result=result, grids=grids)
+
+
+def _check_options(cfg: EvalConfig) -> None:
+    """The options that need no file: refused before any model or data set is loaded."""
+    if not cfg.data:
+        raise EvalError("give at least one DATA: a shard folder or an image folder")
+    if not cfg.vaes:
+        raise EvalError(
+            "give at least one --vae (the first is the baseline; add the decoders to compare with it)"
+        )
+    if cfg.fid_features not in FID_FEATURES:
+        raise EvalError(
+            f"--fid-features {cfg.fid_features}: InceptionV3 offers {', '.join(map(str, FID_FEATURES))}"
+        )
+
+
+def _load_models(specs: list[ModelSpec], sets: list[EvalSet], device: torch.device) -> dict[str, Any]:
+    """label -> model on `device`, each checked against every set's encoder before any decoding."""
+    models = {}
+    for spec in specs:
+        vae = load_model(spec)
+        fingerprint = latent_space_fingerprint(vae)  # a preview model: the base encoder it was trained for
+        for s in sets:
+            if fingerprint != s.encoder_sha256:
+                raise EvalError(
+                    f"--vae {spec.label} ({spec.source}) has another encoder than the one that made {s.name} "
+                    f"({s.folder}): its decoder would be scored on latents it was never meant to decode. "
+                    "Compare decoders of the same encoder, or re-encode the data with this model."
+                )
+        models[spec.label] = vae.to(device)
+    return models
+
+
+def _load_lpips_noted(cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[str, str]]:
+    """The LPIPS model (None without VGG16 weights) and the report's notes on LPIPS and rFID."""
+    notes = {"lpips": "", "fid": ""}
+    try:
+        lpips_model = load_lpips(cfg.lpips_vgg_weights, cfg.lpips_random_backbone).to(device)
+        notes["lpips"] = (
+            "LPIPS with a RANDOM VGG16 backbone (tests only): its values are meaningless."
+            if cfg.lpips_random_backbone
+            else "LPIPS: VGG16 (torchvision ImageNet weights)."
+        )
+    except LPIPSWeightsMissing:  # a file that is there but wrong still stops with its own message
+        lpips_model = None
+        notes["lpips"] = (
+            "LPIPS not computed: no VGG16 weights on this machine (--lpips-vgg-weights, "
+            "README 'LPIPS offline')."
+        )
+    notes["fid"] = (
+        f"rFID: torchmetrics FID on torch-fidelity's InceptionV3 ({cfg.fid_features} features), RGB "
+        "channels, the set's originals as the reference (small sets give a biased FID: compare models, not "
+        "papers)."
+        if cfg.fid_weights
+        else "rFID not computed (--fid-weights)."
+    )
+    return lpips_model, notes
+
+
+def _model_record(spec: ModelSpec) -> dict[str, Any]:
+    """How eval.json names a model. Paths absolute: export --eval finds its run here from any directory."""
+    return {
+        "label": spec.label,
+        "source": spec.source,
+        "run": str(spec.run.resolve()) if spec.run else None,
+        "checkpoint": str(spec.ckpt.resolve()) if spec.ckpt else None,
+        "ema": spec.use_ema if spec.run else None,
+    }

@@ -36,7 +36,7 @@ from accelerate.state import AcceleratorState, GradientState
 from vaedec.config import EncodeConfig, EvalConfig, load_train_config
 from vaedec.domains import photos, rendered_text
 from vaedec.encode import encode
-from vaedec.evaluate import evaluate
+from vaedec.evaluate import EvalResult, evaluate
 from vaedec.families import load as load_vae_of_any_family
 from vaedec.io import atomic_write_bytes, setup_logging
 from vaedec.losses import LPIPSWeightsMissing, load_lpips
@@ -329,39 +329,52 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
-    """The whole experiment; returns the eval report (markdown)."""
+HELDOUT = (("held-out text", "text-heldout"), ("held-out photographs", "photos-heldout"))
+
+
+def train_and_score(
+    out: Path, sizes: Sizes, variants: list[Variant], vae: Path, tag: str = ""
+) -> tuple[list[Path], EvalResult, list[str], bool]:
+    """Encode the data with `vae`, train every variant on it and score them all next to the original decoder
+    on the held-out sets. `tag` names the folders (shards{tag}, runs{tag}, eval{tag}) so that several source
+    VAEs share one work folder. Returns (runs, eval result, encoder checks, whether LPIPS ran)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lpips_ok = lpips_available()
-    shards = prepare_data(out, sizes)
-    runs = [train_variant(v, shards, out, sizes, lpips_ok) for v in VARIANTS]
-    vaes = [f"original={SOURCE_VAE}"] + [
-        f"{r.name}:{kind}={r}:{kind}" for r in runs for kind in ("raw", "ema")
-    ]
+    shards = prepare_data(out, sizes, vae, f"shards{tag}")
+    runs = [train_variant(v, shards, out, sizes, lpips_ok, f"runs{tag}") for v in variants]
+    vaes = [f"original={vae}"] + [f"{r.name}:{k}={r}:{k}" for r in runs for k in ("raw", "ema")]
     # speed_rounds=0: every variant has the source's architecture, so decode speed says nothing (and a rerun's
     # table stays the same)
     result = evaluate(
         EvalConfig(
-            data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),
+            data=tuple(str(shards[set_name]) for _, set_name in HELDOUT),
             vaes=tuple(vaes),
-            out=str(out / "eval"),
+            out=str(out / f"eval{tag}"),
             batch_size=32,
             grid_samples=6,
             speed_rounds=0,
         )
     )
-    encoders = check_encoders(runs)
+    return runs, result, check_encoders(runs, vae), lpips_ok
+
+
+def copy_grids(eval_dir: Path, docs: Path, prefix: str) -> dict[str, str]:
+    """The held-out sets' sample grids copied next to the doc: {title: file name}."""
+    docs.mkdir(parents=True, exist_ok=True)
+    grids = {}
+    for title, set_name in HELDOUT:
+        name = f"{prefix}{set_name}.png"
+        shutil.copyfile(eval_dir / "grids" / f"{set_name}-sample.png", docs / name)
+        grids[title] = name
+    return grids
+
+
+def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
+    """The whole experiment; returns the eval report (markdown)."""
+    runs, result, encoders, lpips_ok = train_and_score(out, sizes, VARIANTS, SOURCE_VAE)
     if docs is not None:
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
-        docs.mkdir(parents=True, exist_ok=True)
-        grids = {}
-        for title, set_name in (
-            ("held-out text", "text-heldout"),
-            ("held-out photographs", "photos-heldout"),
-        ):
-            name = f"quality-{set_name}.png"
-            shutil.copyfile(out / "eval" / "grids" / f"{set_name}-sample.png", docs / name)
-            grids[title] = name
+        grids = copy_grids(out / "eval", docs, "quality-")
         cores, load = os.cpu_count(), os.getloadavg()[1]
         facts = {
             "wall": f"{sum(minutes.values()):.0f} minutes",
@@ -394,33 +407,13 @@ def run_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
 def run_family_experiment(out: Path, docs: Path | None, sizes: Sizes = Sizes()) -> str:
     """Step 6: the second family (AutoencoderKLQwenImage) on the same data and schedule; returns its
     report."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    lpips_ok = lpips_available()
-    shards = prepare_data(out, sizes, QWENIMAGE_VAE, "shards-qwenimage")
-    runs = [train_variant(v, shards, out, sizes, lpips_ok, "runs-qwenimage") for v in FAMILY_VARIANTS]
-    vaes = [f"original={QWENIMAGE_VAE}"] + [f"{r.name}:{k}={r}:{k}" for r in runs for k in ("raw", "ema")]
-    result = evaluate(
-        EvalConfig(
-            data=(str(shards["text-heldout"]), str(shards["photos-heldout"])),
-            vaes=tuple(vaes),
-            out=str(out / "eval-qwenimage"),
-            batch_size=32,
-            grid_samples=6,
-            speed_rounds=0,
-        )
-    )
-    encoders = check_encoders(runs, QWENIMAGE_VAE)
+    runs, result, encoders, _ = train_and_score(out, sizes, FAMILY_VARIANTS, QWENIMAGE_VAE, "-qwenimage")
     if docs is not None:
-        docs.mkdir(parents=True, exist_ok=True)
         minutes = {r.name: run_minutes(r, sizes.max_steps) for r in runs}
-        grids = []
-        for title, set_name in (
-            ("held-out text", "text-heldout"),
-            ("held-out photographs", "photos-heldout"),
-        ):
-            name = f"quality-qwenimage-{set_name}.png"
-            shutil.copyfile(out / "eval-qwenimage" / "grids" / f"{set_name}-sample.png", docs / name)
-            grids.append(f"**{title}**\n\n![{title}]({name})")
+        grids = [
+            f"**{title}**\n\n![{title}]({name})"
+            for title, name in copy_grids(out / "eval-qwenimage", docs, "quality-qwenimage-").items()
+        ]
         variants = "\n".join(f"- **{v.name}** ({minutes[v.name]:.1f} min): {v.what}" for v in FAMILY_VARIANTS)
         checks = "\n".join(f"- {line}" for line in encoders)
         section = f"""

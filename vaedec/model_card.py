@@ -28,7 +28,7 @@ from vaedec.io import atomic_write_bytes
 log = logging.getLogger("vaedec")
 
 CARD = "README.md"  # the name the hub and huggingface_hub read a card from
-TAGS = ["vaedec", "vae", "autoencoder-kl", "decoder-fine-tune"]
+TAGS = ["vaedec", "vae"]  # + the decoder kind's tag and the class name
 # A local copy of a hub repo in the Hugging Face cache: .../models--ORG--NAME/snapshots/<commit>/...
 _HF_CACHE_RE = re.compile(r"models--([\w.-]+)--([\w.-]+)/snapshots/[0-9a-f]+")
 _REPO_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -221,13 +221,28 @@ def _loss_lines(config: dict[str, Any], steps: int) -> list[str]:
         lines.append(f"- L2-SP anchor to the original decoder, α {loss['anchor_weight']:g}")
     if model.get("latent_noise_std"):
         lines.append(f"- noise on z: std {model['latent_noise_std']:g} in the diffusion model's units")
+    if loss.get("teacher_weight"):
+        lines.append(
+            f"- teacher: L1 + LPIPS to the original decoder's output on the same z, weight "
+            f"{loss['teacher_weight']:g}"
+        )
+    if decoder_kind(model) == "preview":
+        lines.append("- tiny encoder: mean squared error to the stored latent (normalised), weight 1")
     return lines
 
 
 def _trained_parts(config: dict[str, Any], vae: Any) -> str:
-    """Which decoder parameters trained, and how many of them."""
+    """Which parameters trained, and how many of them."""
     from vaedec.families import family_for
 
+    kind = decoder_kind(config["model"])
+    if kind == "preview":  # both halves of the AutoencoderTiny, from random weights
+        dec = sum(p.numel() for p in vae.decoder.parameters())
+        enc = sum(p.numel() for p in vae.encoder.parameters())
+        return (
+            f"the whole {type(vae).__name__} from random weights: {dec:,} decoder + {enc:,} encoder "
+            "parameters"
+        )
     family = family_for(vae)
     named = {n: p.numel() for n, p in vae.named_parameters() if n.startswith(family.decoder_prefixes)}
     patterns = tuple(config["model"].get("trainable") or ())
@@ -237,30 +252,28 @@ def _trained_parts(config: dict[str, Any], vae: Any) -> str:
         what += (
             " + post_quant_conv" if config["model"]["train_post_quant_conv"] else " (post_quant_conv frozen)"
         )
+    if kind == "scratch":
+        what += ", from random weights"
     n, total = sum(named[k] for k in trained), sum(named.values())
     kept = "the encoder is" if n == total else "the rest of the decoder path and the encoder are"
     return f"{what}: {n:,} of the decoder path's {total:,} parameters; {kept} the base VAE's, bit for bit"
 
 
-def _normalisation_text(vae: Any) -> str:
-    """What a diffusion model applies to this VAE's raw latents, in words (vaedec/families.py's
-    Normalisation)."""
-    from vaedec.families import family_for
+def manifest_normalisation_text(manifest: dict[str, Any]) -> str:
+    """What a diffusion model applies to the base VAE's raw latents, in words (vaedec/families.py's
+    Normalisation), from the shards' manifest: a preview model's own config says scaling 1.0."""
+    from vaedec.families import manifest_family, manifest_normalisation
 
-    family = family_for(vae)
-    norm = family.normalisation(vae)
+    vae_info = manifest["settings"]["vae"]
+    cls, norm = manifest_family(vae_info).class_name, manifest_normalisation(vae_info)
     if norm.kind == "scale_shift":
         scale = "none" if norm.scaling_factor is None else f"{norm.scaling_factor:g}"
         shift = f", shift_factor {norm.shift_factor:g}" if norm.shift_factor is not None else ""
-        return f"{family.class_name}: scaling_factor {scale}{shift}"
+        return f"{cls}: scaling_factor {scale}{shift}"
     if norm.kind == "channel_mean_std":
-        return (
-            f"{family.class_name}: per-channel latents_mean / latents_std ({len(norm.mean)} channels, "
-            "config.json)"
-        )
+        return f"{cls}: per-channel latents_mean / latents_std ({len(norm.mean)} channels, config.json)"
     return (
-        f"{family.class_name}: the `bn` running statistics over "
-        f"{norm.patch_size}x{norm.patch_size}-patchified "
+        f"{cls}: the `bn` running statistics over {norm.patch_size}x{norm.patch_size}-patchified "
         f"latents ({len(norm.mean)} channels), kept bit-identical"
     )
 
@@ -274,178 +287,39 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 # the card
 
 
-def model_card(
-    vae: Any,
-    state: dict[str, Any],
-    manifest: dict[str, Any],
-    vae_source: tuple[str, str | None],
-    use_ema: bool,
-    fmt: str,
-    evaluation: AttachedEval | None = None,
-) -> ModelCard:
-    """The card of an export (`vae`: the exported VAE, of its family's class) of the run whose checkpoint's
-    state.json is `state`, shards' manifest `manifest` and base VAE (source, subfolder) `vae_source`;
-    checkpoint.py reads them, so this module does not import it."""
-    from vaedec.families import family_for
+def decoder_kind(model: dict[str, Any]) -> str:
+    """What an export's decoder is: "fine-tune" (the base decoder trained further), "scratch" (the base class,
+    a new decoder from random weights) or "preview" (a TAESD-style AutoencoderTiny for the latent space)."""
+    if model.get("decoder_class", "vae") == "AutoencoderTiny":
+        return "preview"
+    return "scratch" if model.get("decoder_init", "pretrained") == "scratch" else "fine-tune"
 
-    config, steps = state["config"], state["step"]
-    vae_info, prep = manifest["settings"]["vae"], manifest["settings"]["preprocessing"]
-    source, subfolder = vae_source
-    repo = hub_id(source)
-    licence = base_licence(source, repo)
-    base = _display_name(source, repo) + (f" (subfolder `{subfolder}`)" if subfolder else "")
-    meta = ModelCardData(
-        library_name="diffusers",
-        base_model=repo,  # None (left out) for a local VAE: the hub accepts only repo ids here
-        tags=TAGS,
-        **(licence or {"license": "other", "license_name": "same-as-base-vae"}),
-    )
-    licence_text = (
-        f"the base VAE's: `{licence.get('license_name') or licence['license']}` (read from its model card)"
-        if licence
-        else "the same as the base VAE's (its card was not at hand offline: check it before publishing)"
-    )
 
-    o, d, r = config["optim"], config["data"], config["run"]
-    processes = state.get("num_processes", 1)
-    batch = d["batch_size_per_device"] * o["grad_accum_steps"] * processes
-    ema = (
-        f"yes, decay {o['ema_decay']:g} (from step {o['ema_start_step']}); this export holds the "
-        f"{'EMA' if use_ema else 'raw (not EMA)'} weights"
-        if o["ema_decay"] > 0
-        else "no"
-    )
-    files = {
-        "diffusers": ["config.json", "diffusion_pytorch_model.safetensors"],
-        "ldm": ["vae.safetensors"],
-        "both": ["config.json", "diffusion_pytorch_model.safetensors", "vae.safetensors"],
-    }[fmt]
-    training = _table(
-        ["", ""],
-        [
-            ["trained", _trained_parts(config, vae)],
-            ["steps", f"{steps:,} optimizer steps (run.max_steps {r['max_steps']:,})"],
-            [
-                "batch",
-                (
-                    f"{batch} samples per step = {d['batch_size_per_device']} per device × "
-                    f"{o['grad_accum_steps']} accumulated × {processes} process(es)"
-                ),
-            ],
-            [
-                "optimiser",
-                f"Adam β {tuple(o['betas'])}, lr {o['lr']:g}"
-                + (" × batch (scale_lr)" if o["scale_lr"] else "")
-                + f", {o['schedule']} after {o['warmup_steps']} warmup steps"
-                + (f", grad clip {o['grad_clip_norm']:g}" if o.get("grad_clip_norm") else ""),
-            ],
-            [
-                "latents",
-                (
-                    "z = mean + std·ε (sampled each step)"
-                    if config["model"]["latent_sample"] == "sample"
-                    else "z = mean"
-                ),
-            ],
-            [
-                "precision",
-                {
-                    "no": "fp32",
-                    "bf16": "bf16 autocast, fp32 weights",
-                    "fp16": "fp16 autocast + grad scaler, fp32 weights",
-                }[r["mixed_precision"]],
-            ],
-            ["EMA", ema],
-        ],
-    )
-    sets = _table(
-        ["set", "role", "share of samples", "training samples", "held out (data.val_shards)"],
-        _set_rows(config, manifest),
-    )
-    encoding = _table(
-        ["", ""],
-        [
-            [
-                "crop",
-                (
-                    f"{prep['resolution']} px square, shorter side resized to "
-                    f"{prep['resize_shorter_side_to']} px; "
-                    f"resampling {prep['resample']}"
-                ),
-            ],
-            [
-                "crops per image",
-                "one center crop"
-                if not prep["crops_per_image"]
-                else f"{prep['crops_per_image']} seeded random crops (seed {prep['seed']})",
-            ],
-            ["mirrored copies", "yes" if prep["flip"] else "no"],
-            ["encoder dtype", prep["dtype"]],
-            [
-                "inputs",
-                (
-                    f"{manifest['settings']['source']['inputs']:,} images; "
-                    f"{manifest['totals'].get('inputs_skipped', 0)} skipped as unreadable"
-                ),
-            ],
-        ],
-    )
-    factors = _normalisation_text(vae)
-    if evaluation is None:
-        eval_text = (
-            "No evaluation was attached to this export. Score it against the base VAE on held-out data "
-            "of the target domain and of general images:\n\n```bash\nvaedec eval HELDOUT/ GENERAL/ "
-            "--vae original=BASE_VAE --vae RUN/ --out eval/\nvaedec export RUN/ OUT/ --eval eval/\n```"
-        )
-    else:
-        from vaedec.eval_report import format_report
+_KIND_TAG = {"fine-tune": "decoder-fine-tune", "scratch": "new-decoder", "preview": "preview-decoder"}
 
-        eval_text = (
-            f"`vaedec eval` of this run; the row **{evaluation.label}** is this export"
-            + (f" ({evaluation.note})" if evaluation.note else "")
-            + ". Every model decodes the same "
-            "latents of each data set below.\n\n" + format_report(evaluation.result).replace("### ", "#### ")
-        )
-    single = (
-        "`vae.safetensors` (LDM layout, plain keys)"
-        if fmt in ("ldm", "both")
-        else "`vae.safetensors`, which this export lacks: write it with `vaedec convert OUT vae.safetensors` "
-        "(or export with `--format both`)"
-    )
-    name = _display_name(source, repo)
-    cls = type(vae).__name__  # the family's own class (vaedec/families.py): what loads the folder
-    latent_channels = family_for(vae).channels(vae)[2]
-    diffusers = (
-        f"\n\n```python\nfrom diffusers import {cls}, DiffusionPipeline\n\n"
-        f'vae = {cls}.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n'
-        'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   # any pipeline whose VAE is the '
-        "base VAE\n```"
-        if fmt != "ldm"
-        else ": this export has no diffusers folder (`--format ldm`); `vaedec convert vae.safetensors "
-        "my-vae/` "
-        "writes one, or export with `--format both`."
-    )
-    base_table = _table(
-        ["", ""],
-        [
-            ["base VAE", f"`{base}`"],
-            [
-                "encoder fingerprint",
-                (
-                    f"sha256 `{vae_info['encoder_sha256']}` (encoder + quant_conv weights; vaedec "
-                    "refuses latents of any other encoder)"
-                ),
-            ],
-            ["latents", f"{latent_channels} channels, {factors}"],
-            ["licence", licence_text],
-        ],
-    )
-    body = f"""
-# {name}, decoder fine-tuned with vaedec
+# Title and opening paragraph per decoder kind; {name} the base VAE, {steps} the steps trained.
+_OPENING = {
+    "fine-tune": """# {name}, decoder fine-tuned with vaedec
 
 The base VAE's **encoder** (bit for bit) with a **fine-tuned decoder**: the latent space, and every diffusion
 model trained on it, is unchanged; only how latents become pixels differs. Written by `vaedec export` from
-step {steps:,} of a decoder-only fine-tune.
+step {steps:,} of a decoder-only fine-tune.""",
+    "scratch": """# {name}, new decoder trained with vaedec
+
+The base VAE's **encoder** (bit for bit) with a **new decoder** trained from random weights on its latents
+(model.decoder_config: {changes}): the latent space, and every diffusion model trained on it, is unchanged.
+Written by `vaedec export` from step {steps:,}.""",
+    "preview": """# Preview decoder for {name} latents, trained with vaedec
+
+A small TAESD-style `AutoencoderTiny` for the base VAE's latent space, trained from random weights: its
+**decoder** takes the latents a diffusion model sees (the base VAE's normalisation applied; this config says
+scaling_factor 1.0 and shift_factor 0.0), its tiny **encoder** was trained to give the base encoder's
+latents. It holds none of the base VAE's weights; `_vaedec_latent_space` in config.json names the latent
+space it belongs to. Written by `vaedec export` from step {steps:,}.""",
+}
+
+CARD_BODY = """
+{opening}
 
 ## Base VAE
 
@@ -455,9 +329,9 @@ step {steps:,} of a decoder-only fine-tune.
 
 {training}
 
-Loss (LDM `LPIPSWithDiscriminator`, decoder only):
+Loss (the terms of LDM's `LPIPSWithDiscriminator`):
 
-{chr(10).join(_loss_lines(config, steps))}
+{loss_lines}
 
 ## Data
 
@@ -475,15 +349,11 @@ Encode settings (from the shards' manifest):
 
 ## Use
 
-Files: {", ".join(f"`{f}`" for f in files)}, `decoder.safetensors` (only the decoder path's weights).
+Files: {files}, `decoder.safetensors` (only the decoder path's weights).
 
 **diffusers**{diffusers}
 
-**ComfyUI**: copy {single} into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired to
-*VAE Decode*.
-
-**AUTOMATIC1111 / Forge**: copy {single} into `stable-diffusion-webui/models/VAE/`, then pick it under
-Settings → Stable Diffusion → SD VAE.
+{single_file}
 
 Use it only with diffusion models of the base VAE's latent space ({latent_channels} channels, {factors}).
 From this folder, `hf upload USER/REPO .` (older huggingface_hub: `huggingface-cli upload USER/REPO .`)
@@ -491,9 +361,222 @@ pushes it to the hub with this card.
 
 ## Licence
 
-The licence is {licence_text}: a fine-tuned decoder is a derivative of the base VAE.
+The licence is {licence_text}: a trained decoder of the base VAE's latents is a derivative of the base VAE.
 """
+
+
+def model_card(
+    vae: Any,
+    state: dict[str, Any],
+    manifest: dict[str, Any],
+    vae_source: tuple[str, str | None],
+    use_ema: bool,
+    fmt: str,
+    evaluation: AttachedEval | None = None,
+) -> ModelCard:
+    """The card of an export (`vae`: the exported VAE, of its family's class) of the run whose checkpoint's
+    state.json is `state`, shards' manifest `manifest` and base VAE (source, subfolder) `vae_source`;
+    checkpoint.py reads them, so this module does not import it."""
+    config, steps = state["config"], state["step"]
+    kind = decoder_kind(config["model"])
+    source, subfolder = vae_source
+    repo = hub_id(source)
+    licence = base_licence(source, repo)
+    meta = ModelCardData(
+        library_name="diffusers",
+        base_model=repo,  # None (left out) for a local VAE: the hub accepts only repo ids here
+        tags=[*TAGS, _KIND_TAG[kind], type(vae).__name__],
+        **(licence or {"license": "other", "license_name": "same-as-base-vae"}),
+    )
+    licence_text = (
+        f"the base VAE's: `{licence.get('license_name') or licence['license']}` (read from its model card)"
+        if licence
+        else "the same as the base VAE's (its card was not at hand offline: check it before publishing)"
+    )
+    base = _display_name(source, repo) + (f" (subfolder `{subfolder}`)" if subfolder else "")
+    factors = manifest_normalisation_text(manifest)
+    latent_channels = manifest["settings"]["vae"]["latent_channels"]
+    changes = ", ".join(f"`{k}: {v}`" for k, v in (config["model"].get("decoder_config") or {}).items())
+    body = CARD_BODY.format(
+        opening=_OPENING[kind].format(
+            name=_display_name(source, repo),
+            steps=steps,
+            changes=changes or "none, the class's own architecture",
+        ),
+        base_table=_base_table(base, manifest, latent_channels, factors, licence_text),
+        training=_training_table(config, state, vae, use_ema),
+        loss_lines="\n".join(_loss_lines(config, steps)),
+        sets=_table(
+            ["set", "role", "share of samples", "training samples", "held out (data.val_shards)"],
+            _set_rows(config, manifest),
+        ),
+        encoding=_encoding_table(manifest),
+        eval_text=_eval_text(evaluation),
+        files=", ".join(f"`{f}`" for f in EXPORT_FILES[fmt]),
+        diffusers=_diffusers_text(type(vae).__name__, fmt, kind),
+        single_file=_single_file_text(type(vae).__name__, fmt),
+        latent_channels=latent_channels,
+        factors=factors,
+        licence_text=licence_text,
+    )
     return ModelCard(f"---\n{meta.to_yaml()}\n---\n{body}")
+
+
+EXPORT_FILES = {
+    "diffusers": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "ldm": ["vae.safetensors"],
+    "both": ["config.json", "diffusion_pytorch_model.safetensors", "vae.safetensors"],
+}
+
+
+def _base_table(base: str, manifest: dict[str, Any], channels: int, factors: str, licence_text: str) -> str:
+    sha = manifest["settings"]["vae"]["encoder_sha256"]
+    return _table(
+        ["", ""],
+        [
+            ["base VAE", f"`{base}`"],
+            [
+                "encoder fingerprint",
+                f"sha256 `{sha}` (encoder + quant_conv weights; vaedec refuses latents of any other encoder)",
+            ],
+            ["latents", f"{channels} channels, {factors}"],
+            ["licence", licence_text],
+        ],
+    )
+
+
+def _training_table(config: dict[str, Any], state: dict[str, Any], vae: Any, use_ema: bool) -> str:
+    """How the run trained: parts, steps, batch, optimiser, latents, precision, EMA."""
+    o, d, r = config["optim"], config["data"], config["run"]
+    processes = state.get("num_processes", 1)
+    batch = d["batch_size_per_device"] * o["grad_accum_steps"] * processes
+    ema = (
+        f"yes, decay {o['ema_decay']:g} (from step {o['ema_start_step']}); this export holds the "
+        f"{'EMA' if use_ema else 'raw (not EMA)'} weights"
+        if o["ema_decay"] > 0
+        else "no"
+    )
+    optimiser = (
+        f"Adam β {tuple(o['betas'])}, lr {o['lr']:g}"
+        + (" × batch (scale_lr)" if o["scale_lr"] else "")
+        + f", {o['schedule']} after {o['warmup_steps']} warmup steps"
+        + (f", grad clip {o['grad_clip_norm']:g}" if o.get("grad_clip_norm") else "")
+    )
+    precision = {
+        "no": "fp32",
+        "bf16": "bf16 autocast, fp32 weights",
+        "fp16": "fp16 autocast + grad scaler, fp32 weights",
+    }[r["mixed_precision"]]
+    sampled = config["model"]["latent_sample"] == "sample"
+    return _table(
+        ["", ""],
+        [
+            ["trained", _trained_parts(config, vae)],
+            ["steps", f"{state['step']:,} optimizer steps (run.max_steps {r['max_steps']:,})"],
+            [
+                "batch",
+                (
+                    f"{batch} samples per step = {d['batch_size_per_device']} per device × "
+                    f"{o['grad_accum_steps']} accumulated × {processes} process(es)"
+                ),
+            ],
+            ["optimiser", optimiser],
+            ["latents", "z = mean + std·ε (sampled each step)" if sampled else "z = mean"],
+            ["precision", precision],
+            ["EMA", ema],
+        ],
+    )
+
+
+def _encoding_table(manifest: dict[str, Any]) -> str:
+    """The encode settings the shards' manifest records."""
+    prep = manifest["settings"]["preprocessing"]
+    crops = (
+        f"{prep['crops_per_image']} seeded random crops (seed {prep['seed']})"
+        if prep["crops_per_image"]
+        else "one center crop"
+    )
+    return _table(
+        ["", ""],
+        [
+            [
+                "crop",
+                (
+                    f"{prep['resolution']} px square, shorter side resized to "
+                    f"{prep['resize_shorter_side_to']} px; resampling {prep['resample']}"
+                ),
+            ],
+            ["crops per image", crops],
+            ["mirrored copies", "yes" if prep["flip"] else "no"],
+            ["encoder dtype", prep["dtype"]],
+            [
+                "inputs",
+                (
+                    f"{manifest['settings']['source']['inputs']:,} images; "
+                    f"{manifest['totals'].get('inputs_skipped', 0)} skipped as unreadable"
+                ),
+            ],
+        ],
+    )
+
+
+def _eval_text(evaluation: AttachedEval | None) -> str:
+    """The eval table of `export --eval`, or how to make one."""
+    if evaluation is None:
+        return (
+            "No evaluation was attached to this export. Score it against the base VAE on held-out data "
+            "of the target domain and of general images:\n\n```bash\nvaedec eval HELDOUT/ GENERAL/ "
+            "--vae original=BASE_VAE --vae RUN/ --out eval/\nvaedec export RUN/ OUT/ --eval eval/\n```"
+        )
+    from vaedec.eval_report import format_report
+
+    return (
+        f"`vaedec eval` of this run; the row **{evaluation.label}** is this export"
+        + (f" ({evaluation.note})" if evaluation.note else "")
+        + ". Every model decodes the same latents of each data set below.\n\n"
+        + format_report(evaluation.result).replace("### ", "#### ")
+    )
+
+
+def _diffusers_text(cls: str, fmt: str, kind: str) -> str:
+    """How diffusers loads the export (`cls`: its class), or why it cannot (an LDM-only export)."""
+    if fmt == "ldm":
+        return (
+            ": this export has no diffusers folder (`--format ldm`); "
+            "`vaedec convert vae.safetensors my-vae/` writes one, or export with `--format both`."
+        )
+    use = (
+        "latents = ...  # what the diffusion model made, normalised as its pipeline hands them to its VAE\n"
+        "image = vae.decode(latents).sample  # in [-1, 1]\n"
+        if kind == "preview"
+        else 'pipe = DiffusionPipeline.from_pretrained("PIPELINE", vae=vae)   '
+        "# any pipeline whose VAE is the base VAE\n"
+    )
+    imports = cls if kind == "preview" else f"{cls}, DiffusionPipeline"
+    return (
+        f"\n\n```python\nfrom diffusers import {imports}\n\n"
+        f'vae = {cls}.from_pretrained("PATH_OR_REPO_ID")        # this folder, or its hub repo\n{use}```'
+    )
+
+
+def _single_file_text(cls: str, fmt: str) -> str:
+    """ComfyUI and AUTOMATIC1111 load one LDM-layout file, which vaedec writes for AutoencoderKL alone."""
+    if cls != "AutoencoderKL":
+        return (
+            f"**ComfyUI / AUTOMATIC1111** load a single file in the original repository's layout; vaedec "
+            f"writes that layout for AutoencoderKL only, so use this {cls} through diffusers."
+        )
+    single = (
+        "`vae.safetensors` (LDM layout, plain keys)"
+        if fmt in ("ldm", "both")
+        else "`vae.safetensors`, which this export lacks: write it with `vaedec convert OUT vae.safetensors` "
+        "(or export with `--format both`)"
+    )
+    return (
+        f"**ComfyUI**: copy {single} into `ComfyUI/models/vae/` and load it with a *Load VAE* node wired to\n"
+        f"*VAE Decode*.\n\n**AUTOMATIC1111 / Forge**: copy {single} into "
+        "`stable-diffusion-webui/models/VAE/`, then pick it under\nSettings → Stable Diffusion → SD VAE."
+    )
 
 
 def write_model_card(path: str | Path, card: ModelCard) -> None:

@@ -143,12 +143,10 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
         atomic_write_bytes(run_dir / RUN_CONFIG, dump_config(cfg).encode())
         atomic_write_json(run_dir / RUN_MANIFEST, manifest)  # export needs the VAE source and fingerprint
 
-    # 2. model, and the original decoder (frozen, or None: the decoder starts as it) and
-    # loss.teacher_weight's ----
+    # 2. model, the original decoder (frozen; None: the decoder starts as it) and loss.teacher_weight's ------
     decoder, original, teacher = run_decoders(cfg, manifest, device)
 
-    # 3. loss modules
-    # ----------------------------------------------------------------------------------------------
+    # 3. loss modules ----------------------------------------------------------------------------------------
     lpips_model, val_lpips, disc, logvar = _loss_modules(cfg, decoder.out_channels, device)
 
     anchors = None  # the original decoder's weights for loss.anchor_weight, taken before any update or resume
@@ -167,26 +165,16 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     decoder, disc, opt_g, opt_d = accelerator.prepare(decoder, disc, opt_g, opt_d)
     _log_sizes(decoder, disc, lrs)
 
-    # 5. fixed batches for grids and validation, and the original decoder's output on them
-    # --------------------- The original decoder, or the decoder before its first update (unwrapped: used
-    # outside the training step).
+    # 5. fixed batches for grids and validation, and the original decoder's output on them ------------------
+    # The original decoder, or the decoder before its first update (unwrapped: used outside the training
+    # step).
     evaluators = _evaluators(cfg, sets, original or accelerator.unwrap_model(decoder), val_lpips, device)
     del original  # `teacher` keeps it when it is one
 
     # 6. the state of the run, resumed; the data stream from its position ------------------------------------
     noise = torch.Generator().manual_seed(cfg.run.seed * 1000 + accelerator.process_index)
     state = TrainState(accelerator, decoder, disc, logvar, opt_g, opt_d, ema, noise, config_to_dict(cfg))
-    if ckpt is not None:
-        load_train_state(ckpt, state)
-        log.info("resumed from %s at step %d", ckpt, state.step)
-    # lines logged after the checkpoint (or by a try killed before its first one) are logged again
-    if is_main:
-        _truncate_metrics(run_dir / RUN_METRICS, state.step)
-    # a finished run, rerun: its final grid and validation are already there
-    if state.step >= cfg.run.max_steps:
-        log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
-        for evaluator in evaluators:
-            evaluator.mark_done(state.step)
+    _resume(run_dir, cfg, state, ckpt, evaluators)
     # SIGTERM / SIGUSR1 (preemption): finish the step, checkpoint, exit (DataLoader workers ignore them).
     with StopRequest() as stop:
         batches = train_batches(cfg, sets, accelerator, state.data, state.step, state.batches_consumed,
@@ -211,6 +199,24 @@ def train(cfg: TrainConfig, resume: str = "latest", export: bool = True) -> RunI
     accelerator.end_training()
     return RunInfo(run_dir=run_dir, step=state.step, export_dir=export_dir, resumed_from=ckpt,
                    main_process=is_main, stopped_by=stopped_by)
+
+
+def _resume(
+    run_dir: Path, cfg: TrainConfig, state: TrainState, ckpt: Path | None, evaluators: list[Evaluator]
+) -> None:
+    """Phase 6: the checkpoint's state loaded into `state` (ckpt None: a fresh run), metrics.jsonl cut back
+    to its step."""
+    if ckpt is not None:
+        load_train_state(ckpt, state)
+        log.info("resumed from %s at step %d", ckpt, state.step)
+    # lines logged after the checkpoint (or by a try killed before its first one) are logged again
+    if state.accelerator.is_main_process:
+        _truncate_metrics(run_dir / RUN_METRICS, state.step)
+    # a finished run, rerun: its final grid and validation are already there
+    if state.step >= cfg.run.max_steps:
+        log.info("run already at step %d >= max_steps %d", state.step, cfg.run.max_steps)
+        for evaluator in evaluators:
+            evaluator.mark_done(state.step)
 
 
 def _loop(
@@ -492,19 +498,25 @@ def generator_step(
             scaler.get_scale() if scaler is not None else 1.0,
         )
     zero_unreached_grads(raw)  # causal 3-D kernels: what one frame never reaches stays as it was
-    if cfg.optim.grad_clip_norm:  # a preview model's tiny encoder is clipped on its own
-        encoder = {id(p) for p in getattr(raw, "encoder_parameters", list)()}
-        params = [p for group in opt_g.param_groups for p in group["params"] if id(p) not in encoder]
-        logs["grad_norm/decoder"] = float(accelerator.clip_grad_norm_(params, cfg.optim.grad_clip_norm))
-        if encoder:
-            logs["grad_norm/encoder"] = float(
-                accelerator.clip_grad_norm_(raw.encoder_parameters(), cfg.optim.grad_clip_norm)
-            )
-    logs[SKIPPED_G] = float(
-        not _guarded_step(accelerator, opt_g, logs)
-    )  # a non-finite step: weights untouched
+    if cfg.optim.grad_clip_norm:
+        logs |= _clip_grads(accelerator, raw, opt_g, cfg.optim.grad_clip_norm)
+    # A non-finite step leaves the weights untouched.
+    logs[SKIPPED_G] = float(not _guarded_step(accelerator, opt_g, logs))
     opt_g.zero_grad(set_to_none=True)
     return stored, logs
+
+
+def _clip_grads(
+    accelerator: Accelerator, raw: nn.Module, opt_g: torch.optim.Optimizer, max_norm: float
+) -> dict[str, float]:
+    """Clip the decoder's gradients to `max_norm`; a preview model's tiny encoder is clipped on its own (its
+    regression gradients would otherwise set the decoder's scale). Returns the norms before clipping."""
+    encoder = {id(p) for p in getattr(raw, "encoder_parameters", list)()}
+    params = [p for group in opt_g.param_groups for p in group["params"] if id(p) not in encoder]
+    logs = {"grad_norm/decoder": float(accelerator.clip_grad_norm_(params, max_norm))}
+    if encoder:
+        logs["grad_norm/encoder"] = float(accelerator.clip_grad_norm_(raw.encoder_parameters(), max_norm))
+    return logs
 
 
 def discriminator_step(
