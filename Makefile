@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo experiment preview source-vae source-vae-qwenimage bench bench-gpu lint clean
+.PHONY: venv test test-fast demo experiment preview source-vae source-vae-qwenimage bench bench-ab bench-gpu lint clean
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -43,6 +43,11 @@ preview: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/all.py --write docs/benchmarks.md $(BENCH_FLAGS)
 	$(PY) bench/memory.py
+
+# A `cli.py train` step of commit REV against this checkout, both training at once on one core each (minutes):
+# `make bench-ab REV=0756a7e`. For a change to the training step or the data stream.
+bench-ab: $(STAMP)
+	$(PY) bench/ab_commits.py $(REV) $(AB_FLAGS)
 
 # The GPU figures in one run on one CUDA GPU (bf16 256 px step vs bare decoder with MFU, fp16 with its grad scaler,
 # encode, largest batch at 512/1024 px with and without checkpointing); writes docs/benchmarks-gpu.md.
