@@ -86,7 +86,9 @@ def step_seconds(run: Path, steps: int) -> list[float]:
     return [2 / p for p in paces[1:]]
 
 
-def measure(old: str, new: str, rounds: int, steps: int) -> list[tuple[float, float]]:
+def measure(
+    old: str, new: str, rounds: int, steps: int, resolution: int = 128, vae_config: dict | None = None
+) -> list[tuple[float, float]]:
     """Per round, (median s/step of `old`, of `new`), the two trained at the same time on two cores."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -94,9 +96,11 @@ def measure(old: str, new: str, rounds: int, steps: int) -> list[tuple[float, fl
     result = []
     with tempfile.TemporaryDirectory(prefix="vaedec-ab-") as tmp:
         tmp = Path(tmp)
-        trees = {"old": checkout(old, tmp / "trees"), "new": checkout(new, tmp / "trees")}
+        trees: dict[str, Path] = {}
         try:
-            _, shards = prepare(tmp, 128, SD_VAE_CONFIG)
+            for key, rev in (("old", old), ("new", new)):  # one by one: `finally` removes what was made
+                trees[key] = checkout(rev, tmp / "trees")
+            _, shards = prepare(tmp, resolution, vae_config or SD_VAE_CONFIG)
             for r in range(rounds):
                 placed = dict(zip(("old", "new"), cores[:2] if r % 2 == 0 else cores[1::-1]))
                 procs = {k: start_run(trees[k], shards, tmp / f"{k}-{r}", steps, placed[k]) for k in trees}

@@ -86,3 +86,25 @@ def test_gpu_bench_search_and_peak_table() -> None:
         gpu.peak_tflops("NVIDIA A100-SXM4-80GB") == 312 and gpu.peak_tflops("NVIDIA GeForce RTX 4090") is None
     )
     assert gpu.peak_tflops(None) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the two trees train at once, one core each")
+def test_commit_ab_trains_both_trees_at_once_and_removes_its_worktree() -> None:
+    """bench/ab_commits.py on the tests' tiny VAE at 32 px: HEAD (a git worktree it makes) against this
+    checkout, one round of 3 steps; each side's median comes from its own run's metrics, and the worktree is
+    gone afterwards."""
+    from vaedec.vae import small_vae_config
+
+    ab = load_bench("ab_commits")
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+
+    if git("rev-parse", "HEAD").returncode:
+        pytest.skip("not a git checkout")
+    before = git("worktree", "list").stdout
+    tiny = small_vae_config((8, 16), sample_size=32)
+    ((old, new),) = ab.measure("HEAD", ab.WORKTREE, rounds=1, steps=3, resolution=32, vae_config=tiny)
+    assert old > 0 and new > 0
+    assert git("worktree", "list").stdout == before
