@@ -42,7 +42,7 @@ def test_demo_ends_on_domain_only_and_replay_side_by_side(tmp_path, monkeypatch)
             assert f"{sets[s]['models'][label]['psnr']:.2f} dB ({d['mean']:+.2f} [" in line
     assert tail.rstrip().splitlines()[-1].startswith(("Replay kept", "This run did not show"))
 
-    # Grids: labelled columns (original | the three decoders), 64 px crops scaled up to be read.
+    # Grids: labelled columns (input | the three decoders), 64 px crops scaled up to be read.
     grid = np.asarray(Image.open(out / "eval" / "grids" / "photos-heldout-sample.png").convert("RGB"))
     tile = 64 * -(-GRID_MIN_TILE // 64)
     assert (

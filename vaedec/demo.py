@@ -150,7 +150,7 @@ def run_demo(out: Path, sizes: Sizes = DEMO, max_steps: int | None = None) -> di
     grids = out / "eval" / "grids"
     click.echo(f"  grids    {grids / 'photos-heldout-sample.png'}, {grids / 'text-heldout-sample.png'}")
     click.echo(
-        f"           (original | {ORIGINAL} | {DOMAIN_ONLY} | {WITH_REPLAY}); *-improved-*, *-worsened-*"
+        f"           (input | {ORIGINAL} | {DOMAIN_ONLY} | {WITH_REPLAY}); *-improved-*, *-worsened-*"
     )
     click.echo(f"  tables   {out / 'eval' / 'report.md'}, eval.json, per_image.csv")
     click.echo(f"  runs     {domain_only}, {replay}  (tensorboard --logdir {out})")

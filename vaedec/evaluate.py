@@ -464,8 +464,9 @@ def write_grids(
     cfg: EvalConfig,
     device: torch.device,
 ) -> list[Path]:
-    """PNG grids, one row per sample: original | baseline | model (improved/worsened) or | every model
-    (sample)."""
+    """PNG grids, one row per sample: input | baseline | model (improved/worsened) or | every model
+    (sample), each column labelled (the input is the image that was encoded; the baseline is often called
+    "original")."""
     wanted = {k for keys in picks.values() for k in keys}
     found = {s["key"]: s for s in read_samples(evalset.shards, evalset.samples) if s["key"] in wanted}
     written = []
@@ -477,7 +478,8 @@ def write_grids(
             decode(models[lb], z, device) for lb in labels
         ]
         path = out / "grids" / f"{evalset.name}-{_file_safe(name)}.png"
-        save_grid(columns, path, labels=["original", *labels], min_tile=GRID_MIN_TILE)
+        # "input": the pixels that were encoded (the baseline model is often labelled "original")
+        save_grid(columns, path, labels=["input", *labels], min_tile=GRID_MIN_TILE)
         written.append(path)
     return written
 

@@ -262,7 +262,7 @@ def write_quality_doc(
         f"- **{v.name}** ({v.config}, {minutes[v.name]:.1f} min): {v.what}" for v in VARIANTS
     )
     images = "\n\n".join(
-        f"**{title}** — original | original decoder | "
+        f"**{title}** — input | original decoder | "
         + " | ".join(f"{v.name} current | {v.name} EMA" for v in VARIANTS)
         + f"\n\n![{title}]({name})"
         for title, name in grids.items()
