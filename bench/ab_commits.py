@@ -31,6 +31,7 @@ from bench.train_loop import OVERRIDES, prepare
 from vaedec.vae import SD_VAE_CONFIG
 
 WORKTREE = "WORKTREE"  # the working tree as it is, uncommitted changes included
+BATCH = 2  # data.batch_size_per_device of every run (the issue-15 setting)
 
 
 def checkout(rev: str, where: Path) -> Path:
@@ -72,18 +73,18 @@ def start_run(tree: Path, shards: Path, run: Path, steps: int, core: int) -> sub
         str(run),
         "--no-export",
         *OVERRIDES,
-        "data.batch_size_per_device=2",
+        f"data.batch_size_per_device={BATCH}",
         f"run.max_steps={steps}",
     ]
     return subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def step_seconds(run: Path, steps: int) -> list[float]:
-    """Seconds of each step after the first, from the run's metrics.jsonl (batch 2 / images_per_s)."""
+    """Seconds of each step after the first, from the run's metrics.jsonl (BATCH / images_per_s)."""
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     paces = [m["images_per_s"] for m in lines if "images_per_s" in m]
     assert len(paces) == steps, f"{run}: {len(paces)} logged steps of {steps}"
-    return [2 / p for p in paces[1:]]
+    return [BATCH / p for p in paces[1:]]
 
 
 def measure(

@@ -285,3 +285,18 @@ def step_parts(shards: Path, overrides: list[str], samples: int, seed: int | Non
     return StepParts(
         cfg, decoder, disc, logvar, opt_g, opt_d, list(read_samples(shard_paths(shards, manifest), samples))
     )
+
+
+def crash_after(step: int, monkeypatch) -> None:
+    """The run dies (an exception, as a kill would end it) right after logging `step`, before any later
+    checkpoint."""
+    import vaedec.train as train_mod
+
+    real = train_mod._log_step
+
+    def log_then_die(run_dir, state, *args, **kwargs):
+        real(run_dir, state, *args, **kwargs)
+        if state.step == step:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(train_mod, "_log_step", log_then_die)

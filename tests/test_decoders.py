@@ -20,12 +20,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST_TRAIN, assert_same_tensors, cli, make_images, save_tiny_vae, train_lines
+from conftest import (
+    FAST_TRAIN,
+    assert_same_tensors,
+    cli,
+    crash_after,
+    make_images,
+    save_tiny_vae,
+    train_lines,
+)
 from diffusers import AutoencoderKLFlux2, AutoencoderTiny
 from huggingface_hub import ModelCard
 from test_train import NOT_LOGGED_EXACTLY, checkpoint_tensors
 
-import vaedec.train as train_mod
 from vaedec.config import LossConfig
 from vaedec.decoders import LATENT_SPACE_KEY, decoder_parameters, preview_vae
 from vaedec.families import FAMILIES, build_tiny, manifest_normalisation, normalise
@@ -260,17 +267,6 @@ def test_what_a_class_cannot_express_is_a_message(tmp_path, data) -> None:
 
 # ------------------------------------------------------------------------------------------------------------
 # a preview model
-
-
-def crash_after(step: int, monkeypatch) -> None:
-    real = train_mod._log_step
-
-    def log_then_die(run_dir, state, *args, **kwargs):
-        real(run_dir, state, *args, **kwargs)
-        if state.step == step:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(train_mod, "_log_step", log_then_die)
 
 
 @pytest.mark.parametrize("name", ["sd", "flux2"])

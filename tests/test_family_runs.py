@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST_TRAIN, assert_same_tensors, cli, make_images, train_lines
+from conftest import FAST_TRAIN, assert_same_tensors, cli, crash_after, make_images, train_lines
 from test_family_adapters import CASES, IDS, decoder_state, encoder_state, tiny
 from test_train import NOT_LOGGED_EXACTLY, checkpoint_tensors
 
-import vaedec.train as train_mod
 from vaedec.families import FAMILIES, FamilyDecoder
 from vaedec.shards import FORMAT_VERSION, FORMAT_VERSION_FAMILIES, read_manifest
 
@@ -41,19 +40,6 @@ def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("family-run-images") / "images"
     make_images(folder, 6)
     return folder
-
-
-def crash_after(step: int, monkeypatch) -> None:
-    """The run dies (an exception, as a kill would end it) right after logging `step`, before any later
-    checkpoint."""
-    real = train_mod._log_step
-
-    def log_then_die(run_dir, state, *args, **kwargs):
-        real(run_dir, state, *args, **kwargs)
-        if state.step == step:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(train_mod, "_log_step", log_then_die)
 
 
 @pytest.mark.slow
